@@ -1,0 +1,6 @@
+"""mpilaunch: run mpi4py programs as Azure Batch multi-instance tasks.
+
+Importing this package is cheap on purpose: the Azure SDKs are imported lazily by the modules that need them.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,20 @@
+"""The ``mpilaunch`` command line. Subcommands live in their own modules and are imported on use."""
+
+from __future__ import annotations
+
+import click
+
+from mpilaunch import __version__
+from mpilaunch.clickutil import LazyGroup, entry_point
+
+# name -> "module:click command"; each module imports the Azure SDKs only inside its functions.
+COMMANDS: dict[str, str] = {}
+
+
+@click.group(cls=LazyGroup, lazy=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mpilaunch")
+def cli() -> None:
+    """Run mpi4py programs on N nodes as Azure Batch multi-instance tasks, on Azure or locally."""
+
+
+main = entry_point(cli, "mpilaunch")

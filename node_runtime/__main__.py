@@ -1,0 +1,5 @@
+"""``python -m node_runtime`` is ``node-runtime``."""
+
+from node_runtime.cli import main
+
+main()

@@ -1,0 +1,5 @@
+"""Shared fixtures live in tests/support/ and are registered here."""
+
+pytest_plugins = [
+    "tests.support.azurite",
+]

@@ -1,0 +1,78 @@
+"""The shared plumbing: subprocess helper, exception tree, CLI error handling."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import click
+import pytest
+
+from mpilaunch import proc
+from mpilaunch.clickutil import LazyGroup, run_cli
+from mpilaunch.errors import CommandFailed, InvalidEnvironment, InvalidInput, ServiceError
+
+
+def test_run_captures_output() -> None:
+    done = proc.run([sys.executable, "-c", "print('hi')"])
+    assert done.stdout == b"hi\n"
+
+
+def test_run_failure_carries_argv_code_and_stderr() -> None:
+    with pytest.raises(CommandFailed) as err:
+        proc.run([sys.executable, "-c", "import sys; sys.stderr.write('boom\\n'); sys.exit(3)"])
+    assert err.value.returncode == 3
+    assert "boom" in err.value.stderr
+    assert err.value.argv[0] == sys.executable
+    assert "exited with code 3" in str(err.value) and "boom" in str(err.value)
+
+
+def test_run_missing_program_and_timeout() -> None:
+    with pytest.raises(CommandFailed, match="not found"):
+        proc.run(["/nonexistent/program-xyz"])
+    with pytest.raises(CommandFailed, match="timed out"):
+        proc.run([sys.executable, "-c", "import time; time.sleep(5)"], timeout=0.2)
+
+
+def test_run_without_check_returns_code() -> None:
+    assert proc.run([sys.executable, "-c", "raise SystemExit(4)"], check=False).returncode == 4
+
+
+def test_spawn_missing_program() -> None:
+    with pytest.raises(CommandFailed, match="could not be started"):
+        proc.spawn(["/nonexistent/program-xyz"])
+    p = proc.spawn([sys.executable, "-c", "pass"], stdout=subprocess.DEVNULL)
+    assert p.wait(10) == 0
+
+
+def test_invalid_environment_lists_every_problem() -> None:
+    err = InvalidEnvironment(["AZ_BATCH_HOST_LIST is missing", "CCP_NODES='x' is malformed"])
+    assert err.exit_code == 2 and isinstance(err, InvalidInput)
+    assert "AZ_BATCH_HOST_LIST is missing" in str(err) and "CCP_NODES='x'" in str(err)
+
+
+def test_cli_turns_errors_into_messages_and_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    @click.group(cls=LazyGroup, lazy={"later": "tests.unit.test_foundation:_lazy_command"})
+    def group() -> None:
+        pass
+
+    @group.command()
+    def fail() -> None:
+        raise InvalidInput("--nodes=0 must be at least 1")
+
+    assert run_cli(group, "prog", ["fail"]) == 2
+    assert "prog: error: --nodes=0 must be at least 1" in capsys.readouterr().err
+    assert run_cli(group, "prog", ["later"]) == 3
+    assert "10.0.0.2:2222" in capsys.readouterr().err
+    assert run_cli(group, "prog", ["nope"]) == 2
+
+
+@click.command()
+def _lazy_command() -> None:
+    raise ServiceError("sshd did not answer on 10.0.0.2:2222")
+
+
+def test_help_is_fast_and_imports_no_azure() -> None:
+    code = ("import sys; from mpilaunch.cli import cli; from node_runtime.cli import cli as c2; "
+            "assert not [m for m in sys.modules if m.startswith('azure')], 'azure imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
