@@ -1,0 +1,189 @@
+"""What the user asks for: an MPI run on N nodes, as a frozen, validated dataclass (no I/O, no Azure import).
+
+:func:`TaskSpec.validate` applies the Batch *Add Task* rules that we can check before any network call, so a bad
+spec fails fast with a message naming the offending value. Everything else about the wire format lives in
+:mod:`mpilaunch.client.taskbuild`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+from mpilaunch.errors import InvalidInput, InvalidRequest
+
+ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+MAX_DISPLAY_NAME = 1024
+MPI_FLAVOURS = ("openmpi", "mpich", "intelmpi")
+BIND_SOURCES = ("Shared", "Startup", "VfsMounts", "Task", "JobPrep", "Applications")
+RESERVED_ENV_PREFIXES = ("AZ_BATCH_", "MPILAUNCH_", "CCP_")
+DEFAULT_SSH_PORT = 2222
+
+
+def check_id(kind: str, value: str) -> str:
+    """Return ``value`` if it is a valid Batch id (job, task, pool), else raise naming it."""
+    if not ID_RE.match(value):
+        raise InvalidRequest(
+            f"invalid {kind} id {value!r}: use 1-64 characters, letters, digits, '-' or '_'")
+    return value
+
+
+@dataclass(frozen=True)
+class BindMount:
+    """A host path (one of Batch's ContainerHostDataPath names) mounted into the task container."""
+
+    source: str
+    read_only: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> BindMount:
+        """Parse ``SOURCE`` or ``SOURCE:ro`` / ``SOURCE:rw`` (case-insensitive source name)."""
+        name, _, mode = text.partition(":")
+        match = [s for s in BIND_SOURCES if s.lower() == name.strip().lower()]
+        if not match or mode not in ("", "ro", "rw"):
+            raise InvalidInput(f"invalid bind mount {text!r}: expected SOURCE[:ro|:rw] with SOURCE one of "
+                               f"{', '.join(BIND_SOURCES)}")
+        return cls(match[0], mode == "ro")
+
+
+@dataclass(frozen=True)
+class Registry:
+    """A private container registry; either a username/password or a node identity (ARM resource id)."""
+
+    server: str
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    identity: str | None = None
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """Run every instance inside ``image`` (the pool must have a container configuration)."""
+
+    image: str
+    bind_mounts: tuple[BindMount, ...] = ()
+    registry: Registry | None = None
+    run_options: str = ""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One MPI program run as a multi-instance task.
+
+    ``argv`` is what rank processes execute (e.g. ``("python3", "app.py")``). ``inputs`` are local files or
+    directories every node receives in its task directory; ``primary_inputs`` go to the primary only. ``outputs``
+    are file patterns (relative to the working directory) uploaded from the primary when the task ends. ``env``
+    holds the user's variables, exported to every rank.
+    """
+
+    job_id: str
+    task_id: str
+    nodes: int
+    argv: tuple[str, ...]
+    ppn: int | None = None
+    mpi: str | None = None
+    inputs: tuple[Path, ...] = ()
+    primary_inputs: tuple[Path, ...] = ()
+    outputs: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    container: ContainerSpec | None = None
+    wall_time: timedelta | None = None
+    retries: int = 0
+    elevated: bool = False
+    display_name: str | None = None
+    ssh_port: int = DEFAULT_SSH_PORT
+    checkpoint_url: str | None = field(default=None, repr=False)
+    upload_logs: bool = True
+
+    def validate(self) -> TaskSpec:
+        """Raise :class:`InvalidInput` / :class:`InvalidRequest` listing every problem; return self if fine."""
+        problems: list[str] = []
+        for kind, value in (("job", self.job_id), ("task", self.task_id)):
+            try:
+                check_id(kind, value)
+            except InvalidRequest as exc:
+                problems.append(exc.message)
+        if self.nodes < 1:
+            problems.append(f"nodes must be >= 1, got {self.nodes}")
+        if not self.argv or not self.argv[0]:
+            problems.append("the command to run is empty")
+        if any("\0" in a for a in self.argv):
+            problems.append("a command argument contains a NUL character")
+        if self.ppn is not None and self.ppn < 1:
+            problems.append(f"processes per node must be >= 1, got {self.ppn}")
+        if self.mpi is not None and self.mpi not in MPI_FLAVOURS:
+            problems.append(f"unknown MPI flavour {self.mpi!r}: expected one of {', '.join(MPI_FLAVOURS)}")
+        if self.display_name is not None and len(self.display_name) > MAX_DISPLAY_NAME:
+            problems.append(f"display name is {len(self.display_name)} characters long, the limit is "
+                            f"{MAX_DISPLAY_NAME}")
+        if self.retries < -1:
+            problems.append(f"retries must be -1 (unlimited) or >= 0, got {self.retries}")
+        if self.wall_time is not None and self.wall_time <= timedelta(0):
+            problems.append(f"wall time must be positive, got {self.wall_time}")
+        if not 1 <= self.ssh_port <= 65535:
+            problems.append(f"ssh port must be in 1..65535, got {self.ssh_port}")
+        problems += _env_problems(self.env)
+        problems += _path_problems(self.inputs + self.primary_inputs)
+        problems += [f"output pattern {p!r} must be a relative path" for p in self.outputs
+                     if not p or p.startswith("/")]
+        if problems:
+            raise InvalidInput(f"invalid task spec ({len(problems)} problem(s))", details=problems)
+        return self
+
+
+def _env_problems(env: tuple[tuple[str, str], ...]) -> list[str]:
+    problems = []
+    seen: set[str] = set()
+    for name, _value in env:
+        if not ENV_NAME_RE.match(name):
+            problems.append(f"invalid environment variable name {name!r}")
+        elif name.upper().startswith(RESERVED_ENV_PREFIXES):
+            problems.append(f"environment variable {name!r} is reserved (prefixes "
+                            f"{', '.join(RESERVED_ENV_PREFIXES)} are set by Batch and mpilaunch)")
+        if name in seen:
+            problems.append(f"environment variable {name!r} is given twice")
+        seen.add(name)
+    return problems
+
+
+def _path_problems(paths: tuple[Path, ...]) -> list[str]:
+    problems = [f"input {str(p)!r} does not exist" for p in paths if not p.exists()]
+    names: dict[str, Path] = {}
+    for p in paths:
+        if p.name in names and names[p.name] != p:
+            problems.append(f"inputs {str(names[p.name])!r} and {str(p)!r} would land at the same path {p.name!r}")
+        names[p.name] = p
+    return problems
+
+
+def parse_env(items: tuple[str, ...] | list[str]) -> tuple[tuple[str, str], ...]:
+    """Parse ``NAME=VALUE`` strings (``NAME`` alone is not accepted: be explicit about what ranks see)."""
+    out = []
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise InvalidInput(f"invalid environment setting {item!r}: expected NAME=VALUE")
+        out.append((name, value))
+    return tuple(out)
+
+
+_DURATION_RE = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+
+
+def parse_duration(text: str) -> timedelta:
+    """Parse ``90s``, ``45m``, ``2h30m``, ``1d``, or ``HH:MM:SS``."""
+    text = text.strip()
+    if ":" in text:
+        parts = text.split(":")
+        if len(parts) == 3 and all(p.isdigit() for p in parts):
+            h, m, s = (int(p) for p in parts)
+            return timedelta(hours=h, minutes=m, seconds=s)
+    else:
+        match = _DURATION_RE.match(text)
+        if text and match and any(match.groups()):
+            d, h, m, s = (int(g or 0) for g in match.groups())
+            return timedelta(days=d, hours=h, minutes=m, seconds=s)
+    raise InvalidInput(f"invalid duration {text!r}: expected e.g. 90s, 45m, 2h30m, 1d or HH:MM:SS")

@@ -1,0 +1,168 @@
+"""Pure builders from a :class:`~mpilaunch.client.spec.TaskSpec` to azure-batch 15.1 models (no network).
+
+The task is a multi-instance task: every instance downloads the common resource files into its task directory and
+runs ``node-runtime coordinate`` (start and verify sshd, then exit); the primary then runs
+``node-runtime launch [--ppn N] [--mpi F] -- ARGV``. Batch runs no shell, so the command line is quoted with
+:func:`shlex.join` and the node splits it back into exactly the user's argv.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import shlex
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from azure.batch import models as bm
+
+from mpilaunch.client.spec import BindMount, ContainerSpec, TaskSpec
+from mpilaunch.errors import InvalidRequest
+
+COORDINATION_COMMAND = "node-runtime coordinate"
+# Batch refuses larger Add Task bodies (RequestEntityTooLarge); the exact limit is not documented, 1 MiB is safe.
+MAX_REQUEST_BYTES = 1024 * 1024
+LOG_PATTERN = "../std*.txt"
+
+
+@dataclass(frozen=True)
+class StagedFile:
+    """A file already in Blob storage: ``url`` (with a read SAS) lands at ``file_path`` in the task directory."""
+
+    url: str = field(repr=False)
+    file_path: str
+    file_mode: str | None = None
+
+
+@dataclass(frozen=True)
+class OutputTarget:
+    """Where the primary uploads outputs and logs: a container URL with a write SAS, and a blob prefix."""
+
+    container_url: str = field(repr=False)
+    prefix: str
+
+
+def new_task_secret() -> str:
+    """A fresh per-task secret: 32 random bytes, base64url without padding."""
+    return base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode()
+
+
+def launch_command_line(argv: Sequence[str], *, ppn: int | None = None, mpi: str | None = None) -> str:
+    """The primary's command line; ``shlex.split`` of it gives back ``node-runtime launch ... -- *argv``."""
+    options: list[str] = []
+    if ppn is not None:
+        options += ["--ppn", str(ppn)]
+    if mpi is not None:
+        options += ["--mpi", mpi]
+    return shlex.join(["node-runtime", "launch", *options, "--", *argv])
+
+
+def environment_settings(spec: TaskSpec, secret: str) -> list[bm.EnvironmentSetting]:
+    """The task's environment: our contract variables first, then the user's (exported to every rank)."""
+    env = [("AZ_BATCH_NODE_COUNT", str(spec.nodes)), ("MPILAUNCH_TASK_SECRET", secret),
+           ("MPILAUNCH_SSH_PORT", str(spec.ssh_port))]
+    if spec.env:
+        env.append(("MPILAUNCH_EXPORT_ENV", ",".join(name for name, _ in spec.env)))
+    if spec.checkpoint_url:
+        env.append(("MPILAUNCH_CHECKPOINT_URL", spec.checkpoint_url))
+    env += list(spec.env)
+    return [bm.EnvironmentSetting(name=n, value=v) for n, v in env]
+
+
+def resource_files(files: Sequence[StagedFile]) -> list[bm.ResourceFile]:
+    """Batch resource files, one per staged blob."""
+    return [bm.ResourceFile(http_url=f.url, file_path=f.file_path, file_mode=f.file_mode) for f in files]
+
+
+def bind_mount(mount: BindMount) -> bm.ContainerHostBatchBindMountEntry:
+    """One container bind mount of a Batch host data path."""
+    return bm.ContainerHostBatchBindMountEntry(source=mount.source, is_read_only=mount.read_only)
+
+
+def container_settings(container: ContainerSpec) -> bm.BatchTaskContainerSettings:
+    """Container settings: image, registry, run options, bind mounts; the working directory is the task's."""
+    registry = None
+    if container.registry is not None:
+        reg = container.registry
+        identity = bm.BatchNodeIdentityReference(resource_id=reg.identity) if reg.identity else None
+        registry = bm.ContainerRegistryReference(registry_server=reg.server, username=reg.username,
+                                                 password=reg.password, identity_reference=identity)
+    return bm.BatchTaskContainerSettings(
+        image_name=container.image,
+        container_run_options=container.run_options or None,
+        registry=registry,
+        working_directory="taskWorkingDirectory",
+        container_host_batch_bind_mounts=[bind_mount(m) for m in container.bind_mounts] or None,
+    )
+
+
+def output_files(patterns: Sequence[str], target: OutputTarget, *, logs: bool = True) -> list[bm.OutputFile]:
+    """Upload ``patterns`` on success or failure to ``target`` (under ``prefix/outputs``); logs under ``prefix/logs``.
+
+    For multi-instance tasks Batch uploads output files from the primary only.
+    """
+    def upload(pattern: str, path: str) -> bm.OutputFile:
+        dest = bm.OutputFileBlobContainerDestination(container_url=target.container_url, path=path)
+        return bm.OutputFile(file_pattern=pattern, destination=bm.OutputFileDestination(container=dest),
+                             upload_options=bm.OutputFileUploadConfiguration(upload_condition="taskCompletion"))
+
+    prefix = target.prefix.strip("/")
+    files = [upload(p, f"{prefix}/outputs") for p in patterns]
+    if logs:
+        files.append(upload(LOG_PATTERN, f"{prefix}/logs"))
+    return files
+
+
+def build_task(
+    spec: TaskSpec,
+    *,
+    common_files: Sequence[StagedFile] = (),
+    primary_files: Sequence[StagedFile] = (),
+    outputs: OutputTarget | None = None,
+    secret: str | None = None,
+) -> bm.BatchTaskCreateOptions:
+    """The validated Add Task request for ``spec`` (a fresh task secret unless ``secret`` is given)."""
+    spec.validate()
+    if spec.outputs and outputs is None:
+        raise InvalidRequest(f"output patterns {list(spec.outputs)} need an output container")
+    constraints = bm.BatchTaskConstraints(
+        max_wall_clock_time=spec.wall_time, max_task_retry_count=spec.retries)
+    task = bm.BatchTaskCreateOptions(
+        id=spec.task_id,
+        display_name=spec.display_name,
+        command_line=launch_command_line(spec.argv, ppn=spec.ppn, mpi=spec.mpi),
+        multi_instance_settings=bm.MultiInstanceSettings(
+            number_of_instances=spec.nodes,
+            coordination_command_line=COORDINATION_COMMAND,
+            common_resource_files=resource_files(common_files) or None,
+        ),
+        resource_files=resource_files(primary_files) or None,
+        output_files=output_files(spec.outputs, outputs, logs=spec.upload_logs) if outputs else None,
+        environment_settings=environment_settings(spec, secret or new_task_secret()),
+        container_settings=container_settings(spec.container) if spec.container else None,
+        constraints=constraints,
+        required_slots=1,
+        user_identity=bm.UserIdentity(auto_user=bm.AutoUserSpecification(
+            scope="pool", elevation_level="admin" if spec.elevated else "nonadmin")),
+    )
+    validate_request(task)
+    return task
+
+
+def request_body(task: bm.BatchTaskCreateOptions) -> bytes:
+    """The JSON body the SDK will send for ``task``."""
+    return json.dumps(task.as_dict(), separators=(",", ":")).encode()
+
+
+def validate_request(task: bm.BatchTaskCreateOptions) -> None:
+    """Apply the Add Task rules the service enforces, raising :class:`InvalidRequest` naming the value."""
+    if task.required_slots not in (None, 1):
+        raise InvalidRequest(f"requiredSlots is {task.required_slots}: multi-instance tasks must use 1")
+    size = len(request_body(task))
+    if size > MAX_REQUEST_BYTES:
+        mis = task.multi_instance_settings
+        n = len(task.resource_files or []) + len((mis.common_resource_files if mis else None) or [])
+        raise InvalidRequest(
+            f"the task request is {size} bytes, over the {MAX_REQUEST_BYTES}-byte limit "
+            f"({n} resource files): pack many small inputs into one archive")
