@@ -1,0 +1,124 @@
+"""A checkpoint store in an Azure Blob container (or Azurite), addressed by a container URL with a SAS.
+
+Writes are create-only (``If-None-Match: *``) and carry the SHA-256 of the content in the blob's metadata: when a
+write's response is lost and the SDK retries it, the retry meets "BlobAlreadyExists" and we recognise the blob as our
+own by its hash. azure-storage-blob is imported only when a blob store is opened.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any, NoReturn
+from urllib.parse import urlsplit
+
+from mpilaunch.errors import CheckpointError
+from node_runtime.checkpoint.stores import ConcurrentGetStore, check_name, sha256
+
+_META = "sha256"
+
+
+def parse_blob_url(url: str) -> tuple[str, str, str, str]:
+    """Split a container URL into (account URL, container, prefix, SAS query).
+
+    Host-style (``https://ACCOUNT.blob.core.windows.net/CONTAINER/PREFIX``) unless the host is an IP address,
+    ``localhost`` or has no ``.blob.`` label, in which case the account is the first path segment (Azurite style).
+    """
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    segments = [s for s in parts.path.split("/") if s]
+    try:
+        ipaddress.ip_address(host)
+        path_style = True
+    except ValueError:
+        path_style = host == "localhost" or ".blob." not in host
+    account_segments = 1 if path_style else 0
+    shown = parts._replace(query="").geturl()
+    if not host or len(segments) < account_segments + 1:
+        raise CheckpointError(f"checkpoint URL {shown!r} names no blob container",
+                              details=["expected https://ACCOUNT.blob.core.windows.net/CONTAINER[/PREFIX]?SAS"
+                                       " or http://HOST:PORT/ACCOUNT/CONTAINER[/PREFIX]?SAS"])
+    account_url = f"{parts.scheme}://{parts.netloc}" + ("/" + segments[0] if path_style else "")
+    container = segments[account_segments]
+    prefix = "/".join(segments[account_segments + 1:])
+    return account_url, container, prefix, parts.query
+
+
+class BlobStore(ConcurrentGetStore):
+    """Objects are block blobs ``PREFIX/NAME`` in one container."""
+
+    def __init__(self, container_client: Any, prefix: str, location: str) -> None:
+        self._container = container_client
+        self._prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.location = location
+
+    @classmethod
+    def from_url(cls, url: str) -> BlobStore:
+        account_url, container, prefix, sas = parse_blob_url(url)
+        from azure.storage.blob import ContainerClient
+
+        credential: Any = sas or None
+        if not sas and account_url.startswith("https://"):
+            from azure.identity import DefaultAzureCredential
+
+            credential = DefaultAzureCredential()  # e.g. the node's managed identity
+        client = ContainerClient(account_url, container, credential=credential, retry_total=6,
+                                 connection_timeout=20, read_timeout=60)
+        location = f"{account_url}/{container}" + (f"/{prefix}" if prefix else "")
+        return cls(client, prefix, location)
+
+    def _fail(self, op: str, name: str, e: Exception) -> NoReturn:
+        # Never str(e): service messages can echo request details; status and error code are enough.
+        status = getattr(e, "status_code", None)
+        code = getattr(e, "error_code", None) or type(e).__name__
+        raise CheckpointError(f"blob checkpoint store {self.location!r}: {op} {name!r} failed "
+                              f"({code}{f', HTTP {status}' if status else ''})") from None
+
+    def put(self, name: str, data: bytes) -> None:
+        from azure.core.exceptions import AzureError, ResourceExistsError
+
+        blob = self._prefix + check_name(name)
+        digest = sha256(data)
+        try:
+            self._container.upload_blob(blob, data, overwrite=False, metadata={_META: digest})
+            return
+        except ResourceExistsError:
+            pass
+        except AzureError as e:
+            self._fail("write", name, e)
+        try:
+            theirs = self._container.get_blob_client(blob).get_blob_properties().metadata.get(_META)
+        except AzureError as e:
+            self._fail("check existing", name, e)
+        if theirs != digest:
+            raise CheckpointError(f"checkpoint object {name!r} already exists in {self.location!r} "
+                                  "with different content (create-only store)")
+
+    def get(self, name: str) -> bytes | None:
+        from azure.core.exceptions import AzureError, ResourceNotFoundError
+
+        try:
+            data: bytes = self._container.download_blob(self._prefix + check_name(name)).readall()
+            return data
+        except ResourceNotFoundError:
+            return None
+        except AzureError as e:
+            self._fail("read", name, e)
+
+    def names(self, prefix: str) -> list[str]:
+        from azure.core.exceptions import AzureError
+
+        try:
+            blobs = self._container.list_blob_names(name_starts_with=self._prefix + prefix)
+            return sorted(b[len(self._prefix):] for b in blobs)
+        except AzureError as e:
+            self._fail("list", prefix, e)
+
+    def delete(self, name: str) -> None:
+        from azure.core.exceptions import AzureError, ResourceNotFoundError
+
+        try:
+            self._container.delete_blob(self._prefix + check_name(name))
+        except ResourceNotFoundError:
+            pass
+        except AzureError as e:
+            self._fail("delete", name, e)
