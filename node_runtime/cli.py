@@ -7,7 +7,9 @@ import click
 from mpilaunch import __version__
 from mpilaunch.clickutil import LazyGroup, entry_point
 
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {
+    "env": "node_runtime.cmd_env:env",
+}
 
 
 @click.group(cls=LazyGroup, lazy=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
