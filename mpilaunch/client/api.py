@@ -1,0 +1,207 @@
+"""The Python API behind the CLI: build, pre-flight, submit, wait, gather results.
+
+Example (a notebook, against the local emulator started by ``mpilaunch local up``)::
+
+    from pathlib import Path
+    from mpilaunch.client.api import Launcher
+    from mpilaunch.client.spec import TaskSpec
+
+    launcher = Launcher.local()
+    spec = TaskSpec(job_id="demo", task_id="hello-1", nodes=3, argv=("python3", "hello_mpi.py"),
+                    inputs=(Path("examples/hello_mpi.py"),))
+    ref = launcher.submit(spec)
+    results = launcher.wait(ref)          # -> TaskResults; results.succeeded, results.instances
+    launcher.download_logs(results, Path("logs"))
+
+Every error is an :mod:`mpilaunch.errors` exception; Azure SDK errors become :class:`BatchError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mpilaunch.client import config as cfg
+from mpilaunch.client.results import TaskResults, build_results
+from mpilaunch.client.spec import TaskSpec
+from mpilaunch.errors import BatchError, InvalidInput, MpilaunchError
+
+DEFAULT_JOB = "mpilaunch"
+
+
+@dataclass(frozen=True)
+class TaskRef:
+    job_id: str
+    task_id: str
+
+    def __str__(self) -> str:
+        return f"{self.job_id}/{self.task_id}"
+
+
+@contextlib.contextmanager
+def batch_errors(endpoint: str) -> Iterator[None]:
+    """Turn Azure SDK exceptions into :class:`BatchError` (code + service message, never a key)."""
+    from azure.core.exceptions import ClientAuthenticationError, HttpResponseError, ServiceRequestError
+
+    try:
+        yield
+    except ClientAuthenticationError as exc:
+        raise BatchError(f"authentication failed at {endpoint}: check the account name and key / Entra login",
+                         code=_code(exc)) from None
+    except HttpResponseError as exc:
+        message = getattr(getattr(exc, "error", None), "message", None) or exc.reason or str(exc)
+        raise BatchError(str(message).splitlines()[0], code=_code(exc)) from None
+    except ServiceRequestError as exc:
+        raise BatchError(f"cannot reach {endpoint}: {type(exc).__name__}") from None
+
+
+def _code(exc: Any) -> str:
+    return str(getattr(getattr(exc, "error", None), "code", None) or getattr(exc, "status_code", "") or "")
+
+
+class Launcher:
+    """A Batch account + storage account pair, and the operations on MPI tasks."""
+
+    def __init__(self, settings: cfg.Settings) -> None:
+        self.settings = settings
+        self.batch = settings.batch.client()
+        self._store: Any = None
+
+    @classmethod
+    def from_environment(cls, flags: dict[str, str | None] | None = None, profile: str | None = None) -> Launcher:
+        return cls(cfg.resolve(flags or {}, profile=profile))
+
+    @classmethod
+    def local(cls, nodes: int | None = None) -> Launcher:
+        """The local emulator + Azurite; with ``nodes``, start them if needed and grow pool ``local`` to it."""
+        if nodes is not None:
+            from mpilaunch.client import local
+
+            local.up(nodes)
+        return cls(cfg.local_settings())
+
+    def errors(self) -> contextlib.AbstractContextManager[None]:
+        return batch_errors(self.settings.batch.endpoint)
+
+    @property
+    def store(self) -> Any:
+        if self._store is None:
+            if self.settings.storage is None:
+                raise InvalidInput("no storage account configured: set AZURE_STORAGE_CONNECTION_STRING or "
+                                   "AZURE_STORAGE_ACCOUNT (inputs and outputs go through Blob storage)")
+            from mpilaunch.client.storage import BlobStore
+
+            self._store = BlobStore(self.settings.storage)
+        return self._store
+
+    def pool_for(self, spec: TaskSpec, pool: str | None = None) -> str:
+        """The pool the task will run on: the job's if it exists, else ``pool`` or the configured one."""
+        from azure.core.exceptions import ResourceNotFoundError
+
+        with self.errors():
+            try:
+                job = self.batch.get_job(spec.job_id)
+            except ResourceNotFoundError:
+                job = None
+        if job is not None:
+            job_pool = job.pool_info.pool_id if job.pool_info else None
+            if pool and job_pool and pool != job_pool:
+                raise InvalidInput(f"job {spec.job_id!r} runs on pool {job_pool!r}, not {pool!r}: use another job")
+            if job_pool:
+                return str(job_pool)
+        chosen = pool or self.settings.pool
+        if not chosen:
+            raise InvalidInput("no pool given: pass --pool or set MPILAUNCH_POOL")
+        return chosen
+
+    def preflight(self, spec: TaskSpec, pool: str | None = None) -> list[str]:
+        """Raise :class:`PreflightError` if the pool cannot run ``spec``; return warnings."""
+        from mpilaunch.client.preflight import preflight
+
+        spec.validate()
+        pool_id = self.pool_for(spec, pool)
+        with self.errors():
+            return preflight(self.batch, pool_id, spec)
+
+    def build(self, spec: TaskSpec, *, progress: bool = False, secret: str | None = None) -> Any:
+        """Upload inputs (skipping unchanged ones) and return the ``BatchTaskCreateOptions`` for ``spec``."""
+        from mpilaunch.client import storage, taskbuild
+
+        spec.validate()
+        if not spec.inputs and not spec.primary_inputs and not spec.outputs and not spec.upload_logs:
+            return taskbuild.build_task(spec, secret=secret)
+        store = self.store
+        expiry = storage.sas_expiry(spec.wall_time, spec.retries)
+        common, primary = storage.walk_inputs(spec.inputs), storage.walk_inputs(spec.primary_inputs)
+        storage.upload_with_progress(store, common + primary, show=progress)  # also creates the container
+        read_url = store.container_sas_url("r", expiry)
+        outputs = taskbuild.OutputTarget(store.container_sas_url("cw", expiry), f"outputs/{spec.job_id}/{spec.task_id}")
+        return taskbuild.build_task(spec, common_files=store.staged(common, read_url),
+                                    primary_files=store.staged(primary, read_url), outputs=outputs, secret=secret)
+
+    def ensure_job(self, job_id: str, pool_id: str) -> None:
+        from azure.batch import models as bm
+        from azure.core.exceptions import ResourceExistsError
+
+        with self.errors(), contextlib.suppress(ResourceExistsError):
+            self.batch.create_job(bm.BatchJobCreateOptions(id=job_id, pool_info=bm.BatchPoolInfo(pool_id=pool_id)))
+
+    def submit(self, spec: TaskSpec, *, pool: str | None = None, progress: bool = False,
+               warn: Callable[[str], None] | None = None) -> TaskRef:
+        """Pre-flight, upload, create the job if needed, add the task."""
+        pool_id = self.pool_for(spec, pool)
+        for warning in self.preflight(spec, pool_id):
+            if warn:
+                warn(warning)
+        task = self.build(spec, progress=progress)
+        self.ensure_job(spec.job_id, pool_id)
+        with self.errors():
+            self.batch.create_task(spec.job_id, task)
+        return TaskRef(spec.job_id, spec.task_id)
+
+    def results(self, ref: TaskRef) -> TaskResults:
+        """The task and every subtask (all pages of List Subtasks)."""
+        with self.errors():
+            task = self.batch.get_task(ref.job_id, ref.task_id)
+            subtasks = list(self.batch.list_subtasks(ref.job_id, ref.task_id))
+        return build_results(ref.job_id, task, subtasks)
+
+    def wait(self, ref: TaskRef, *, timeout: float | None = None, interval: float = 1.0,
+             on_update: Callable[[TaskResults], None] | None = None) -> TaskResults:
+        """Poll until the task completes; ``on_update`` sees every poll. Raises on ``timeout`` (task keeps running)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            res = self.results(ref)
+            if on_update:
+                on_update(res)
+            if res.completed:
+                return res
+            if deadline is not None and time.monotonic() >= deadline:
+                raise MpilaunchError(f"task {ref} still {res.state} after {timeout:g}s (it keeps running)")
+            time.sleep(interval)
+
+    def terminate(self, ref: TaskRef) -> None:
+        with self.errors():
+            self.batch.terminate_task(ref.job_id, ref.task_id)
+
+    def download_logs(self, results: TaskResults, dest: Path, *, workers: int = 16) -> list[Path]:
+        """Every instance's stdout.txt/stderr.txt into ``dest/instance-<i>/``, fetched in parallel."""
+        from mpilaunch.client.results import download_logs
+
+        with self.errors():
+            return download_logs(self.batch, results, dest, workers=workers)
+
+    def download_outputs(self, ref: TaskRef, dest: Path) -> list[Path]:
+        """The output files and logs the primary uploaded to Blob storage, into ``dest``."""
+        prefix = f"outputs/{ref.job_id}/{ref.task_id}/"
+        written = []
+        for name in self.store.list_names(prefix):
+            target = dest / name[len(prefix):]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(self.store.download(name))
+            written.append(target)
+        return written

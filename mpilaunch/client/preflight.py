@@ -1,0 +1,81 @@
+"""Pre-flight: refuse a task the pool can never run (the causes of "the task stays active forever").
+
+:func:`check_pool` is pure (a ``BatchPool`` model and the spec in, warnings out, :class:`PreflightError` raised);
+:func:`preflight` fetches the pool first.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mpilaunch.client.spec import TaskSpec
+from mpilaunch.errors import PreflightError
+
+
+def check_pool(pool: Any, spec: TaskSpec) -> list[str]:
+    """Raise :class:`PreflightError` if ``pool`` cannot run ``spec``; return warnings for doubtful cases."""
+    pid = pool.id
+    if not pool.enable_inter_node_communication:
+        raise PreflightError(
+            f"pool {pid!r} does not enable inter-node communication, which multi-instance tasks need",
+            fix=f"create a pool with enableInterNodeCommunication=true, e.g. `mpilaunch pool create {pid}-mpi "
+                f"--nodes {spec.nodes}` (the setting cannot be changed on an existing pool)")
+    slots = pool.task_slots_per_node or 1
+    if slots != 1:
+        raise PreflightError(
+            f"pool {pid!r} has taskSlotsPerNode={slots}; multi-instance tasks need 1",
+            fix=f"use a pool with taskSlotsPerNode=1, e.g. `mpilaunch pool create {pid}-mpi --nodes {spec.nodes}`")
+    if str(getattr(pool.state, "value", pool.state)).lower() == "deleting":
+        raise PreflightError(f"pool {pid!r} is being deleted", fix="use or create another pool")
+    warnings = _check_size(pool, spec)
+    _check_container(pool, spec)
+    return warnings
+
+
+def _check_size(pool: Any, spec: TaskSpec) -> list[str]:
+    pid, n = pool.id, spec.nodes
+    if pool.enable_auto_scale:
+        return [f"pool {pid!r} autoscales: the task waits until the formula gives it {n} nodes "
+                f"(check that it can)"]
+    target = (pool.target_dedicated_nodes or 0) + (pool.target_low_priority_nodes or 0)
+    if target < n:
+        raise PreflightError(
+            f"pool {pid!r} targets {target} node(s) (dedicated {pool.target_dedicated_nodes or 0} + low-priority "
+            f"{pool.target_low_priority_nodes or 0}) but the task needs {n}",
+            fix=f"resize the pool to at least {n} nodes, or run on {target} node(s) (--nodes {target})")
+    warnings = []
+    current = (pool.current_dedicated_nodes or 0) + (pool.current_low_priority_nodes or 0)
+    if current < n:
+        warnings.append(f"pool {pid!r} has {current} of its {target} node(s) so far; the task waits for {n}")
+    if pool.target_low_priority_nodes:
+        warnings.append(f"pool {pid!r} uses low-priority/spot nodes: a preemption fails and retries the whole task")
+    return warnings
+
+
+def _check_container(pool: Any, spec: TaskSpec) -> None:
+    vmc = pool.virtual_machine_configuration
+    config = vmc.container_configuration if vmc is not None else None
+    pid = pool.id
+    if spec.container is not None and config is None:
+        raise PreflightError(
+            f"the task runs in container image {spec.container.image!r} but pool {pid!r} has no container "
+            f"configuration",
+            fix=f"create the pool with a container configuration, e.g. `mpilaunch pool create {pid}-mpi --nodes "
+                f"{spec.nodes} --container-image {spec.container.image}`")
+    if spec.container is None and config is not None:
+        raise PreflightError(
+            f"pool {pid!r} has a container configuration, so Batch requires every task to name a container image",
+            fix="pass --image IMAGE (one of the pool's: "
+                f"{', '.join(config.container_image_names or []) or 'none prefetched'})")
+
+
+def preflight(client: Any, pool_id: str, spec: TaskSpec) -> list[str]:
+    """Fetch pool ``pool_id`` and :func:`check_pool` it."""
+    from azure.core.exceptions import ResourceNotFoundError
+
+    try:
+        pool = client.get_pool(pool_id)
+    except ResourceNotFoundError:
+        raise PreflightError(f"pool {pool_id!r} does not exist",
+                             fix=f"create it: `mpilaunch pool create {pool_id} --nodes {spec.nodes}`") from None
+    return check_pool(pool, spec)

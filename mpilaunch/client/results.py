@@ -1,0 +1,219 @@
+"""Per-instance results of a multi-instance task: rows, table, stable JSON, parallel log download.
+
+Instance 0 is the primary (from Get Task); instances 1..N-1 come from List Subtasks, every page. The JSON document
+(``results_json``) follows ``results.schema.json`` next to this module; docs/client.md describes it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+SCHEMA_ID = "mpilaunch.results/1"
+SCHEMA_PATH = Path(__file__).with_name("results.schema.json")
+LOG_FILES = ("stdout.txt", "stderr.txt")
+
+
+def _str(value: Any) -> str | None:
+    return None if value is None else str(getattr(value, "value", value))
+
+
+@dataclass(frozen=True)
+class Failure:
+    category: str | None
+    code: str | None
+    message: str | None
+
+    def __str__(self) -> str:
+        return ": ".join(p for p in (self.code, self.message) if p) or (self.category or "failed")
+
+
+@dataclass(frozen=True)
+class InstanceResult:
+    """One instance (0 = primary) of a multi-instance task."""
+
+    instance: int
+    node: str | None
+    pool: str | None
+    state: str | None
+    exit_code: int | None
+    result: str | None
+    start: datetime | None
+    end: datetime | None
+    failure: Failure | None
+    task_root: str | None
+
+    @property
+    def duration(self) -> float | None:
+        if self.start is None or self.end is None:
+            return None
+        return (self.end - self.start).total_seconds()
+
+    @property
+    def failed(self) -> bool:
+        return self.result == "failure" or self.failure is not None or (self.exit_code or 0) != 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "instance": self.instance, "primary": self.instance == 0, "node": self.node, "state": self.state,
+            "exit_code": self.exit_code, "result": self.result,
+            "start_time": self.start.isoformat() if self.start else None,
+            "end_time": self.end.isoformat() if self.end else None,
+            "duration_seconds": self.duration,
+            "failure": None if self.failure is None else {
+                "category": self.failure.category, "code": self.failure.code, "message": self.failure.message},
+        }
+
+
+def _failure(info: Any) -> Failure | None:
+    if info is None:
+        return None
+    return Failure(_str(info.category), info.code, info.message)
+
+
+def primary_row(task: Any) -> InstanceResult:
+    """Instance 0 from a ``BatchTask``."""
+    ex, node = task.execution_info, task.node_info
+    return InstanceResult(
+        0, node.node_id if node else None, node.pool_id if node else None, _str(task.state),
+        ex.exit_code if ex else None, _str(ex.result) if ex else None, ex.start_time if ex else None,
+        ex.end_time if ex else None, _failure(ex.failure_info) if ex else None,
+        node.task_root_directory if node else None)
+
+
+def subtask_row(sub: Any) -> InstanceResult:
+    """Instance ``sub.id`` from a ``BatchSubtask``."""
+    node = sub.node_info
+    return InstanceResult(
+        int(sub.id), node.node_id if node else None, node.pool_id if node else None, _str(sub.state),
+        sub.exit_code, _str(sub.result), sub.start_time, sub.end_time, _failure(sub.failure_info),
+        node.task_root_directory if node else None)
+
+
+@dataclass(frozen=True)
+class TaskResults:
+    """The task's own outcome plus one row per instance, ordered by instance."""
+
+    job_id: str
+    task_id: str
+    state: str | None
+    result: str | None
+    exit_code: int | None
+    failure: Failure | None
+    retry_count: int
+    instances: tuple[InstanceResult, ...]
+
+    @property
+    def completed(self) -> bool:
+        return self.state == "completed"
+
+    @property
+    def succeeded(self) -> bool:
+        return self.completed and self.result == "success"
+
+    def failed_instances(self) -> list[InstanceResult]:
+        return [r for r in self.instances if r.failed]
+
+    def summary(self) -> str:
+        """One line: the task's outcome, naming failed instances and why."""
+        head = f"task {self.job_id}/{self.task_id}: {self.state}"
+        if not self.completed:
+            return head
+        if self.succeeded:
+            return f"{head}, success on {len(self.instances)} instance(s)"
+        parts = [f"instance {r.instance} on {r.node or '?'}: exit code {r.exit_code}"
+                 + (f" ({r.failure})" if r.failure else "") for r in self.failed_instances()]
+        why = "; ".join(parts) or str(self.failure or f"exit code {self.exit_code}")
+        return f"{head}, failure: {why}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA_ID, "job_id": self.job_id, "task_id": self.task_id, "state": self.state,
+            "result": self.result, "exit_code": self.exit_code, "retry_count": self.retry_count,
+            "failure": None if self.failure is None else {
+                "category": self.failure.category, "code": self.failure.code, "message": self.failure.message},
+            "instances": [r.to_json() for r in self.instances],
+        }
+
+
+def build_results(job_id: str, task: Any, subtasks: Iterable[Any]) -> TaskResults:
+    """Combine Get Task and List Subtasks answers (the emulator may also list the primary as subtask 0)."""
+    rows = {0: primary_row(task)}
+    for sub in subtasks:
+        row = subtask_row(sub)
+        if row.instance != 0:
+            rows[row.instance] = row
+    ex = task.execution_info
+    return TaskResults(
+        job_id, task.id, _str(task.state), _str(ex.result) if ex else None, ex.exit_code if ex else None,
+        _failure(ex.failure_info) if ex else None, ex.retry_count if ex else 0,
+        tuple(rows[i] for i in sorted(rows)))
+
+
+def results_json(results: TaskResults) -> str:
+    return json.dumps(results.to_json(), indent=2)
+
+
+def _time(value: datetime | None) -> str:
+    return value.strftime("%H:%M:%S") if value else "-"
+
+
+def render_table(results: TaskResults) -> Any:
+    """A rich ``Table`` of the instances."""
+    from rich.table import Table
+
+    table = Table(title=f"{results.job_id}/{results.task_id}  state={results.state}  result={results.result or '-'}",
+                  title_justify="left")
+    for col in ("instance", "node", "state", "exit code", "result", "start", "end", "duration", "failure"):
+        table.add_column(col, justify="right" if col in ("instance", "exit code", "duration") else "left")
+    for r in results.instances:
+        style = "red" if r.failed else None
+        table.add_row(
+            f"{r.instance}{' (primary)' if r.instance == 0 else ''}", r.node or "-", r.state or "-",
+            "-" if r.exit_code is None else str(r.exit_code), r.result or "-", _time(r.start), _time(r.end),
+            "-" if r.duration is None else f"{r.duration:.1f}s", str(r.failure) if r.failure else "", style=style)
+    return table
+
+
+def node_file_path(task_root: str, name: str) -> str:
+    """The node-file API path of ``name`` in a task root given as Batch reports it (``\\workitems\\...``)."""
+    return task_root.replace("\\", "/").strip("/") + "/" + name
+
+
+def download_logs(client: Any, results: TaskResults, dest: Path, *, workers: int = 16) -> list[Path]:
+    """Fetch every instance's stdout/stderr into ``dest/instance-<i>/`` in parallel; return the files written.
+
+    A file the node no longer has (node gone, task root cleaned) is skipped; the rest are still fetched.
+    """
+    jobs = [(r, name) for r in results.instances for name in LOG_FILES if r.node and r.pool and r.task_root]
+
+    def fetch(item: tuple[InstanceResult, str]) -> Path | None:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        row, name = item
+        try:
+            chunks = client.download_node_file(row.pool, row.node, node_file_path(row.task_root or "", name))
+            data = b"".join(chunks)
+        except ResourceNotFoundError:
+            return None
+        target = dest / f"instance-{row.instance}" / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        return target
+
+    return fetch_all(fetch, jobs, workers)
+
+
+def fetch_all(fetch: Any, jobs: Sequence[Any], workers: int) -> list[Path]:
+    """Run ``fetch`` over ``jobs`` with ``workers`` threads (1 = sequentially); keep the non-``None`` results."""
+    if workers <= 1:
+        done = [fetch(j) for j in jobs]
+    else:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            done = list(pool.map(fetch, jobs))
+    return [p for p in done if p is not None]
