@@ -1,0 +1,238 @@
+"""Pool allocation and the node lifecycle: creating → starting → (waitingforstarttask) → idle | starttaskfailed.
+
+The engine's loop calls :meth:`NodeManager.step`; slow work (provider calls, StartTasks) runs on worker threads that
+write node docs and wake the loop. Nodes leave a pool (resize down, pool delete) through ``leavingpool``.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mpilaunch.emulator import multiinstance as mi
+from mpilaunch.emulator import resourcefiles
+from mpilaunch.emulator.context import Context, log, wipe
+from mpilaunch.emulator.nodes.base import Node
+from mpilaunch.emulator.store import Doc, now_iso, transition
+from mpilaunch.errors import MpilaunchError
+
+START_TAG = "starttask"
+GONE = ("leavingpool",)
+PROVISIONING = ("creating", "starting")
+
+
+def _ipv6(address: str) -> str:
+    a, b, c, d = (int(x) for x in address.split("."))
+    return f"0:0:0:0:0:ffff:{a * 256 + b:x}:{c * 256 + d:x}"
+
+
+class NodeManager:
+    """Keeps every pool's nodes at its target and runs their StartTasks."""
+
+    def __init__(self, ctx: Context, is_busy: Callable[[str], bool]) -> None:
+        self.ctx = ctx
+        self.is_busy = is_busy
+        self._threads: dict[str, threading.Thread] = {}
+        self._lock = threading.Lock()
+
+    # -- the loop's part ---------------------------------------------------------------------------------------
+    def step(self) -> None:
+        for pool in self.ctx.store.list("pool"):
+            nodes = self.ctx.store.list("node", (pool["id"],))
+            if pool.get("state") == "deleting":
+                self._delete_pool(pool, nodes)
+            else:
+                self._resize(pool, nodes)
+
+    def _resize(self, pool: Doc, nodes: list[Doc]) -> None:
+        staying = [n for n in nodes if n.get("state") not in GONE]
+        dedicated = int(pool.get("targetDedicatedNodes") or 0)
+        low = int(pool.get("targetLowPriorityNodes") or 0)
+        have_d = [n for n in staying if n.get("isDedicated", True)]
+        have_l = [n for n in staying if not n.get("isDedicated", True)]
+        for want, have, is_dedicated in ((dedicated, have_d, True), (low, have_l, False)):
+            for _ in range(want - len(have)):
+                self._add_node(pool, is_dedicated)
+            if len(have) > want:
+                removable = [n for n in have if not self.is_busy(n["id"])]
+                removable.sort(key=lambda n: n.get("state") == "idle")  # broken nodes go first
+                for node in removable[: len(have) - want]:
+                    self._remove_node(pool["id"], node)
+        nodes = self.ctx.store.list("node", (pool["id"],))
+        settled = not any(n.get("state") in PROVISIONING + GONE for n in nodes)
+        counts = (sum(1 for n in nodes if n.get("isDedicated", True)),
+                  sum(1 for n in nodes if not n.get("isDedicated", True)))
+        if settled and counts == (dedicated, low) and (
+                pool.get("allocationState") != "steady" or (pool.get("currentDedicatedNodes"),
+                                                             pool.get("currentLowPriorityNodes")) != counts):
+            def steady(doc: Doc) -> None:
+                doc["allocationState"] = "steady"
+                doc["allocationStateTransitionTime"] = now_iso()
+                doc["currentDedicatedNodes"], doc["currentLowPriorityNodes"] = counts
+            self.ctx.store.update("pool", (), pool["id"], steady)
+
+    def _delete_pool(self, pool: Doc, nodes: list[Doc]) -> None:
+        for node in nodes:
+            if node.get("state") not in GONE and not self.is_busy(node["id"]):
+                self._remove_node(pool["id"], node)
+        if not nodes:
+            self.ctx.store.delete("pool", (), pool["id"])
+            wipe(self.ctx.data_dir / "nodes" / pool["id"])
+
+    # -- node creation -------------------------------------------------------------------------------------------
+    def _add_node(self, pool: Doc, dedicated: bool) -> None:
+        node_id = f"tvmps_{secrets.token_hex(10)}_{'d' if dedicated else 'p'}"
+        now = now_iso()
+        doc: Doc = {
+            "id": node_id, "url": self.ctx.node_url(pool["id"], node_id), "state": "creating",
+            "schedulingState": "enabled", "stateTransitionTime": now, "lastBootTime": now, "allocationTime": now,
+            "ipAddress": "", "ipv6Address": "", "affinityId": f"TVM:{node_id}", "vmSize": pool.get("vmSize", ""),
+            "totalTasksRun": 0, "runningTasksCount": 0, "runningTaskSlotsCount": 0, "totalTasksSucceeded": 0,
+            "isDedicated": dedicated,
+            "virtualMachineInfo": {"imageReference": dict(
+                pool.get("virtualMachineConfiguration", {}).get("imageReference", {}))},
+            "nodeAgentInfo": {"version": "mpilaunch-emulator", "lastUpdateTime": now},
+            "_root": str(self.ctx.node_root(pool["id"], node_id)),
+        }
+        if pool.get("startTask"):
+            doc["startTask"] = pool["startTask"]
+        self.ctx.store.insert("node", (pool["id"],), doc)
+        self._spawn(node_id, self._provision, pool["id"], node_id, None)
+
+    def restart_node(self, pool_id: str, doc: Doc) -> None:
+        """After an emulator restart: restore the node and run its StartTask again (as after a reboot)."""
+        self._spawn(doc["id"], self._provision, pool_id, doc["id"], self.ctx.node_of(doc))
+
+    def _spawn(self, key: str, target: Callable[..., None], *args: Any) -> None:
+        with self._lock:
+            thread = threading.Thread(target=target, args=args, name=f"node-{key}", daemon=True)
+            self._threads[key] = thread
+        thread.start()
+
+    def _provision(self, pool_id: str, node_id: str, node: Node | None) -> None:
+        try:
+            pool = self.ctx.store.get("pool", (), pool_id)
+            if pool is None:
+                return
+            if node is None:
+                taken = [n["ipAddress"] for n in self.ctx.store.list("node") if n.get("ipAddress")]
+                node = self.ctx.provider.create_node(pool, node_id, self.ctx.node_root(pool_id, node_id), taken)
+            else:
+                node = self.ctx.provider.restore_node(node)
+            created = node
+
+            def starting(doc: Doc) -> None:
+                doc["_node"] = created.to_json()
+                doc["ipAddress"], doc["ipv6Address"] = created.address, _ipv6(created.address)
+                doc["lastBootTime"] = now_iso()
+                transition(doc, "starting")
+            self.ctx.update_node(pool_id, node_id, starting)
+            self._run_start_task(pool, node)
+        except MpilaunchError as exc:
+            log.warning("node %s could not be created: %s", node_id, exc)
+            error = {"code": "NodeCreationFailed", "message": str(exc)}
+
+            def unusable(doc: Doc) -> None:
+                transition(doc, "unusable")
+                doc["errors"] = [error]
+            self.ctx.update_node(pool_id, node_id, unusable)
+        finally:
+            self.ctx.wake()
+
+    # -- StartTask ------------------------------------------------------------------------------------------------
+    def _run_start_task(self, pool: Doc, node: Node) -> None:
+        spec = pool.get("startTask")
+        if not spec:
+            self.ctx.update_node(pool["id"], node.id, lambda d: transition(d, "idle"))
+            return
+        wait = spec.get("waitForSuccess", True)
+        self.ctx.update_node(pool["id"], node.id, lambda d: transition(d, "waitingforstarttask" if wait else "idle"))
+        self.ctx.wake()
+        max_retries = int(spec.get("maxTaskRetryCount") or 0)
+        retry = 0
+        while not self.ctx.stopping.is_set():
+            code, failure = self._start_task_once(pool, node, spec, retry)
+            if failure is None or (max_retries != -1 and retry >= max_retries):
+                break
+            retry += 1
+        else:
+            return
+        ok = failure is None
+
+        def done(doc: Doc) -> None:
+            info = doc.setdefault("startTaskInfo", {})
+            info.update(state="completed", endTime=now_iso(), result="success" if ok else "failure")
+            if code is not None:
+                info["exitCode"] = code
+            if failure:
+                info["failureInfo"] = failure
+            if wait:
+                transition(doc, "idle" if ok else "starttaskfailed")
+        self.ctx.update_node(pool["id"], node.id, done)
+
+    def _start_task_once(self, pool: Doc, node: Node, spec: Doc, retry: int) -> tuple[int | None, Doc | None]:
+        startup = node.root / "startup"
+        wipe(startup)
+        (startup / "wd").mkdir(parents=True)
+
+        def running(doc: Doc) -> None:
+            info: Doc = {"state": "running", "startTime": now_iso(), "retryCount": retry}
+            if retry:
+                info["lastRetryTime"] = info["startTime"]
+            doc["startTaskInfo"] = info
+        self.ctx.update_node(pool["id"], node.id, running)
+        try:
+            resourcefiles.download(spec.get("resourceFiles"), startup / "wd")
+            argv = mi.split_command(spec["commandLine"])
+        except resourcefiles.TransferError as exc:
+            return None, mi.failure_info(exc.code, exc.message)
+        except ValueError as exc:
+            return None, mi.failure_info("CommandLineParseError", str(exc))
+        env = mi.settings(spec.get("environmentSettings")) | mi.node_env(
+            pool_id=pool["id"], node_id=node.id, node_root=node.node_root)
+        env |= {"AZ_BATCH_TASK_DIR": node.node_path(startup), "AZ_BATCH_TASK_WORKING_DIR":
+                node.node_path(startup / "wd"), "AZ_BATCH_ACCOUNT_NAME": self.ctx.account,
+                "AZ_BATCH_ACCOUNT_URL": self.ctx.account_url}
+        try:
+            execution = self.ctx.provider.run(node, argv, env=env, cwd=node.node_path(startup / "wd"),
+                                              stdout=startup / "stdout.txt", stderr=startup / "stderr.txt",
+                                              tag=START_TAG)
+        except MpilaunchError as exc:
+            return None, mi.failure_info("CommandStartFailed", str(exc))
+        while (code := execution.wait(0.2)) is None:
+            if self.ctx.stopping.is_set():
+                execution.kill()
+                return None, None
+        return code, None if code == 0 else mi.exit_failure(code, "the StartTask")
+
+    # -- node removal ---------------------------------------------------------------------------------------------
+    def _remove_node(self, pool_id: str, doc: Doc) -> None:
+        self.ctx.update_node(pool_id, doc["id"], lambda d: transition(d, "leavingpool"))
+        self._spawn(doc["id"], self._destroy, pool_id, doc)
+
+    def _destroy(self, pool_id: str, doc: Doc) -> None:
+        try:
+            node = self.ctx.node_of(doc)
+            if node is not None:
+                self.ctx.provider.destroy_node(node)
+            wipe(Path(doc["_root"]))
+            self.ctx.store.delete("node", (pool_id,), doc["id"])
+        except MpilaunchError as exc:
+            log.warning("node %s could not be removed: %s", doc["id"], exc)
+        finally:
+            self.ctx.wake()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Wait for the worker threads (``ctx.stopping`` is set) and kill every StartTask process."""
+        with self._lock:
+            threads = list(self._threads.values())
+            self._threads.clear()
+        for thread in threads:
+            thread.join(timeout)
+        for doc in self.ctx.store.list("node"):
+            node = self.ctx.node_of(doc)
+            if node is not None:
+                self.ctx.provider.kill_tag(node, START_TAG)
