@@ -1,0 +1,215 @@
+"""Pure builders of the ``mpirun`` command line for Open MPI, MPICH and Intel MPI (no I/O here).
+
+The launch module runs ``mpirun --version`` and gives the text to :func:`detect_flavor`, builds a :class:`LaunchSpec`
+(see :func:`spec_for_node`), runs :func:`build_mpirun_argv` with the environment :func:`ranks_environment` returns,
+and writes :func:`hostfile_text` / :func:`ssh_wrapper_script` where the spec says. ``MPILAUNCH_TASK_SECRET`` can never
+be exported: :func:`ranks_environment` drops it and :class:`LaunchSpec` refuses it. MPICH and Intel MPI pass the whole
+environment by default, so their command lines start the list from nothing (``-genvnone``).
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import shlex
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from mpilaunch.errors import InvalidInput
+from node_runtime.env import NODE_ADDRESS_VARIABLE, SECRET_VARIABLE, NodeEnvironment, interface_networks, parse_address
+
+#: Variables the ranks always get when the launching process has them.
+RANK_VARIABLES = ("PATH", "VIRTUAL_ENV", "PYTHONPATH", "LD_LIBRARY_PATH")
+#: Never exported: the secret, and this node's own address (wrong on every other node).
+NEVER_EXPORTED = frozenset({SECRET_VARIABLE, NODE_ADDRESS_VARIABLE})
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+class MpiFlavor(enum.StrEnum):
+    """The MPI implementations whose ``mpirun`` we drive."""
+
+    OPENMPI = "openmpi"
+    MPICH = "mpich"
+    INTELMPI = "intelmpi"
+
+
+def detect_flavor(version_text: str) -> MpiFlavor:
+    """The flavour that printed ``version_text`` (the output of ``mpirun --version``)."""
+    if "Open MPI" in version_text or "OpenRTE" in version_text:
+        return MpiFlavor.OPENMPI
+    if "Intel(R) MPI" in version_text or "Intel MPI" in version_text:
+        return MpiFlavor.INTELMPI
+    if "HYDRA" in version_text or "MPICH" in version_text:
+        return MpiFlavor.MPICH
+    first = next((line.strip() for line in version_text.splitlines() if line.strip()), "")
+    raise InvalidInput(f"cannot tell the MPI implementation from 'mpirun --version' output {first!r}; "
+                       f"choose one with --mpi ({', '.join(f.value for f in MpiFlavor)})")
+
+
+def ranks_environment(environ: Mapping[str, str], export_names: Iterable[str] = ()) -> dict[str, str]:
+    """What the ranks must see of ``environ``: :data:`RANK_VARIABLES`, every ``MPILAUNCH_*`` variable and
+    ``export_names`` — never :data:`NEVER_EXPORTED`. Names absent from ``environ`` are left out."""
+    export_names = tuple(export_names)
+    if SECRET_VARIABLE in export_names:
+        raise InvalidInput(f"{SECRET_VARIABLE} can never be exported to the ranks")
+    names = [*RANK_VARIABLES, *sorted(n for n in environ if n.startswith("MPILAUNCH_")), *export_names]
+    return {name: environ[name] for name in dict.fromkeys(names) if name in environ and name not in NEVER_EXPORTED}
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """Everything :func:`build_mpirun_argv` needs; invalid values raise :class:`InvalidInput` naming them."""
+
+    flavor: MpiFlavor
+    hosts: tuple[str, ...]  # primary first: rank 0 runs there
+    ppn: int  # processes per node
+    command: tuple[str, ...]  # the program and its arguments (program path absolute, ideally)
+    ssh_config: Path  # the task's ssh client config (port, key, known_hosts)
+    working_dir: Path
+    environment_names: tuple[str, ...] = ()  # exported by name: the keys of ranks_environment()
+    hostfile: Path | None = None  # use this hostfile (see hostfile_text) instead of listing hosts
+    ssh_wrapper: Path | None = None  # MPICH/Intel MPI: executable running `ssh -F ssh_config "$@"`
+    interface: str | None = None  # MPICH/Intel MPI: network interface name (-iface)
+    as_root: bool = False
+    mpirun: str = "mpirun"
+    extra_args: tuple[str, ...] = ()  # appended before the command, as given
+
+    def __post_init__(self) -> None:
+        problems = [*_host_problems(self.hosts), *_spec_problems(self)]
+        if problems:
+            raise InvalidInput(f"invalid launch ({len(problems)} problem(s))", details=problems)
+
+    @property
+    def np(self) -> int:
+        """Total number of ranks."""
+        return len(self.hosts) * self.ppn
+
+    @property
+    def networks(self) -> str:
+        """The CIDR(s) MPI traffic is restricted to, comma-separated."""
+        return ",".join(str(n) for n in interface_networks(self.hosts))
+
+
+def _host_problems(hosts: Sequence[str]) -> list[str]:
+    if not hosts:
+        return ["hosts: at least one host is required"]
+    problems, seen = [], set()
+    for host in hosts:
+        try:
+            canonical = parse_address(host)
+        except ValueError as exc:
+            problems.append(f"host {exc}")
+            continue
+        if canonical != host:
+            problems.append(f"host {host!r} is not in canonical form ({canonical})")
+        if canonical in seen:
+            problems.append(f"host {host!r} is listed more than once")
+        seen.add(canonical)
+    return problems
+
+
+def _spec_problems(spec: LaunchSpec) -> list[str]:
+    problems = []
+    if isinstance(spec.ppn, bool) or not isinstance(spec.ppn, int) or spec.ppn < 1:
+        problems.append(f"ppn={spec.ppn!r}: processes per node must be a positive integer")
+    if not spec.command or not spec.command[0]:
+        problems.append("command: a program to run is required")
+    elif spec.command[0].startswith("-"):
+        problems.append(f"command {spec.command[0]!r}: a program cannot start with '-' (mpirun would read an option)")
+    for label, path in (("ssh_config", spec.ssh_config), ("working_dir", spec.working_dir),
+                        ("hostfile", spec.hostfile), ("ssh_wrapper", spec.ssh_wrapper)):
+        if path is not None and not path.is_absolute():
+            problems.append(f"{label}={str(path)!r}: must be an absolute path")
+    if re.search(r"[\s'\"\\]", str(spec.ssh_config)):
+        problems.append(f"ssh_config={str(spec.ssh_config)!r}: must not contain blanks, quotes or backslashes")
+    for name in spec.environment_names:
+        if name == SECRET_VARIABLE:
+            problems.append(f"environment_names: {SECRET_VARIABLE} can never be exported to the ranks")
+        elif not _NAME.match(name):
+            problems.append(f"environment_names: {name!r} is not a variable name")
+    if spec.flavor is not MpiFlavor.OPENMPI and spec.ssh_wrapper is None:
+        problems.append(f"ssh_wrapper: {spec.flavor.value} takes an ssh executable, not options; "
+                        "give a wrapper script (see ssh_wrapper_script)")
+    if spec.flavor is MpiFlavor.OPENMPI and spec.hostfile is None and any(":" in h for h in spec.hosts):
+        problems.append("hosts: Open MPI cannot take IPv6 addresses in --host; give a hostfile")
+    return problems
+
+
+def build_mpirun_argv(spec: LaunchSpec) -> list[str]:
+    """The ``mpirun`` argv for ``spec`` (its flavour's options, then the command)."""
+    options = _openmpi_options(spec) if spec.flavor is MpiFlavor.OPENMPI else _hydra_options(spec)
+    return [spec.mpirun, *options, *spec.extra_args, *spec.command]
+
+
+def _openmpi_options(spec: LaunchSpec) -> list[str]:
+    options = ["--allow-run-as-root"] if spec.as_root else []
+    options += ["-np", str(spec.np)]
+    if spec.hostfile is not None:
+        options += ["--hostfile", str(spec.hostfile)]
+    else:
+        options += ["--host", ",".join(f"{host}:{spec.ppn}" for host in spec.hosts)]
+    for name, value in (("pml", "ob1"), ("btl", "self,vader,tcp"), ("btl_tcp_if_include", spec.networks),
+                        ("oob_tcp_if_include", spec.networks), ("plm_rsh_agent", "ssh"),
+                        ("plm_rsh_args", f"-F {spec.ssh_config}")):
+        options += ["--mca", name, value]
+    options += ["--wdir", str(spec.working_dir)]
+    for name in spec.environment_names:
+        options += ["-x", name]
+    return options
+
+
+def _hydra_options(spec: LaunchSpec) -> list[str]:
+    """MPICH and Intel MPI both use the Hydra process manager; they differ in how the ssh launcher is named."""
+    options = ["-n", str(spec.np), "-ppn", str(spec.ppn)]
+    if spec.hostfile is not None:
+        options += ["-f", str(spec.hostfile)]
+    else:
+        options += ["-hosts", ",".join(spec.hosts)]
+    if spec.flavor is MpiFlavor.MPICH:
+        options += ["-launcher", "ssh", "-launcher-exec", str(spec.ssh_wrapper)]
+    else:
+        options += ["-bootstrap", "ssh", "-bootstrap-exec", str(spec.ssh_wrapper)]
+    if spec.interface:
+        options += ["-iface", spec.interface]
+    options += ["-wdir", str(spec.working_dir), "-genvnone"]
+    if spec.environment_names:
+        options += ["-genvlist", ",".join(spec.environment_names)]
+    return options
+
+
+def hostfile_text(flavor: MpiFlavor, hosts: Sequence[str], ppn: int) -> str:
+    """A hostfile listing ``hosts`` with ``ppn`` slots each, in ``flavor``'s syntax."""
+    if flavor is MpiFlavor.OPENMPI:
+        return "".join(f"{host} slots={ppn}\n" for host in hosts)
+    return "".join(f"{host}:{ppn}\n" for host in hosts)
+
+
+def ssh_wrapper_script(ssh_config: Path) -> str:
+    """A POSIX sh script that runs ssh with the task's config (for MPICH's and Intel MPI's launcher)."""
+    return f'#!/bin/sh\nexec ssh -F {shlex.quote(str(ssh_config))} "$@"\n'
+
+
+def spec_for_node(
+    env: NodeEnvironment,
+    environ: Mapping[str, str],
+    *,
+    flavor: MpiFlavor,
+    ppn: int,
+    command: Sequence[str],
+    ssh_config: Path,
+    as_root: bool,
+    hostfile: Path | None = None,
+    ssh_wrapper: Path | None = None,
+    interface: str | None = None,
+    mpirun: str = "mpirun",
+    extra_args: Sequence[str] = (),
+) -> LaunchSpec:
+    """The launch of ``command`` on every host of ``env`` (primary first) in its working directory, exporting
+    :func:`ranks_environment` of ``environ``."""
+    return LaunchSpec(flavor=flavor, hosts=env.hosts_primary_first, ppn=ppn, command=tuple(command),
+                      ssh_config=ssh_config, working_dir=env.working_dir,
+                      environment_names=tuple(ranks_environment(environ, env.export_names)), hostfile=hostfile,
+                      ssh_wrapper=ssh_wrapper, interface=interface, as_root=as_root, mpirun=mpirun,
+                      extra_args=tuple(extra_args))
