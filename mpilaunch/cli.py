@@ -8,7 +8,18 @@ from mpilaunch import __version__
 from mpilaunch.clickutil import LazyGroup, entry_point
 
 # name -> "module:click command"; each module imports the Azure SDKs only inside its functions.
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {
+    "emulator": "mpilaunch.emulator.cli:emulator",
+    "submit": "mpilaunch.cmd_submit:submit",
+    "run": "mpilaunch.cmd_submit:run",
+    "status": "mpilaunch.cmd_task:status",
+    "wait": "mpilaunch.cmd_task:wait",
+    "results": "mpilaunch.cmd_task:results",
+    "logs": "mpilaunch.cmd_task:logs",
+    "terminate": "mpilaunch.cmd_task:terminate",
+    "pool": "mpilaunch.cmd_pool:pool",
+    "local": "mpilaunch.cmd_local:local",
+}
 
 
 @click.group(cls=LazyGroup, lazy=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})

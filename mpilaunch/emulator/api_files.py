@@ -1,0 +1,187 @@
+"""Task files and node files: list (``recursive``, ``$filter``, paging), get (``ocp-range``), properties, delete.
+
+Files are read from the host directories the engine records in the store: a task's ``_taskDir`` (else its node's
+root + ``nodeInfo.taskRootDirectory``) and a node's ``_root`` (else ``_node.root``). The file path arrives
+percent-encoded as one URL segment (``wd%2Fout.txt``); paths may not leave the directory.
+"""
+
+from __future__ import annotations
+
+import shutil
+import stat
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from mpilaunch.emulator import odata
+from mpilaunch.emulator.api_pools import get_pool
+from mpilaunch.emulator.api_tasks import get_task
+from mpilaunch.emulator.store import Doc
+from mpilaunch.emulator.wire import Context, FileBody, Request, Response, http_date
+from mpilaunch.emulator.wire_errors import WireError, bad_query, invalid_value, not_found
+
+OCTET = "application/octet-stream"
+
+
+def node_root(node: Doc) -> Path | None:
+    root = node.get("_root") or (node.get("_node") or {}).get("root")
+    return Path(root) if root else None
+
+
+def task_dir(ctx: Context, job_id: str, task_id: str) -> tuple[Path | None, str]:
+    """Host directory of the task (on its primary node) and the URL prefix of its files."""
+    task = get_task(ctx, job_id, task_id)
+    prefix = f"jobs/{quote(job_id, safe='')}/tasks/{quote(task_id, safe='')}/files"
+    if task.get("_taskDir"):
+        return Path(task["_taskDir"]), prefix
+    info = task.get("nodeInfo") or {}
+    node = ctx.store.get("node", (info.get("poolId", ""),), info.get("nodeId", "")) if info else None
+    root = node_root(node) if node else None
+    if root is None or not info.get("taskRootDirectory"):
+        return None, prefix
+    return root / info["taskRootDirectory"].replace("\\", "/").strip("/"), prefix
+
+
+def node_dir(ctx: Context, pool_id: str, node_id: str) -> tuple[Path | None, str]:
+    node = ctx.store.get("node", (pool_id,), node_id)
+    if node is None:
+        get_pool(ctx, pool_id)
+        raise not_found("Node", node_id)
+    return node_root(node), f"pools/{quote(pool_id, safe='')}/nodes/{quote(node_id, safe='')}/files"
+
+
+def _entry(base: Path, path: Path, req: Request, prefix: str) -> dict[str, Any]:
+    name = path.relative_to(base).as_posix()
+    st = path.stat()
+    entry: dict[str, Any] = {"name": name, "url": f"{req.base_url}/{prefix}/{quote(name, safe='/')}",
+                             "isDirectory": path.is_dir()}
+    if not path.is_dir():
+        entry["properties"] = {"creationTime": _iso(st.st_ctime), "lastModified": _iso(st.st_mtime),
+                               "contentLength": str(st.st_size), "contentType": OCTET,
+                               "fileMode": f"0o{stat.S_IMODE(st.st_mode) | stat.S_IFMT(st.st_mode):o}"}
+    return entry
+
+
+def _listing(req: Request, base: Path | None, prefix: str) -> Response:
+    recursive = req.query.get("recursive", "false").lower()
+    if recursive not in ("true", "false"):
+        raise bad_query("recursive", recursive, "must be true or false")
+    limit, start = odata.max_results(req.query), odata.skiptoken(req.query)
+    pred = odata.parse_filter(req.query.get("$filter"))
+    paths: list[Path] = []
+    if base is not None and base.is_dir():
+        paths = sorted(base.rglob("*") if recursive == "true" else base.iterdir())
+    entries = [e for e in (_entry(base, p, req, prefix) for p in paths if p.exists()) if pred(e)] if base else []
+    body: dict[str, Any] = {"odata.metadata": f"{req.base_url}/$metadata#files",
+                            "value": entries[start:start + limit]}
+    if start + limit < len(entries):
+        from mpilaunch.emulator.wire import next_link
+
+        body["odata.nextLink"] = next_link(req, start + limit)
+    return Response(200, body)
+
+
+def _resolve(base: Path | None, rel: str) -> Path:
+    if base is None:
+        raise not_found("File", rel)
+    parts = Path(rel.replace("\\", "/")).parts
+    if not rel or rel.startswith("/") or ".." in parts:
+        raise invalid_value("filePath", rel, "must be a relative path inside the directory")
+    path = base.joinpath(*parts)
+    try:
+        path.resolve().relative_to(base.resolve())
+    except ValueError as exc:
+        raise invalid_value("filePath", rel, "must stay inside the directory") from exc
+    if not path.exists():
+        raise not_found("File", rel)
+    return path
+
+
+def _file_headers(path: Path, req: Request, prefix: str, rel: str) -> dict[str, str]:
+    st = path.stat()
+    return {"ocp-creation-time": http_date(_iso(st.st_ctime)), "Last-Modified": http_date(_iso(st.st_mtime)),
+            "ocp-batch-file-isdirectory": "true" if path.is_dir() else "false",
+            "ocp-batch-file-url": f"{req.base_url}/{prefix}/{quote(rel, safe='')}",
+            "ocp-batch-file-mode": f"{stat.S_IMODE(st.st_mode) | stat.S_IFMT(st.st_mode):o}",
+            "Content-Length": "0" if path.is_dir() else str(st.st_size)}
+
+
+def _not_modified(req: Request, path: Path) -> bool:
+    raw = req.headers.get("if-modified-since")
+    if not raw:
+        return False
+    try:
+        since = parsedate_to_datetime(raw)
+    except (TypeError, ValueError, IndexError) as exc:
+        raise invalid_value("If-Modified-Since", raw, "must be an RFC 1123 date") from exc
+    return int(path.stat().st_mtime) <= since.timestamp()
+
+
+def _get(req: Request, base: Path | None, prefix: str, rel: str, head: bool) -> Response:
+    path = _resolve(base, rel)
+    headers = _file_headers(path, req, prefix, rel)
+    if _not_modified(req, path):
+        return Response(304, None, headers, content_type=OCTET)
+    if head or path.is_dir():
+        return Response(200, FileBody(path, 0, 0) if not head else None, headers, content_type=OCTET)
+    size = path.stat().st_size
+    start, end = 0, size
+    rng = req.headers.get("ocp-range")
+    if rng:
+        start, end = _parse_range(rng, size)
+    headers["Content-Length"] = str(end - start)
+    return Response(200, FileBody(path, start, end - start), headers, content_type=OCTET)
+
+
+def _parse_range(raw: str, size: int) -> tuple[int, int]:
+    unit, _, spec = raw.partition("=")
+    first, _, last = spec.partition("-")
+    if unit.strip() != "bytes" or not (first.isdigit() or last.isdigit()):
+        raise WireError(400, "InvalidHeaderValue", "The value for one of the HTTP headers is not in the correct "
+                        "format.", HeaderName="ocp-range", HeaderValue=raw)
+    if not first:
+        return max(size - int(last), 0), size
+    start = min(int(first), size)
+    end = min(int(last) + 1, size) if last.isdigit() else size
+    return start, max(end, start)
+
+
+def _delete(req: Request, base: Path | None, rel: str) -> Response:
+    path = _resolve(base, rel)
+    if path.is_dir():
+        if req.query.get("recursive", "false").lower() != "true" and any(path.iterdir()):
+            raise WireError(409, "DirectoryNotEmpty", "The directory is not empty; use recursive=true.")
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+    return Response(200, None, {})
+
+
+def list_task_files(ctx: Context, req: Request, ids: list[str]) -> Response:
+    return _listing(req, *task_dir(ctx, ids[0], ids[1]))
+
+
+def get_task_file(ctx: Context, req: Request, ids: list[str]) -> Response:
+    return _get(req, *task_dir(ctx, ids[0], ids[1]), ids[2], head=req.method == "HEAD")
+
+
+def delete_task_file(ctx: Context, req: Request, ids: list[str]) -> Response:
+    return _delete(req, task_dir(ctx, ids[0], ids[1])[0], ids[2])
+
+
+def list_node_files(ctx: Context, req: Request, ids: list[str]) -> Response:
+    return _listing(req, *node_dir(ctx, ids[0], ids[1]))
+
+
+def get_node_file(ctx: Context, req: Request, ids: list[str]) -> Response:
+    return _get(req, *node_dir(ctx, ids[0], ids[1]), ids[2], head=req.method == "HEAD")
+
+
+def delete_node_file(ctx: Context, req: Request, ids: list[str]) -> Response:
+    return _delete(req, node_dir(ctx, ids[0], ids[1])[0], ids[2])
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -1,0 +1,134 @@
+"""Jobs: add, get, list, patch, delete, terminate, task counts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mpilaunch.emulator import validation
+from mpilaunch.emulator.store import Conflict, Doc, now_iso, transition
+from mpilaunch.emulator.wire import Context, Request, Response, accepted, body_object, created, entity, listing
+from mpilaunch.emulator.wire_errors import WireError, exists, not_found
+
+FOREVER = "P10675199DT2H48M5.4775807S"
+"""Batch's "no limit" maxWallClockTime."""
+_PATCHABLE = ("priority", "allowTaskPreemption", "maxParallelTasks", "constraints", "poolInfo", "onAllTasksComplete",
+              "metadata", "networkConfiguration")
+
+
+def get_job(ctx: Context, job_id: str) -> Doc:
+    doc = ctx.store.get("job", (), job_id)
+    if doc is None:
+        raise not_found("Job", job_id)
+    return doc
+
+
+def add(ctx: Context, req: Request, _ids: list[str]) -> Response:
+    body = validation.job(body_object(req))
+    doc: dict[str, Any] = {
+        "priority": 0, "allowTaskPreemption": False, "maxParallelTasks": -1, "usesTaskDependencies": False,
+        "onAllTasksComplete": "noaction", "onTaskFailure": "noaction",
+        **body,
+        "url": f"{req.base_url}/jobs/{body['id']}", "state": "active",
+        "constraints": {"maxWallClockTime": FOREVER, "maxTaskRetryCount": 0, **(body.get("constraints") or {})},
+        "executionInfo": {"startTime": now_iso(), "poolId": body["poolInfo"]["poolId"]},
+    }
+    try:
+        doc = ctx.store.insert("job", (), doc)
+    except Conflict as exc:
+        raise exists("Job") from exc
+    ctx.wake()
+    return created(req, doc, doc["url"])
+
+
+def get(ctx: Context, req: Request, ids: list[str]) -> Response:
+    return entity(req, get_job(ctx, ids[0]), "jobs")
+
+
+def list_(ctx: Context, req: Request, _ids: list[str]) -> Response:
+    return listing(req, ctx.store, "job", (), "jobs")
+
+
+def patch(ctx: Context, req: Request, ids: list[str]) -> Response:
+    body = validation.check(body_object(req), "BatchJobUpdateOptions")
+
+    def apply(doc: Doc) -> None:
+        if doc.get("state") in ("completed", "terminating", "deleting"):
+            raise _not_active(doc)
+        for key in _PATCHABLE:
+            if key in body:
+                doc[key] = {**doc.get(key, {}), **body[key]} if key == "constraints" else body[key]
+        if "poolInfo" in body:
+            doc["executionInfo"]["poolId"] = body["poolInfo"].get("poolId")
+
+    doc = ctx.store.update("job", (), ids[0], apply, touch=True)
+    if doc is None:
+        raise not_found("Job", ids[0])
+    ctx.wake()
+    return Response(200, None, {"DataServiceId": doc["url"]})
+
+
+def delete(ctx: Context, req: Request, ids: list[str]) -> Response:
+    with ctx.store.transaction():
+        get_job(ctx, ids[0])
+        if ctx.engine is None:
+            ctx.store.delete("job", (), ids[0])
+        else:
+            ctx.store.update("job", (), ids[0], lambda d: transition(d, "deleting"))
+    ctx.wake()
+    return accepted()
+
+
+def terminate(ctx: Context, req: Request, ids: list[str]) -> Response:
+    reason = "UserTerminate"
+    if req.body.strip():
+        body = validation.check(body_object(req), "BatchJobTerminateOptions")
+        reason = body.get("terminateReason") or reason
+
+    def apply(doc: Doc) -> None:
+        if doc.get("state") in ("completed", "terminating", "deleting"):
+            raise _not_active(doc)
+        doc["executionInfo"]["terminateReason"] = reason
+        if ctx.engine is None:
+            transition(doc, "completed")
+            doc["executionInfo"]["endTime"] = doc["stateTransitionTime"]
+        else:
+            transition(doc, "terminating")
+
+    doc = ctx.store.update("job", (), ids[0], apply, touch=True)
+    if doc is None:
+        raise not_found("Job", ids[0])
+    ctx.wake()
+    return accepted(doc)
+
+
+def task_counts(ctx: Context, req: Request, ids: list[str]) -> Response:
+    job = get_job(ctx, ids[0])
+    counts = dict.fromkeys(("active", "running", "completed", "succeeded", "failed"), 0)
+    slots = dict(counts)
+    for task in ctx.store.list("task", (job["id"],)):
+        if task.get("_deleting"):
+            continue
+        state = "running" if task["state"] == "preparing" else task["state"]
+        n = task.get("requiredSlots") or 1
+        counts[state] += 1
+        slots[state] += n
+        if state == "completed":
+            result = "failed" if (task.get("executionInfo") or {}).get("result") == "failure" else "succeeded"
+            counts[result] += 1
+            slots[result] += n
+    return Response(200, {"odata.metadata": f"{req.base_url}/$metadata#taskcounts/@Element",
+                          "taskCounts": counts, "taskSlotCounts": slots})
+
+
+def _not_active(job: Doc) -> WireError:
+    code = {"completed": "JobCompleted", "terminating": "JobBeingTerminated", "deleting": "JobBeingDeleted"}
+    text = {"completed": "The specified job is already in a completed state.",
+            "terminating": "The specified job is being terminated.",
+            "deleting": "The specified job has been marked for deletion and is being garbage collected."}
+    return WireError(409, code[job["state"]], text[job["state"]])
+
+
+def require_active(job: Doc) -> None:
+    """Tasks can be added to active (or disabled) jobs only."""
+    if job.get("state") in ("completed", "terminating", "deleting"):
+        raise _not_active(job)

@@ -1,0 +1,125 @@
+"""Pools and compute nodes: add, get, exists, list, patch, delete, resize; nodes list/get."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mpilaunch.emulator import validation
+from mpilaunch.emulator.store import Conflict, Doc, now_iso, transition
+from mpilaunch.emulator.wire import Context, Request, Response, accepted, body_object, created, entity, listing
+from mpilaunch.emulator.wire_errors import WireError, exists, invalid_value, not_found
+
+_PATCHABLE = ("startTask", "metadata", "applicationPackageReferences", "targetNodeCommunicationMode",
+              "displayName", "vmSize", "taskSlotsPerNode", "taskSchedulingPolicy", "enableInterNodeCommunication",
+              "virtualMachineConfiguration", "networkConfiguration", "resourceTags", "userAccounts",
+              "mountConfiguration", "upgradePolicy")
+
+
+def get_pool(ctx: Context, pool_id: str) -> Doc:
+    doc = ctx.store.get("pool", (), pool_id)
+    if doc is None:
+        raise not_found("Pool", pool_id)
+    return doc
+
+
+def add(ctx: Context, req: Request, _ids: list[str]) -> Response:
+    body = validation.pool(body_object(req))
+    now = now_iso()
+    target = body.get("targetDedicatedNodes") or 0
+    doc: dict[str, Any] = {
+        **body, "url": f"{req.base_url}/pools/{body['id']}", "state": "active",
+        "allocationState": "resizing" if target else "steady", "allocationStateTransitionTime": now,
+        "resizeTimeout": body.get("resizeTimeout", "PT15M"),
+        "currentDedicatedNodes": 0, "currentLowPriorityNodes": 0,
+        "targetDedicatedNodes": target, "targetLowPriorityNodes": body.get("targetLowPriorityNodes") or 0,
+        "enableAutoScale": False, "enableInterNodeCommunication": bool(body.get("enableInterNodeCommunication")),
+        "taskSlotsPerNode": body.get("taskSlotsPerNode") or 1,
+        "taskSchedulingPolicy": body.get("taskSchedulingPolicy") or {"nodeFillType": "spread"},
+    }
+    try:
+        doc = ctx.store.insert("pool", (), doc)
+    except Conflict as exc:
+        raise exists("Pool") from exc
+    ctx.wake()
+    return created(req, doc, doc["url"])
+
+
+def get(ctx: Context, req: Request, ids: list[str]) -> Response:
+    return entity(req, get_pool(ctx, ids[0]), "pools")
+
+
+def exists_(ctx: Context, req: Request, ids: list[str]) -> Response:
+    doc = ctx.store.get("pool", (), ids[0])
+    return Response(404 if doc is None else 200, None, {})
+
+
+def list_(ctx: Context, req: Request, _ids: list[str]) -> Response:
+    return listing(req, ctx.store, "pool", (), "pools")
+
+
+def patch(ctx: Context, req: Request, ids: list[str]) -> Response:
+    body = validation.check(body_object(req), "BatchPoolUpdateOptions")
+
+    def apply(doc: Doc) -> None:
+        for key in _PATCHABLE:
+            if key in body:
+                doc[key] = body[key]
+
+    doc = ctx.store.update("pool", (), ids[0], apply, touch=True)
+    if doc is None:
+        raise not_found("Pool", ids[0])
+    ctx.wake()
+    return Response(200, None, {"DataServiceId": doc["url"]})
+
+
+def delete(ctx: Context, req: Request, ids: list[str]) -> Response:
+    def mark(doc: Doc) -> None:
+        transition(doc, "deleting")
+
+    with ctx.store.transaction():
+        get_pool(ctx, ids[0])
+        if ctx.engine is None:
+            ctx.store.delete("pool", (), ids[0])
+        else:
+            ctx.store.update("pool", (), ids[0], mark)
+    ctx.wake()
+    return accepted()
+
+
+def resize(ctx: Context, req: Request, ids: list[str]) -> Response:
+    body = validation.check(body_object(req), "BatchPoolResizeOptions")
+    for name in ("targetDedicatedNodes", "targetLowPriorityNodes"):
+        if (body.get(name) or 0) < 0:
+            raise invalid_value(name, body[name], "must be 0 or more")
+
+    def apply(doc: Doc) -> None:
+        if doc.get("state") == "deleting":
+            raise WireError(409, "PoolBeingDeleted", "The specified pool has been marked for deletion and is being "
+                            "reclaimed.")
+        if doc.get("allocationState") != "steady":
+            raise WireError(409, "PoolNotSteady", "The specified pool is not in steady allocation state; it can "
+                            "only be resized when steady.")
+        for name in ("targetDedicatedNodes", "targetLowPriorityNodes", "resizeTimeout"):
+            if name in body:
+                doc[name] = body[name]
+        doc["allocationState"] = "resizing"
+        doc["allocationStateTransitionTime"] = now_iso()
+
+    doc = ctx.store.update("pool", (), ids[0], apply, touch=True)
+    if doc is None:
+        raise not_found("Pool", ids[0])
+    ctx.wake()
+    return accepted(doc)
+
+
+def list_nodes(ctx: Context, req: Request, ids: list[str]) -> Response:
+    pool = get_pool(ctx, ids[0])
+    return listing(req, ctx.store, "node", (pool["id"],), f"pools/{pool['id']}/nodes")
+
+
+def get_node(ctx: Context, req: Request, ids: list[str]) -> Response:
+    node = ctx.store.get("node", (ids[0],), ids[1])
+    if node is None:
+        get_pool(ctx, ids[0])
+        raise not_found("Node", ids[1])
+    return entity(req, node, f"pools/{ids[0]}/nodes")

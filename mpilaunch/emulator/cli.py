@@ -1,0 +1,66 @@
+"""``mpilaunch emulator serve``: run the local Batch emulator in the foreground."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+
+import click
+
+from mpilaunch.emulator import defaults
+from mpilaunch.errors import InvalidInput
+
+DEFAULT_DATA = Path(".mpilaunch") / "emulator"
+
+
+@click.group()
+def emulator() -> None:
+    """The local Azure Batch emulator (the unmodified azure-batch SDK drives it)."""
+
+
+@emulator.command()
+@click.option("--host", default=defaults.HOST, show_default=True, help="Address to listen on.")
+@click.option("--port", default=defaults.PORT, show_default=True, type=click.IntRange(0, 65535),
+              help="TCP port (0 = any free port; the chosen one is printed).")
+@click.option("--data", "data_dir", default=str(DEFAULT_DATA), show_default=True,
+              type=click.Path(file_okay=False, path_type=Path), help="State directory (SQLite + node roots).")
+@click.option("--account", default=defaults.ACCOUNT, show_default=True, help="Batch account name.")
+@click.option("--key", default=defaults.KEY, help="Account key, base64 [default: the documented dev key].")
+@click.option("--accept-bearer", is_flag=True, help="Also accept any 'Bearer' token (testing Entra code paths).")
+@click.option("--no-execute", is_flag=True, help="Serve the API only: store tasks but never run them.")
+def serve(*, host: str, port: int, data_dir: Path, account: str, key: str, accept_bearer: bool,
+          no_execute: bool) -> None:
+    """Serve the Batch REST API until Ctrl-C or SIGTERM; state persists in DATA."""
+    from mpilaunch.emulator.server import EmulatorServer
+
+    if not account or not account.replace("-", "").isalnum():
+        raise InvalidInput(f"--account {account!r}: use letters and digits")
+    try:
+        server = EmulatorServer(data_dir, host=host, port=port, account=account, key=key, bearer=accept_bearer,
+                                execute=not no_execute)
+    except ValueError as exc:
+        raise InvalidInput(f"--key: {exc}") from exc
+    except OSError as exc:
+        raise InvalidInput(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    stop = threading.Event()
+
+    def on_signal(_signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    server.start()
+    try:
+        click.echo(f"Batch emulator listening on {server.endpoint}")
+        click.echo(f"  account: {account}")
+        click.echo(f"  key:     {key}")
+        click.echo(f"  data:    {data_dir.resolve()}")
+        click.echo("Stop with Ctrl-C.", nl=True)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    click.echo("emulator stopped")

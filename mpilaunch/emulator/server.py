@@ -1,0 +1,247 @@
+"""The emulator's HTTP server: routing, SharedKey check, Batch response headers, and the engine's lifecycle.
+
+``EmulatorServer(data_dir, host=..., port=0, account=..., key=...)`` opens (or reopens) the SQLite state under
+``data_dir``, builds the execution engine when ``execute`` is true, and serves on a thread (``start()``/``stop()``);
+``mpilaunch emulator serve`` runs one in the foreground.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from mpilaunch.emulator import api_files, api_jobs, api_pools, api_tasks, defaults
+from mpilaunch.emulator.auth import Authenticator
+from mpilaunch.emulator.store import Store
+from mpilaunch.emulator.validation import MAX_BODY
+from mpilaunch.emulator.wire import Context, EngineLike, FileBody, Handler, Request, Response
+from mpilaunch.emulator.wire_errors import WireError, new_request_id
+
+log = logging.getLogger("mpilaunch.emulator")
+
+_ID = "*"
+_REST = "**"
+_FILE = ("files", _REST)
+ROUTES: list[tuple[str, tuple[str, ...], Handler]] = [
+    ("POST", ("pools",), api_pools.add),
+    ("GET", ("pools",), api_pools.list_),
+    ("GET", ("pools", _ID), api_pools.get),
+    ("HEAD", ("pools", _ID), api_pools.exists_),
+    ("PATCH", ("pools", _ID), api_pools.patch),
+    ("DELETE", ("pools", _ID), api_pools.delete),
+    ("POST", ("pools", _ID, "resize"), api_pools.resize),
+    ("GET", ("pools", _ID, "nodes"), api_pools.list_nodes),
+    ("GET", ("pools", _ID, "nodes", _ID), api_pools.get_node),
+    ("GET", ("pools", _ID, "nodes", _ID, "files"), api_files.list_node_files),
+    ("GET", ("pools", _ID, "nodes", _ID, *_FILE), api_files.get_node_file),
+    ("HEAD", ("pools", _ID, "nodes", _ID, *_FILE), api_files.get_node_file),
+    ("DELETE", ("pools", _ID, "nodes", _ID, *_FILE), api_files.delete_node_file),
+    ("POST", ("jobs",), api_jobs.add),
+    ("GET", ("jobs",), api_jobs.list_),
+    ("GET", ("jobs", _ID), api_jobs.get),
+    ("PATCH", ("jobs", _ID), api_jobs.patch),
+    ("DELETE", ("jobs", _ID), api_jobs.delete),
+    ("POST", ("jobs", _ID, "terminate"), api_jobs.terminate),
+    ("GET", ("jobs", _ID, "taskcounts"), api_jobs.task_counts),
+    ("POST", ("jobs", _ID, "tasks"), api_tasks.add),
+    ("GET", ("jobs", _ID, "tasks"), api_tasks.list_),
+    ("POST", ("jobs", _ID, "addtaskcollection"), api_tasks.add_collection),
+    ("GET", ("jobs", _ID, "tasks", _ID), api_tasks.get),
+    ("PUT", ("jobs", _ID, "tasks", _ID), api_tasks.replace),
+    ("DELETE", ("jobs", _ID, "tasks", _ID), api_tasks.delete),
+    ("POST", ("jobs", _ID, "tasks", _ID, "terminate"), api_tasks.terminate),
+    ("GET", ("jobs", _ID, "tasks", _ID, "subtasksinfo"), api_tasks.list_subtasks),
+    ("GET", ("jobs", _ID, "tasks", _ID, "files"), api_files.list_task_files),
+    ("GET", ("jobs", _ID, "tasks", _ID, *_FILE), api_files.get_task_file),
+    ("HEAD", ("jobs", _ID, "tasks", _ID, *_FILE), api_files.get_task_file),
+    ("DELETE", ("jobs", _ID, "tasks", _ID, *_FILE), api_files.delete_task_file),
+]
+
+
+def route(method: str, segments: list[str]) -> tuple[Handler, list[str]]:
+    """The handler and captured ids for a request, or a 400 ``InvalidUri`` / 405 ``UnsupportedHttpVerb``."""
+    verbs_seen = False
+    for verb, pattern, handler in ROUTES:
+        ids = _match(pattern, segments)
+        if ids is None:
+            continue
+        if verb == method:
+            return handler, ids
+        verbs_seen = True
+    if verbs_seen:
+        raise WireError(405, "UnsupportedHttpVerb", f"The resource doesn't support the specified HTTP verb "
+                        f"{method}.")
+    raise WireError(400, "InvalidUri", "The requested URI does not represent any resource on the server.",
+                    UriPath="/" + "/".join(segments))
+
+
+def _match(pattern: tuple[str, ...], segments: list[str]) -> list[str] | None:
+    ids: list[str] = []
+    for i, part in enumerate(pattern):
+        if part == _REST:
+            rest = segments[i:]
+            return [*ids, "/".join(rest)] if rest and all(rest) else None
+        if i >= len(segments):
+            return None
+        if part == _ID:
+            if not segments[i]:
+                return None
+            ids.append(segments[i])
+        elif part != segments[i]:
+            return None
+    return ids if len(segments) == len(pattern) else None
+
+
+def make_engine(store: Store, data_dir: Path) -> EngineLike | None:
+    """The execution engine (default process provider), or None if this build has none."""
+    import importlib
+
+    try:
+        engine_module: Any = importlib.import_module("mpilaunch.emulator.engine")
+    except ImportError:
+        log.warning("no execution engine available: tasks will stay active")
+        return None
+    from mpilaunch.emulator.nodes.process import ProcessProvider
+
+    made: EngineLike = engine_module.Engine(store, data_dir, ProcessProvider())
+    return made
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Clients hanging up mid-request are normal; anything else is logged, not printed."""
+        log.debug("connection from %s failed", client_address, exc_info=True)
+
+
+class EmulatorServer:
+    """One emulator: state under ``data_dir``, HTTP on ``host:port`` (0 = a free port)."""
+
+    def __init__(self, data_dir: Path, *, host: str = defaults.HOST, port: int = defaults.PORT,
+                 account: str = defaults.ACCOUNT, key: str = defaults.KEY, bearer: bool = False,
+                 execute: bool = True) -> None:
+        self.data_dir = Path(data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.auth = Authenticator(account, key, bearer=bearer)
+        self.store = Store(self.data_dir / "state.sqlite3")
+        self.engine = make_engine(self.store, self.data_dir) if execute else None
+        self.ctx = Context(self.store, account, self.data_dir, self.engine)
+        self.httpd = _HTTPServer((host, port), _Handler)
+        self.httpd.emulator = self  # type: ignore[attr-defined]
+        self._thread: threading.Thread | None = None
+
+    @property
+    def endpoint(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def start(self) -> None:
+        """Recover the engine's state, start it, and serve on a background thread."""
+        if self.engine is not None:
+            for step in ("recover", "start"):
+                getattr(self.engine, step)()
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="emulator-http", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop serving, stop the engine (it leaves running tasks to be recovered), close the store."""
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        if self._thread is not None:
+            self._thread.join(10)
+        if self.engine is not None:
+            self.engine.stop()  # type: ignore[attr-defined]
+        self.store.close()
+
+    def handle(self, req: Request) -> Response:
+        """Authenticate, route and run one request; every failure becomes a Batch error response."""
+        try:
+            self.auth.check(req.method, req.raw_path, req.raw_query, req.headers)
+            if "api-version" not in req.query:
+                raise WireError(400, "MissingRequiredQueryParameter", "A query parameter that's mandatory for this "
+                                "request is not specified.", QueryParameterName="api-version")
+            handler, ids = route(req.method, req.segments)
+            return handler(self.ctx, req, ids)
+        except WireError as exc:
+            return Response(exc.status, exc.body(req.request_id))
+        except Exception:
+            log.exception("internal error on %s %s", req.method, req.raw_path)
+            err = WireError(500, "InternalServerError", "The server encountered an internal error.")
+            return Response(500, err.body(req.request_id))
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "mpilaunch-batch-emulator"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s " + format, self.address_string(), *args)
+
+    def _serve(self) -> None:
+        emulator: EmulatorServer = self.server.emulator  # type: ignore[attr-defined]
+        request_id = new_request_id()
+        length = self.headers.get("Content-Length", "0")
+        size = int(length) if length.isdigit() else -1
+        if size < 0 or size > 2 * MAX_BODY or self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            err = WireError(413, "RequestBodyTooLarge", "The request body is too large and exceeds the maximum "
+                            "permissible limit.", MaxLimit=str(MAX_BODY))
+            self._send(Response(413, err.body(request_id)), request_id)
+            return
+        body = self.rfile.read(size) if size else b""
+        split = urlsplit(self.path)
+        headers = {k.lower(): v.strip() for k, v in self.headers.items()}
+        query = {k: v[0] for k, v in parse_qs(split.query, keep_blank_values=True).items()}
+        segments = [unquote(s) for s in split.path.strip("/").split("/")] if split.path.strip("/") else []
+        host = self.headers.get("Host") or "{}:{}".format(*self.server.server_address[:2])  # type: ignore[index]
+        req = Request(self.command, segments, query, headers, body, f"http://{host}", split.path, request_id,
+                      split.query)
+        self._send(emulator.handle(req), request_id)
+
+    def _send(self, resp: Response, request_id: str) -> None:
+        self.send_response(resp.status)
+        self.send_header("request-id", request_id)
+        self.send_header("DataServiceVersion", "3.0")
+        client_id = self.headers.get("client-request-id")
+        if client_id and self.headers.get("return-client-request-id", "").lower() == "true":
+            self.send_header("client-request-id", client_id)
+        for name, value in resp.headers.items():
+            if name != "Content-Length":
+                self.send_header(name, value)
+        if isinstance(resp.body, dict):
+            data = json.dumps(resp.body).encode()
+            self.send_header("Content-Type", resp.content_type)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        elif isinstance(resp.body, FileBody):
+            self.send_header("Content-Type", resp.content_type)
+            self.send_header("Content-Length", str(resp.body.length))
+            self.end_headers()
+            _copy(resp.body, self.wfile)
+        else:
+            head_length = resp.headers.get("Content-Length", "0") if self.command == "HEAD" else "0"
+            self.send_header("Content-Length", head_length)
+            if self.command == "HEAD" and "Content-Type" not in resp.headers and resp.status == 200:
+                self.send_header("Content-Type", resp.content_type)
+            self.end_headers()
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _serve
+
+
+def _copy(body: FileBody, out: Any) -> None:
+    with body.path.open("rb") as f:
+        f.seek(body.start)
+        left = body.length
+        while left > 0:
+            chunk = f.read(min(left, 1 << 16))
+            if not chunk:
+                break
+            out.write(chunk)
+            left -= len(chunk)

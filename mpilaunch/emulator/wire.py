@@ -1,0 +1,136 @@
+"""Request/response values shared by the server and the ``api_*`` handlers, and REST-document helpers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from email.utils import format_datetime
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import quote, urlencode
+
+from mpilaunch.emulator import odata
+from mpilaunch.emulator.store import Doc, Parent, Store
+from mpilaunch.emulator.wire_errors import WireError
+
+JSON_TYPE = "application/json;odata=minimalmetadata"
+
+
+class EngineLike(Protocol):
+    def wake(self) -> None: ...
+
+
+@dataclass
+class Request:
+    method: str
+    segments: list[str]
+    """Decoded path segments (the file path, percent-encoded as one segment by the SDK, is decoded here)."""
+    query: dict[str, str]
+    headers: dict[str, str]
+    """Lower-case names."""
+    body: bytes
+    base_url: str
+    """``http://host:port`` as the client addressed us; used for ``url`` properties and ``odata.nextLink``."""
+    raw_path: str
+    request_id: str = ""
+    raw_query: str = ""
+
+
+@dataclass(frozen=True)
+class FileBody:
+    """``length`` bytes of ``path`` from ``start``, streamed by the server."""
+
+    path: Path
+    start: int
+    length: int
+
+
+@dataclass
+class Response:
+    status: int
+    body: Any = None
+    """A dict (sent as JSON), a :class:`FileBody`, or None."""
+    headers: dict[str, str] = field(default_factory=dict)
+    content_type: str = JSON_TYPE
+
+
+@dataclass
+class Context:
+    """What handlers need: the store, the engine (``None`` when the emulator runs without execution)."""
+
+    store: Store
+    account: str
+    data_dir: Path
+    engine: EngineLike | None = None
+
+    def wake(self) -> None:
+        if self.engine is not None:
+            self.engine.wake()
+
+
+Handler = Callable[[Context, Request, list[str]], Response]
+
+
+def public(doc: Doc) -> Doc:
+    """The doc without its internal (``_``-prefixed) top-level fields."""
+    return {k: v for k, v in doc.items() if not k.startswith("_")}
+
+
+def http_date(iso: str) -> str:
+    """RFC 1123 form of an ISO time from the store."""
+    return format_datetime(datetime.fromisoformat(iso.replace("Z", "+00:00")), usegmt=True)
+
+
+def entity_headers(doc: Doc) -> dict[str, str]:
+    """``ETag``/``Last-Modified`` for a single-entity response."""
+    out = {}
+    if doc.get("eTag"):
+        out["ETag"] = doc["eTag"]
+    if doc.get("lastModified"):
+        out["Last-Modified"] = http_date(doc["lastModified"])
+    return out
+
+
+def entity(req: Request, doc: Doc, metadata: str) -> Response:
+    """200 with one document, honouring ``$select``."""
+    body = {"odata.metadata": f"{req.base_url}/$metadata#{metadata}/@Element", **public(doc)}
+    return Response(200, odata.select(body, req.query), entity_headers(doc))
+
+
+def created(req: Request, doc: Doc, location: str) -> Response:
+    """201 for a created resource: empty body, ``DataServiceId``/``Location`` name it."""
+    headers = {**entity_headers(doc), "DataServiceId": location, "Location": location}
+    return Response(201, None, headers)
+
+
+def accepted(doc: Doc | None = None, status: int = 202) -> Response:
+    return Response(status, None, entity_headers(doc) if doc else {})
+
+
+def listing(req: Request, store: Store, kind: str, parent: Parent, metadata: str, *,
+            shape: Callable[[Doc], Doc] = public, keep: Callable[[Doc], bool] = lambda _d: True) -> Response:
+    """A paged list: ``maxresults``, ``$skiptoken`` in ``odata.nextLink``, ``$filter``, ``$select``."""
+    limit = odata.max_results(req.query)
+    start = odata.skiptoken(req.query)
+    pred = odata.parse_filter(req.query.get("$filter"))
+    docs, nxt = store.page(kind, parent, start, limit, lambda d: keep(d) and pred(shape(d)))
+    body: dict[str, Any] = {"odata.metadata": f"{req.base_url}/$metadata#{metadata}",
+                            "value": [odata.select(shape(d), req.query) for d in docs]}
+    if nxt is not None:
+        body["odata.nextLink"] = next_link(req, nxt)
+    return Response(200, body)
+
+
+def next_link(req: Request, token: int) -> str:
+    params = {k: v for k, v in req.query.items() if k != "$skiptoken"}
+    params["$skiptoken"] = str(token)
+    return f"{req.base_url}{req.raw_path}?{urlencode(params, quote_via=quote)}"
+
+
+def body_object(req: Request) -> Any:
+    from mpilaunch.emulator.validation import parse_json
+
+    if not req.body:
+        raise WireError(400, "MissingRequiredProperty", "The request body is missing.")
+    return parse_json(req.body)
