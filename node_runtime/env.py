@@ -24,15 +24,13 @@ NODE_ADDRESS_VARIABLE = "MPILAUNCH_NODE_ADDRESS"
 DEFAULT_SSH_PORT = 2222
 MIN_SECRET_BYTES = 32
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]+={0,2}\Z")
 
 
-# --- parsers: str -> value, raising ValueError(reason) -------------------------------------------------------------
-
+# Parsers: str -> value, raising ValueError(reason).
 def parse_address(text: str) -> str:
     """One IPv4 or IPv6 literal, returned in canonical form (no zone id, no brackets, no spaces)."""
     if "%" in text:
@@ -45,21 +43,16 @@ def parse_address(text: str) -> str:
 
 def _address_list(separator: str) -> Callable[[str], tuple[str, ...]]:
     def parse(text: str) -> tuple[str, ...]:
-        reasons: list[str] = []
-        hosts: list[str] = []
+        reasons, hosts = [], []
         for position, item in enumerate(text.split(separator), 1):
-            if not item:
-                reasons.append(f"entry {position} is empty")
-                continue
             try:
-                address = parse_address(item)
+                address = parse_address(item) if item else ""
             except ValueError as exc:
                 reasons.append(str(exc))
                 continue
-            if address in hosts:
-                reasons.append(f"{address} is listed more than once")
-            else:
-                hosts.append(address)
+            if not address or address in hosts:
+                reasons.append(f"{address} is listed more than once" if address else f"entry {position} is empty")
+            hosts.append(address)
         if reasons:
             raise ValueError("; ".join(reasons))
         return tuple(hosts)
@@ -107,6 +100,8 @@ def parse_count(text: str) -> int:
 
 def parse_ccp_nodes(text: str) -> tuple[tuple[str, int], ...]:
     """``n ip cores ip cores…`` → ((ip, cores), …), checking n against the pairs."""
+    if not text.split():
+        raise ValueError("is empty")
     count, *rest = text.split()
     n = parse_count(count)
     if len(rest) % 2 or len(rest) // 2 != n:
@@ -147,7 +142,7 @@ def parse_secret(text: str) -> str:
 def parse_names(text: str) -> tuple[str, ...]:
     """Comma-separated environment variable names (blanks around names and empty items ignored)."""
     names = [item.strip() for item in text.split(",") if item.strip()]
-    bad = [name for name in names if not _NAME.match(name)]
+    bad = [name for name in names if not VARIABLE_NAME.match(name)]
     if bad:
         raise ValueError(f"not variable names: {', '.join(map(repr, bad))}")
     if SECRET_VARIABLE in names:
@@ -161,8 +156,6 @@ def parse_text(text: str) -> str:
         raise ValueError("is empty")
     return text
 
-
-# --- the table ----------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Variable:
@@ -227,8 +220,6 @@ def variables_markdown() -> str:
         lines.append(f"| `{var.name}` | {'yes' if var.required else 'no'} | {default} | {var.description} |")
     return "\n".join(lines) + "\n"
 
-
-# --- the model ----------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class NodeEnvironment:

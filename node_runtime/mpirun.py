@@ -17,14 +17,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mpilaunch.errors import InvalidInput
-from node_runtime.env import NODE_ADDRESS_VARIABLE, SECRET_VARIABLE, NodeEnvironment, interface_networks, parse_address
+from node_runtime.env import (
+    NODE_ADDRESS_VARIABLE,
+    SECRET_VARIABLE,
+    VARIABLE_NAME,
+    NodeEnvironment,
+    interface_networks,
+    parse_address,
+)
 
 #: Variables the ranks always get when the launching process has them.
 RANK_VARIABLES = ("PATH", "VIRTUAL_ENV", "PYTHONPATH", "LD_LIBRARY_PATH")
 #: Never exported: the secret, and this node's own address (wrong on every other node).
 NEVER_EXPORTED = frozenset({SECRET_VARIABLE, NODE_ADDRESS_VARIABLE})
-
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
 class MpiFlavor(enum.StrEnum):
@@ -127,7 +132,7 @@ def _spec_problems(spec: LaunchSpec) -> list[str]:
     for name in spec.environment_names:
         if name == SECRET_VARIABLE:
             problems.append(f"environment_names: {SECRET_VARIABLE} can never be exported to the ranks")
-        elif not _NAME.match(name):
+        elif not VARIABLE_NAME.match(name):
             problems.append(f"environment_names: {name!r} is not a variable name")
     if spec.flavor is not MpiFlavor.OPENMPI and spec.ssh_wrapper is None:
         problems.append(f"ssh_wrapper: {spec.flavor.value} takes an ssh executable, not options; "

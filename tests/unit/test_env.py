@@ -144,7 +144,7 @@ CORRUPTIONS: dict[str, list[Corruption]] = {
     "CCP_NODES": [_set("CCP_NODES", lambda e: f"{len(e['hosts']) + 1} " + " ".join(f"{h} 2" for h in e["hosts"])),
                   _set("CCP_NODES", lambda e: f"{len(e['hosts'])} " + " ".join(f"{h} 0" for h in e["hosts"])),
                   _set("CCP_NODES", lambda e: f"{len(e['hosts'])} " + " ".join(
-                      f"192.168.77.{i} 2" for i in range(len(e["hosts"]))))],
+                      f"192.168.77.{i} 2" for i in range(len(e["hosts"])))), _set("CCP_NODES", lambda e: " ")],
     "AZ_BATCH_NODE_COUNT": [_set("AZ_BATCH_NODE_COUNT", lambda e: str(len(e["hosts"]) + 1)),
                             _set("AZ_BATCH_NODE_COUNT", lambda e: "0"), _set("AZ_BATCH_NODE_COUNT", lambda e: "")],
     "AZ_BATCH_TASK_ID": [_unset("AZ_BATCH_TASK_ID"), _set("AZ_BATCH_TASK_ID", lambda e: "")],
