@@ -137,7 +137,7 @@ def up(nodes: int = 3) -> LocalState:
                               "--loose"], "azurite", blob_port, directory)
         batch_port = _port(defaults.PORT)
         emulator_pid = _start([sys.executable, "-m", "mpilaunch.cli", "emulator", "serve", "--host", "127.0.0.1",
-                               "--port", str(batch_port), "--data-dir", str(directory / "emulator")],
+                               "--port", str(batch_port), "--data", str(directory / "emulator")],
                               "emulator", batch_port, directory)
         state = LocalState(defaults.endpoint("127.0.0.1", batch_port), defaults.ACCOUNT, defaults.KEY,
                            f"http://127.0.0.1:{blob_port}/{AZURITE_ACCOUNT}", emulator_pid, azurite_pid)

@@ -1,0 +1,131 @@
+"""Click options and output helpers shared by the client commands (no Azure import here: ``--help`` stays fast)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+
+if TYPE_CHECKING:
+    from mpilaunch.client.api import Launcher, TaskRef
+    from mpilaunch.client.results import TaskResults
+
+F = TypeVar("F", bound=Callable[..., Any])
+DEFAULT_JOB = "mpilaunch"
+
+
+def _stack(*decorators: Callable[[F], F]) -> Callable[[F], F]:
+    def apply(f: F) -> F:
+        for d in reversed(decorators):
+            f = d(f)
+        return f
+    return apply
+
+
+connection_options = _stack(
+    click.option("--local", is_flag=True, help="Use the local emulator + Azurite (`mpilaunch local up`)."),
+    click.option("--profile", help="Profile of the profile file (MPILAUNCH_PROFILE; file: MPILAUNCH_CONFIG)."),
+    click.option("--endpoint", help="Batch account URL [AZURE_BATCH_ENDPOINT]."),
+    click.option("--account", help="Batch account name [AZURE_BATCH_ACCOUNT]; the key comes from "
+                                    "AZURE_BATCH_ACCESS_KEY or the profile, else Entra ID is used."),
+    click.option("--storage-account", help="Storage account [AZURE_STORAGE_ACCOUNT] (or "
+                                            "AZURE_STORAGE_CONNECTION_STRING)."),
+    click.option("--container", help="Blob container for inputs/outputs [MPILAUNCH_CONTAINER, default mpilaunch]."),
+    click.option("--output", "output", type=click.Choice(["table", "json"]), default="table", show_default=True,
+                 help="Output format."),
+)
+
+task_ref_options = _stack(
+    click.argument("task_id"),
+    click.option("--job", default=DEFAULT_JOB, show_default=True, envvar="MPILAUNCH_JOB", help="Job id."),
+)
+
+
+def launcher(opts: dict[str, Any], *, local_nodes: int | None = None) -> Launcher:
+    """A :class:`Launcher` from the connection options (``local_nodes``: start local services if needed)."""
+    from mpilaunch.client.api import Launcher
+
+    if opts.get("local"):
+        return Launcher.local(local_nodes)
+    flags = {"batch_endpoint": opts.get("endpoint"), "batch_account": opts.get("account"),
+             "storage_account": opts.get("storage_account"), "container": opts.get("container"),
+             "pool": opts.get("pool")}
+    return Launcher.from_environment(flags, profile=opts.get("profile"))
+
+
+def ref(opts: dict[str, Any]) -> TaskRef:
+    from mpilaunch.client.api import TaskRef
+
+    return TaskRef(opts["job"], opts["task_id"])
+
+
+def emit_json(doc: Any) -> None:
+    click.echo(json.dumps(doc, indent=2))
+
+
+def note(message: str) -> None:
+    """A human message on stderr (never mixed into --output json on stdout)."""
+    click.echo(message, err=True)
+
+
+def show_results(results: TaskResults, output: str) -> None:
+    from mpilaunch.client.results import render_table, results_json
+
+    if output == "json":
+        click.echo(results_json(results))
+        return
+    from rich.console import Console
+
+    Console(width=max(120, Console().width)).print(render_table(results))
+    note(results.summary())
+
+
+def exit_for(results: TaskResults) -> int:
+    """0 if the task succeeded; raise :class:`TaskFailed` naming the failed instances otherwise."""
+    from mpilaunch.errors import MpilaunchError, TaskFailed
+
+    if results.succeeded:
+        return 0
+    if not results.completed:
+        raise MpilaunchError(f"{results.summary()}: not complete yet (`mpilaunch wait --job {results.job_id} "
+                             f"{results.task_id}`)")
+    raise TaskFailed(results.summary())
+
+
+def wait_and_report(launch: Launcher, task: TaskRef, opts: dict[str, Any]) -> int:
+    """Wait with live progress, handle Ctrl-C, print results, fetch logs; the exit status follows the result."""
+    from pathlib import Path
+
+    from mpilaunch.client.progress import Progress
+
+    progress = Progress(enabled=sys.stderr.isatty())
+    try:
+        with progress:
+            results = launch.wait(task, timeout=opts.get("timeout"), interval=opts.get("interval") or 1.0,
+                                  on_update=progress.update)
+    except KeyboardInterrupt:
+        if opts.get("terminate_on_interrupt"):
+            launch.terminate(task)
+            note(f"interrupted: terminated task {task}")
+        else:
+            note(f"interrupted: task {task} keeps running. Resume with: mpilaunch wait --job {task.job_id} "
+                 f"{task.task_id}{' --local' if opts.get('local') else ''}  (stop it: mpilaunch terminate "
+                 f"--job {task.job_id} {task.task_id})")
+        raise click.exceptions.Exit(130) from None
+    show_results(results, opts["output"])
+    if opts.get("logs"):
+        written = launch.download_logs(results, Path(opts["logs"]))
+        note(f"logs: {len(written)} file(s) in {opts['logs']}")
+    return exit_for(results)
+
+
+wait_options = _stack(
+    click.option("--timeout", type=float, help="Give up waiting after this many seconds (the task keeps running)."),
+    click.option("--interval", type=float, default=1.0, show_default=True, help="Seconds between polls."),
+    click.option("--terminate-on-interrupt", is_flag=True, help="On Ctrl-C, terminate the task instead of leaving "
+                                                               "it running."),
+    click.option("--logs", type=click.Path(file_okay=False), help="Download every instance's stdout/stderr here."),
+)

@@ -1,0 +1,56 @@
+"""Live progress of a waiting task on stderr: a rich live line on a terminal, state changes otherwise."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from types import TracebackType
+from typing import Any
+
+import click
+
+from mpilaunch.client.results import TaskResults
+
+
+def describe(results: TaskResults, elapsed: float) -> str:
+    """``job/task: running | primary running on node-0 | subtasks: 2 running | 12s``."""
+    primary = results.instances[0]
+    where = f" on {primary.node}" if primary.node else ""
+    subs = Counter(r.state or "pending" for r in results.instances[1:])
+    counts = ", ".join(f"{n} {state}" for state, n in sorted(subs.items())) or "none reported yet"
+    retry = f" | retry {results.retry_count}" if results.retry_count else ""
+    return (f"{results.job_id}/{results.task_id}: {results.state} | primary {primary.state or 'pending'}{where} | "
+            f"subtasks: {counts}{retry} | {elapsed:.0f}s")
+
+
+class Progress:
+    """Context manager; call :meth:`update` with each poll's results."""
+
+    def __init__(self, *, enabled: bool) -> None:
+        self.enabled = enabled
+        self._live: Any = None
+        self._last = ""
+        self._start = time.monotonic()
+
+    def __enter__(self) -> Progress:
+        if self.enabled:
+            from rich.console import Console
+            from rich.live import Live
+
+            self._live = Live("", console=Console(stderr=True), transient=True, refresh_per_second=4)
+            self._live.__enter__()
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        if self._live is not None:
+            self._live.__exit__(et, ev, tb)
+
+    def update(self, results: TaskResults) -> None:
+        line = describe(results, time.monotonic() - self._start)
+        if self._live is not None:
+            self._live.update(line)
+            return
+        state = line.rsplit(" | ", 1)[0]  # without the elapsed time
+        if state != self._last:
+            click.echo(line, err=True)
+            self._last = state

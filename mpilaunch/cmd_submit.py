@@ -1,0 +1,114 @@
+"""``mpilaunch submit`` and ``mpilaunch run``: an MPI program on N nodes as one multi-instance task."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+
+from mpilaunch.client import cliopts
+from mpilaunch.client.spec import (
+    MPI_FLAVOURS,
+    BindMount,
+    ContainerSpec,
+    Registry,
+    TaskSpec,
+    parse_duration,
+    parse_env,
+)
+
+task_options = cliopts._stack(
+    click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED),
+    click.option("-n", "--nodes", type=int, default=2, show_default=True, help="Number of nodes (instances)."),
+    click.option("--ppn", type=int, help="MPI processes per node (default: what the runtime detects)."),
+    click.option("--mpi", type=click.Choice(MPI_FLAVOURS), help="MPI flavour on the nodes (default openmpi)."),
+    click.option("--pool", help="Pool id [MPILAUNCH_POOL]; --local uses pool 'local'."),
+    click.option("--job", default=cliopts.DEFAULT_JOB, show_default=True, envvar="MPILAUNCH_JOB",
+                 help="Job id (created on the pool if missing)."),
+    click.option("--task-id", help="Task id (default: mpi-<UTC time>-<random>)."),
+    click.option("-i", "--input", "inputs", multiple=True, type=click.Path(exists=True, path_type=Path),
+                 help="File or directory every node gets in its task directory (repeatable)."),
+    click.option("--primary-input", "primary_inputs", multiple=True, type=click.Path(exists=True, path_type=Path),
+                 help="File or directory only the primary gets (repeatable)."),
+    click.option("--collect", multiple=True, help="Output file pattern uploaded from the primary's working "
+                                                  "directory to Blob storage when the task ends (repeatable)."),
+    click.option("-e", "--env", "env", multiple=True, help="NAME=VALUE exported to every rank (repeatable)."),
+    click.option("--image", help="Run in this container image (the pool needs a container configuration)."),
+    click.option("--bind-mount", multiple=True, help="Batch host path mounted in the container: SOURCE[:ro] "
+                                                     "(Shared, Startup, VfsMounts, Task, JobPrep, Applications)."),
+    click.option("--registry", help="Private registry server of --image."),
+    click.option("--registry-user", help="Registry user; the password comes from MPILAUNCH_REGISTRY_PASSWORD."),
+    click.option("--registry-identity", help="ARM id of the pool's managed identity for the registry."),
+    click.option("--container-run-options", default="", help="Extra `docker create` options."),
+    click.option("--wall-time", help="Maximum wall time per attempt, e.g. 30m, 2h, 01:30:00."),
+    click.option("--retries", type=int, default=0, show_default=True, help="Task retries (-1: unlimited)."),
+    click.option("--elevated", is_flag=True, help="Run as the pool's admin auto-user."),
+    click.option("--display-name", help="Task display name."),
+    click.option("--ssh-port", type=int, default=2222, show_default=True, help="Coordination (sshd) port."),
+    click.option("--checkpoint-url", help="MPILAUNCH_CHECKPOINT_URL for the checkpointed work API."),
+    click.option("--no-logs", is_flag=True, help="Do not upload ../std*.txt to Blob storage."),
+    cliopts.connection_options,
+)
+
+
+def new_task_id() -> str:
+    return f"mpi-{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+
+
+def spec_from(opts: dict[str, Any]) -> TaskSpec:
+    """The validated :class:`TaskSpec` for the command's options."""
+    container = None
+    if opts["image"]:
+        registry = None
+        if opts["registry"]:
+            registry = Registry(opts["registry"], opts["registry_user"],
+                                os.environ.get("MPILAUNCH_REGISTRY_PASSWORD"), opts["registry_identity"])
+        container = ContainerSpec(opts["image"], tuple(BindMount.parse(b) for b in opts["bind_mount"]), registry,
+                                  opts["container_run_options"])
+    elif opts["bind_mount"] or opts["registry"]:
+        raise click.UsageError("--bind-mount and --registry need --image")
+    return TaskSpec(
+        job_id=opts["job"], task_id=opts["task_id"] or new_task_id(), nodes=opts["nodes"], argv=tuple(opts["argv"]),
+        ppn=opts["ppn"], mpi=opts["mpi"], inputs=tuple(opts["inputs"]), primary_inputs=tuple(opts["primary_inputs"]),
+        outputs=tuple(opts["collect"]), env=parse_env(opts["env"]), container=container,
+        wall_time=parse_duration(opts["wall_time"]) if opts["wall_time"] else None, retries=opts["retries"],
+        elevated=opts["elevated"], display_name=opts["display_name"], ssh_port=opts["ssh_port"],
+        checkpoint_url=opts["checkpoint_url"], upload_logs=not opts["no_logs"],
+    ).validate()
+
+
+def _submit(opts: dict[str, Any]) -> tuple[Any, Any]:
+    spec = spec_from(opts)
+    launch = cliopts.launcher(opts, local_nodes=spec.nodes)
+    task = launch.submit(spec, pool=opts["pool"], progress=sys.stderr.isatty(),
+                         warn=lambda w: cliopts.note(f"warning: {w}"))
+    return launch, task
+
+
+@click.command(context_settings={"ignore_unknown_options": True})
+@task_options
+def submit(**opts: Any) -> int:
+    """Submit ARGV (e.g. `-- python3 app.py`) as a multi-instance task and return."""
+    _, task = _submit(opts)
+    if opts["output"] == "json":
+        cliopts.emit_json({"job_id": task.job_id, "task_id": task.task_id})
+    else:
+        click.echo(f"submitted {task}")
+        cliopts.note(f"follow it: mpilaunch wait --job {task.job_id} {task.task_id}"
+                     f"{' --local' if opts['local'] else ''}")
+    return 0
+
+
+@click.command(context_settings={"ignore_unknown_options": True})
+@task_options
+@cliopts.wait_options
+def run(**opts: Any) -> int:
+    """Submit ARGV, wait for it with live progress, print the per-instance results (exit status = result)."""
+    launch, task = _submit(opts)
+    cliopts.note(f"submitted {task}")
+    return cliopts.wait_and_report(launch, task, opts)
