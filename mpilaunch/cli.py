@@ -9,6 +9,7 @@ from mpilaunch.clickutil import LazyGroup, entry_point
 
 # name -> "module:click command"; each module imports the Azure SDKs only inside its functions.
 COMMANDS: dict[str, str] = {
+    "emulator": "mpilaunch.emulator.cli:emulator",
     "submit": "mpilaunch.cmd_submit:submit",
     "run": "mpilaunch.cmd_submit:run",
     "status": "mpilaunch.cmd_task:status",
