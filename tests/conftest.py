@@ -2,4 +2,6 @@
 
 pytest_plugins = [
     "tests.support.azurite",
+    "tests.support.emulator",
+    "tests.support.docker",
 ]
