@@ -360,13 +360,13 @@ def test_env_command_table_and_json() -> None:
 
     secret = secret_of(32, 9)
     environ = base_environ(MPILAUNCH_NODE_ADDRESS="10.1.0.5", MPILAUNCH_TASK_SECRET=secret)
-    runner = CliRunner()
-    shown = runner.invoke(cli, ["env", "--json"], env=_clean_environ(**environ))
+    runner = CliRunner(env={**{v.name: None for v in VARIABLES}, **environ})  # None unsets
+    shown = runner.invoke(cli, ["env", "--json"])
     assert shown.exit_code == 0, shown.output
     data = json.loads(shown.output)
     assert data["hosts"] == ["10.1.0.4", "10.1.0.5", "10.1.0.6"] and data["current_address"] == "10.1.0.5"
     assert data["task_secret_set"] is True and secret not in shown.output
-    table = runner.invoke(cli, ["env"], env=_clean_environ(**environ))
+    table = runner.invoke(cli, ["env"])
     assert table.exit_code == 0 and "10.1.0.4,10.1.0.5,10.1.0.6" in table.output and secret not in table.output
     assert any(line.split() == ["current_address", "10.1.0.5"] for line in table.output.splitlines())
 
@@ -386,3 +386,8 @@ def test_env_command_invalid_environment_exits_2_listing_problems() -> None:
                      "AZ_BATCH_JOB_ID is not set", "MPILAUNCH_TASK_SECRET (value hidden)"):
         assert fragment in done.stderr
     assert "too-short-to-be-a-secret" not in done.stderr
+
+
+def test_unusable_local_addresses_are_ignored() -> None:
+    env = NodeEnvironment.from_environ(base_environ(), local_addresses=["", "garbage", "fe80::9%eth0", "10.1.0.6"])
+    assert env.current_address == "10.1.0.6"

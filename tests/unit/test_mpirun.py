@@ -238,3 +238,16 @@ def test_open_mpi_accepts_the_command_line_locally(tmp_path: Path) -> None:
                           check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [f"{tmp_path} probe-1 d None"] * 2
+
+
+def test_ipv6_hosts_go_through_a_hostfile() -> None:
+    hosts = ("fd00::4", "fd00::5")
+    for flavor in MpiFlavor:
+        spec = LaunchSpec(flavor=flavor, hosts=hosts, ppn=2, command=COMMAND, ssh_config=SSH_CONFIG,
+                          working_dir=Path("/wd"), hostfile=Path("/wd/hosts"), ssh_wrapper=WRAPPER)
+        argv = build_mpirun_argv(spec)
+        assert "/wd/hosts" in argv and "--host" not in argv and "-hosts" not in argv
+        if flavor is MpiFlavor.OPENMPI:
+            assert argv[argv.index("btl_tcp_if_include") + 1] == "fd00::4/127"
+    assert hostfile_text(MpiFlavor.OPENMPI, hosts, 2) == "fd00::4 slots=2\nfd00::5 slots=2\n"
+    assert hostfile_text(MpiFlavor.MPICH, hosts, 3) == "fd00::4:3\nfd00::5:3\n"
