@@ -9,6 +9,8 @@ from mpilaunch.clickutil import LazyGroup, entry_point
 
 COMMANDS: dict[str, str] = {
     "env": "node_runtime.cmd_env:env",
+    "coordinate": "node_runtime.cmd_coordinate:coordinate",
+    "launch": "node_runtime.cmd_launch:launch",
 }
 
 

@@ -1,0 +1,29 @@
+"""``node-runtime coordinate [--stop]``: the multi-instance coordination command (start + verify the service)."""
+
+from __future__ import annotations
+
+import time
+
+import click
+
+
+@click.command("coordinate")
+@click.option("--stop", is_flag=True, help="Stop this node's coordination service instead of starting it.")
+@click.option("--sshd", "sshd_path", metavar="PATH",
+              help="The sshd binary to run (default: sshd on PATH, else /usr/sbin/sshd).")
+def coordinate(stop: bool, sshd_path: str | None) -> None:
+    """Start this node's coordination service (sshd on the task port, task keys), verify it with a real ssh
+    handshake, and exit 0. Idempotent: a live service is kept, a stale one replaced."""
+    from node_runtime.coordinate import start_service, stop_service
+    from node_runtime.env import NodeEnvironment
+
+    started = time.monotonic()
+    env = NodeEnvironment.current()
+    if stop:
+        stopped = stop_service(env)
+        click.echo(f"coordinate: service on {env.current_address}:{env.ssh_port} "
+                   + ("stopped" if stopped else "was not running"))
+        return
+    status, pid = start_service(env, sshd_path)
+    click.echo(f"coordinate: sshd on {env.current_address}:{env.ssh_port} {status} (pid {pid}), verified in "
+               f"{(time.monotonic() - started) * 1000:.0f} ms")

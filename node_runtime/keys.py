@@ -1,0 +1,143 @@
+"""Per-task SSH keys derived from ``MPILAUNCH_TASK_SECRET``, and the files the ssh client and sshd read.
+
+Every node derives the same Ed25519 user key and host key from the secret (HKDF-SHA256, one ``info`` label per key),
+so no key ever travels between nodes, none is baked into an image, and the client can verify host keys against a
+derived ``known_hosts`` instead of turning checking off. Key material is never logged or put into messages.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from mpilaunch.errors import InvalidEnvironment, ServiceError
+from node_runtime.env import MIN_SECRET_BYTES, SECRET_VARIABLE
+
+_SALT = b"mpilaunch/task-keys/v1"
+SERVICE_DIR_NAME = ".mpilaunch"
+
+
+@dataclass(frozen=True, repr=False)
+class TaskKeys:
+    """The two derived keys: OpenSSH private key text and ``ssh-ed25519 AAAA...`` public lines."""
+
+    user_private: bytes
+    user_public: str
+    host_private: bytes
+    host_public: str
+
+    def __repr__(self) -> str:  # never show private material
+        return f"TaskKeys(user={self.user_public.split()[1][:12]}..., host={self.host_public.split()[1][:12]}...)"
+
+
+def derive_keys(secret: str) -> TaskKeys:
+    """Derive the task's user and host keys from the (validated, base64url) secret: same secret, same keys."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    raw = base64.urlsafe_b64decode(secret.rstrip("=") + "=" * (-len(secret.rstrip("=")) % 4))
+    if len(raw) < MIN_SECRET_BYTES:
+        raise InvalidEnvironment([f"{SECRET_VARIABLE} (value hidden): decodes to fewer than {MIN_SECRET_BYTES} bytes"])
+
+    def one(label: bytes) -> tuple[bytes, str]:
+        seed = HKDF(algorithm=hashes.SHA256(), length=32, salt=_SALT, info=label).derive(raw)
+        key = Ed25519PrivateKey.from_private_bytes(seed)
+        private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                    serialization.NoEncryption())
+        public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        return private, public.decode()
+
+    user_private, user_public = one(b"user-key")
+    host_private, host_public = one(b"host-key")
+    return TaskKeys(user_private, user_public, host_private, host_public)
+
+
+@dataclass(frozen=True)
+class KeyFiles:
+    """Where a node keeps the task's key files: one private directory (0700) under the task's shared dir."""
+
+    directory: Path
+
+    @classmethod
+    def under(cls, task_shared_dir: str | Path) -> KeyFiles:
+        return cls(Path(task_shared_dir) / SERVICE_DIR_NAME)
+
+    @property
+    def user_key(self) -> Path:
+        return self.directory / "id_ed25519"
+
+    @property
+    def host_key(self) -> Path:
+        return self.directory / "ssh_host_ed25519_key"
+
+    @property
+    def authorized_keys(self) -> Path:
+        return self.directory / "authorized_keys"
+
+    @property
+    def known_hosts(self) -> Path:
+        return self.directory / "known_hosts"
+
+
+def host_pattern(address: str, port: int) -> str:
+    """The name ssh looks up in known_hosts for ``address`` on a non-default ``port``."""
+    return f"[{address}]:{port}" if port != 22 else address
+
+
+def known_hosts_text(keys: TaskKeys, hosts: Sequence[str], port: int) -> str:
+    """One known_hosts line that pins the derived host key for every host of the task on ``port``."""
+    return ",".join(host_pattern(h, port) for h in hosts) + f" {keys.host_public}\n"
+
+
+def write_key_files(files: KeyFiles, keys: TaskKeys, hosts: Sequence[str], port: int) -> None:
+    """Write the keys, authorized_keys and known_hosts (0600 in a 0700 directory), replacing what differs."""
+    ensure_private_dir(files.directory)
+    wanted = {
+        files.user_key: keys.user_private,
+        files.user_key.with_name("id_ed25519.pub"): (keys.user_public + "\n").encode(),
+        files.host_key: keys.host_private,
+        files.host_key.with_name("ssh_host_ed25519_key.pub"): (keys.host_public + "\n").encode(),
+        files.authorized_keys: (keys.user_public + " mpilaunch-task\n").encode(),
+        files.known_hosts: known_hosts_text(keys, hosts, port).encode(),
+    }
+    for path, content in wanted.items():
+        if path.suffix != ".pub" and path.name.startswith(("id_", "ssh_host_")) and _same_private_key(path, keys):
+            continue  # OpenSSH private files embed a random check word: compare the key, not the bytes
+        write_private_file(path, content)
+
+
+def _same_private_key(path: Path, keys: TaskKeys) -> bool:
+    public = keys.user_public if path.name.startswith("id_") else keys.host_public
+    try:
+        current_public = path.with_name(path.name + ".pub").read_text().strip()
+        private_ok = path.stat().st_size > 0 and stat.S_IMODE(path.stat().st_mode) == 0o600
+    except OSError:
+        return False
+    return private_ok and current_public == public
+
+
+def ensure_private_dir(directory: Path) -> None:
+    """Create ``directory`` as 0700; refuse one owned by someone else (it would let them swap our keys)."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = directory.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise ServiceError(f"{directory} is not a directory owned by uid {os.getuid()}; refusing to keep keys there")
+    if stat.S_IMODE(info.st_mode) != 0o700:
+        directory.chmod(0o700)
+
+
+def write_private_file(path: Path, content: bytes) -> None:
+    """Atomically write ``content`` to ``path`` with mode 0600 (never world-readable, not even briefly)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, content)
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    tmp.replace(path)

@@ -1,0 +1,328 @@
+"""The coordination service: an sshd bound to this node's address on the task port, accepting only the task key.
+
+Everything lives in the task's private service directory (``$AZ_BATCH_TASK_SHARED_DIR/.mpilaunch``): keys,
+``sshd_config``, the pid file and the log; nothing global except the privilege-separation directory sshd itself
+requires when run as root. Works as root and as an unprivileged user (then sshd can only log in that user).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import pwd
+import select
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from mpilaunch import proc
+from mpilaunch.errors import ServiceError
+from node_runtime.keys import KeyFiles, ensure_private_dir
+
+SSHD_SEARCH_PATH = ("/usr/sbin", "/usr/local/sbin", "/sbin")
+START_TIMEOUT = 10.0
+VERIFY_TIMEOUT = 10.0
+PRIVSEP_DIR = Path("/run/sshd")
+PROBE_SUBSYSTEM = "mpilaunch-probe"
+SFTP_INIT = b"\x00\x00\x00\x05\x01\x00\x00\x00\x03"  # SSH_FXP_INIT, version 3
+SFTP_VERSION = 2  # compiled into Debian's sshd; needed only when sshd runs as root
+
+
+@dataclass(frozen=True)
+class Service:
+    """One node's coordination service: where it listens, who may log in, and where its files are."""
+
+    address: str
+    port: int
+    files: KeyFiles
+    user: str
+    tmp_dir: Path
+
+    @property
+    def config(self) -> Path:
+        return self.files.directory / "sshd_config"
+
+    @property
+    def client_config(self) -> Path:
+        return self.files.directory / "ssh_config"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.files.directory / "sshd.pid"
+
+    @property
+    def log(self) -> Path:
+        return self.files.directory / "sshd.log"
+
+    @property
+    def listen(self) -> str:
+        return f"[{self.address}]:{self.port}" if ":" in self.address else f"{self.address}:{self.port}"
+
+
+def service_for(task_shared_dir: str | Path, address: str, port: int) -> Service:
+    """The service of the task whose shared dir is ``task_shared_dir``, on ``address``:``port``."""
+    files = KeyFiles.under(task_shared_dir)
+    return Service(address, port, files, current_user(), node_tmp_dir(files.directory))
+
+
+def current_user() -> str:
+    return pwd.getpwuid(os.getuid()).pw_name
+
+
+def node_tmp_dir(service_dir: Path) -> Path:
+    """A short node-local TMPDIR for the ranks and Open MPI's session files, unique per node and task.
+
+    Short because Open MPI puts Unix sockets there (108-byte limit); unique so nodes that share one machine
+    (the emulator) and one hostname don't collide in their session directories.
+    """
+    digest = hashlib.sha256(str(service_dir.resolve()).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"mpl-{os.getuid()}-{digest}"
+
+
+def render_sshd_config(service: Service) -> str:
+    """sshd_config for the service (pure)."""
+    files = service.files
+    return "\n".join([
+        "# mpilaunch coordination service (generated; do not edit)",
+        f"ListenAddress {service.listen}",
+        f"HostKey {files.host_key}",
+        f"PidFile {service.pid_file}",
+        f"AuthorizedKeysFile {files.authorized_keys}",
+        "AuthorizedKeysCommand none",
+        f"AllowUsers {service.user}",
+        "AuthenticationMethods publickey",
+        "PubkeyAuthentication yes",
+        "PasswordAuthentication no",
+        "KbdInteractiveAuthentication no",
+        "HostbasedAuthentication no",
+        "GSSAPIAuthentication no",
+        "PermitRootLogin prohibit-password",
+        "PermitEmptyPasswords no",
+        "PermitUserEnvironment no",
+        "UsePAM no",
+        # Our key files sit in a 0700 directory we own (checked in keys.ensure_private_dir); Batch task dirs above
+        # it may be group-writable, which StrictModes would reject.
+        "StrictModes no",
+        "UseDNS no",
+        "PrintMotd no",
+        "PrintLastLog no",
+        "X11Forwarding no",
+        "AllowAgentForwarding no",
+        "AllowTcpForwarding no",
+        "PermitTunnel no",
+        "Banner none",
+        "MaxStartups 256:30:512",
+        "MaxSessions 64",
+        "LoginGraceTime 30",
+        "KexAlgorithms curve25519-sha256,curve25519-sha256@libssh.org",
+        "HostKeyAlgorithms ssh-ed25519",
+        "PubkeyAcceptedAlgorithms ssh-ed25519",
+        f"SetEnv TMPDIR={service.tmp_dir} MPILAUNCH_SERVICE_DIR={files.directory}",
+        # verify() opens this subsystem: a full handshake + authenticated session without starting the user's
+        # shell (whose rc files can cost 100 ms); it can only answer sftp's version exchange and "limits".
+        f"Subsystem {PROBE_SUBSYSTEM} internal-sftp -R -p limits",
+        "LogLevel INFO",
+        "",
+    ])
+
+
+def render_client_config(service: Service, *, connect_timeout: int = 5) -> str:
+    """ssh_config for reaching any node's service: the task key, the derived known_hosts, no prompts (pure)."""
+    files = service.files
+    return "\n".join([
+        "# mpilaunch task ssh client settings (generated; do not edit)",
+        "Host *",
+        f"  Port {service.port}",
+        f"  User {service.user}",
+        f"  IdentityFile {files.user_key}",
+        "  IdentitiesOnly yes",
+        "  IdentityAgent none",
+        f"  UserKnownHostsFile {files.known_hosts}",
+        "  GlobalKnownHostsFile /dev/null",
+        "  StrictHostKeyChecking yes",
+        "  CheckHostIP no",
+        "  UpdateHostKeys no",
+        "  HostKeyAlgorithms ssh-ed25519",
+        "  KexAlgorithms curve25519-sha256,curve25519-sha256@libssh.org",
+        "  BatchMode yes",
+        f"  ConnectTimeout {connect_timeout}",
+        "  ConnectionAttempts 1",
+        "  GSSAPIAuthentication no",
+        "  PasswordAuthentication no",
+        "  KbdInteractiveAuthentication no",
+        "  ForwardAgent no",
+        "  ForwardX11 no",
+        "  ServerAliveInterval 15",
+        "  LogLevel ERROR",
+        "",
+    ])
+
+
+def find_sshd(explicit: str | None = None) -> Path:
+    """The sshd binary (absolute: sshd refuses to re-exec otherwise): ``explicit``, else PATH, else sbin dirs."""
+    if explicit:
+        path = Path(explicit)
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise ServiceError(f"sshd not found or not executable: {explicit}")
+        return path.resolve()
+    found = shutil.which("sshd") or shutil.which("sshd", path=os.pathsep.join(SSHD_SEARCH_PATH))
+    if found is None:
+        raise ServiceError("sshd not found on PATH or in " + ", ".join(SSHD_SEARCH_PATH)
+                           + ": install openssh-server (Debian/Ubuntu) on the task's image")
+    return Path(found).resolve()
+
+
+def write_sshd_config(service: Service) -> bool:
+    """Write sshd_config; returns True if it changed (then a running sshd must be replaced)."""
+    return _write_if_changed(service.config, render_sshd_config(service))
+
+
+def write_client_config(service: Service) -> None:
+    """Write the ssh_config that ``ssh -F`` (ours and mpirun's) uses to reach the task's services."""
+    _write_if_changed(service.client_config, render_client_config(service))
+
+
+def _write_if_changed(path: Path, text: str) -> bool:
+    from node_runtime.keys import write_private_file
+
+    ensure_private_dir(path.parent)
+    with contextlib.suppress(OSError):
+        if path.read_text() == text:
+            return False
+    write_private_file(path, text.encode())
+    return True
+
+
+def running_pid(service: Service) -> int | None:
+    """The pid of this service's sshd if it is alive (and really ours: its command line names our config)."""
+    try:
+        pid = int(service.pid_file.read_text().split()[0])
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if f" {service.config} ".encode() in cmdline else None  # sshd rewrites its title: a substring
+
+
+def start(service: Service, sshd: Path) -> int:
+    """Start sshd in its own session (it outlives this process); wait until it listens, then write its pid file.
+
+    sshd runs in the foreground (``-D``) so a failed bind is seen as its exit, with the reason in its log.
+    """
+    from node_runtime.keys import write_private_file
+
+    if os.geteuid() == 0 and not PRIVSEP_DIR.is_dir():
+        PRIVSEP_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
+    service.pid_file.unlink(missing_ok=True)
+    service.tmp_dir.mkdir(mode=0o700, exist_ok=True)
+    with service.log.open("wb") as log:
+        child = proc.spawn([str(sshd), "-D", "-f", str(service.config), "-E", str(service.log)],
+                           stdout=log.fileno(), stderr=subprocess.STDOUT, new_session=True)
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        code = child.poll()
+        if code is not None:
+            raise ServiceError(f"sshd for {service.listen} exited with code {code} at start: {_diagnose(service)}",
+                               details=_log_tail(service))
+        if any(line.startswith("Server listening on") for line in _log_tail(service)):
+            write_private_file(service.pid_file, f"{child.pid}\n".encode())
+            return child.pid
+        time.sleep(0.002)
+    child.kill()
+    raise ServiceError(f"sshd for {service.listen} did not start within {START_TIMEOUT:.0f}s",
+                       details=_log_tail(service))
+
+
+def _log_tail(service: Service, lines: int = 8) -> list[str]:
+    try:
+        return service.log.read_text(errors="replace").strip().splitlines()[-lines:]
+    except OSError:
+        return []
+
+
+def _diagnose(service: Service) -> str:
+    text = "\n".join(_log_tail(service, 20))
+    if "Address already in use" in text:
+        return f"port {service.port} on {service.address} is already in use by another process"
+    if "Cannot assign requested address" in text:
+        return f"{service.address} is not an address of this node"
+    return "see its log"
+
+
+def ssh_argv(service: Service, host: str, command: Sequence[str], *, extra: Sequence[str] = ()) -> list[str]:
+    """argv of ``ssh`` to ``host`` with the task's client settings."""
+    return ["ssh", "-F", str(service.client_config), *extra, host, *command]
+
+
+def verify(service: Service, timeout: float = VERIFY_TIMEOUT) -> None:
+    """Complete a real ssh handshake with this node's own service: host key checked against the derived
+    known_hosts, the task key accepted, a session opened (the probe subsystem answers sftp's version exchange)."""
+    argv = ssh_argv(service, service.address, [PROBE_SUBSYSTEM], extra=["-s"])
+    child = proc.spawn(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert child.stdin is not None and child.stdout is not None and child.stderr is not None
+    try:
+        child.stdin.write(SFTP_INIT)
+        child.stdin.flush()
+        ready, _, _ = select.select([child.stdout], [], [], timeout)  # the server ends at EOF: read before closing
+        answer = os.read(child.stdout.fileno(), 4096) if ready else b""
+        child.stdin.close()
+        child.wait(timeout)
+        errors = child.stderr.read().decode(errors="replace").strip().splitlines()
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ServiceError(f"the coordination service on {service.listen} did not answer: {exc}") from exc
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    if len(answer) < 5 or answer[4] != SFTP_VERSION:
+        what = "does not accept the task key" if child.returncode == 255 else "gave an unexpected answer"
+        raise ServiceError(f"the coordination service on {service.listen} {what} (ssh exit {child.returncode})",
+                           details=[*errors[-4:], *_log_tail(service, 4)])
+
+
+def ensure(service: Service, sshd: Path) -> str:
+    """Make the service run and verify it: ``"running"`` (already live), ``"started"`` or ``"replaced"``."""
+    write_client_config(service)
+    changed = write_sshd_config(service)
+    pid = running_pid(service)
+    if pid is not None and not changed:
+        try:
+            verify(service)
+            return "running"
+        except ServiceError:
+            pass
+    replaced = stop(service)
+    start(service, sshd)
+    verify(service)
+    return "replaced" if replaced or pid is not None else "started"
+
+
+def stop(service: Service, timeout: float = 5.0) -> bool:
+    """Stop this service's sshd if it runs (TERM, then KILL); returns whether one was running."""
+    pid = running_pid(service)
+    if pid is None:
+        service.pid_file.unlink(missing_ok=True)
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    if _alive(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    service.pid_file.unlink(missing_ok=True)
+    return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
