@@ -53,7 +53,7 @@ def main() -> int:
             print(json.dumps(item, sort_keys=True))
         sys.stdout.flush()
     comm.Barrier()
-    return args.exit
+    return int(args.exit)
 
 
 if __name__ == "__main__":
