@@ -267,8 +267,8 @@ class NodeEnvironment:
                 cores = tuple(dict(raw["CCP_NODES"])[h] for h in hosts)
         current = _current_address(raw, environ, set(_canonical(local_addresses)), problems)
         if problems:
-            secret = environ.get(SECRET_VARIABLE)
-            raise InvalidEnvironment([p.replace(secret, "<hidden>") if secret else p for p in problems])
+            secret = environ.get(SECRET_VARIABLE, "")  # scrubbed wherever it shows up (if long enough to matter)
+            raise InvalidEnvironment([p.replace(secret, "<hidden>") if len(secret) >= 8 else p for p in problems])
         direct = {var.field: raw[var.name] for var in VARIABLES if var.field}
         return cls(**direct, master_address=master[0], master_port=master[1], current_address=current,
                    node_count=len(hosts), cores=cores)

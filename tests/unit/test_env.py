@@ -287,6 +287,11 @@ def test_secret_never_appears_even_when_misplaced() -> None:
     assert secret not in repr(env) and secret not in json.dumps(env.to_dict())
 
 
+def test_a_trivially_short_secret_does_not_garble_messages() -> None:
+    problems = problems_of(base_environ(MPILAUNCH_TASK_SECRET="a", AZ_BATCH_NODE_COUNT="abc"), ["10.1.0.5"])
+    assert "AZ_BATCH_NODE_COUNT='abc': 'abc' is not a positive integer" in problems
+
+
 def test_padded_secret_and_short_secret() -> None:
     padded = base64.urlsafe_b64encode(b"x" * 32).decode()
     assert padded.endswith("=")
