@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import ipaddress
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -67,7 +68,7 @@ parse_node_list = _address_list(";")
 
 def parse_port(text: str) -> int:
     """A TCP port, 1..65535."""
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 65535:
         raise ValueError(f"port {text!r} is not a number in 1..65535")
     return int(text)
 
@@ -93,7 +94,7 @@ def parse_bool(text: str) -> bool:
 
 def parse_count(text: str) -> int:
     """A positive integer."""
-    if not text.isdigit() or int(text) < 1:
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
         raise ValueError(f"{text!r} is not a positive integer")
     return int(text)
 
@@ -372,10 +373,8 @@ def _current_address(raw: dict[str, Any], environ: Mapping[str, str], local: set
 
 def _canonical(addresses: Iterable[str]) -> Iterable[str]:
     for address in addresses:
-        try:
+        with contextlib.suppress(ValueError):
             yield str(ipaddress.ip_address(address.split("%", 1)[0]))
-        except ValueError:
-            continue
 
 
 def local_addresses() -> list[str]:
@@ -390,16 +389,12 @@ def local_addresses() -> list[str]:
 
 def interface_networks(hosts: Iterable[str]) -> tuple[IPNetwork, ...]:
     """The smallest network containing all ``hosts``, one per address family present (IPv4 first)."""
-    by_version: dict[int, list[int]] = {}
-    for host in hosts:
-        address = ipaddress.ip_address(host)
-        by_version.setdefault(address.version, []).append(int(address))
+    addresses = [ipaddress.ip_address(host) for host in hosts]
     networks: list[IPNetwork] = []
-    for version in sorted(by_version):
-        values = by_version[version]
-        bits = 32 if version == 4 else 128
-        prefix = bits - (min(values) ^ max(values)).bit_length()
-        networks.append(ipaddress.ip_network((min(values), prefix), strict=False))
+    for version, bits in ((4, 32), (6, 128)):
+        if values := [int(a) for a in addresses if a.version == version]:
+            prefix = bits - (min(values) ^ max(values)).bit_length()
+            networks.append(ipaddress.ip_network((min(values), prefix), strict=False))
     return tuple(networks)
 
 

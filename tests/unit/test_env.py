@@ -90,7 +90,7 @@ def valid_cases(draw: st.DrawFn) -> tuple[dict[str, str], list[str], dict[str, A
     return environ, local, expected
 
 
-@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow])
 @given(valid_cases())
 def test_valid_environments_round_trip(case: tuple[dict[str, str], list[str], dict[str, Any]]) -> None:
     environ, local, expected = case
@@ -396,3 +396,21 @@ def test_env_command_invalid_environment_exits_2_listing_problems() -> None:
 def test_unusable_local_addresses_are_ignored() -> None:
     env = NodeEnvironment.from_environ(base_environ(), local_addresses=["", "garbage", "fe80::9%eth0", "10.1.0.6"])
     assert env.current_address == "10.1.0.6"
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+@given(valid_cases(), st.dictionaries(st.sampled_from([v.name for v in VARIABLES]),
+                                      st.text(max_size=30) | st.just("1") | st.just("10.0.0.1:2222"), max_size=5),
+       st.lists(st.text(max_size=20), max_size=3))
+def test_arbitrary_values_never_crash(case: Any, overrides: dict[str, str], noise: list[str]) -> None:
+    """Any text in any variable gives a model or InvalidEnvironment whose problems each start with a variable."""
+    environ, local, _ = case
+    environ.update(overrides)
+    try:
+        env = NodeEnvironment.from_environ(environ, local_addresses=[*local, *noise])
+    except InvalidEnvironment as err:
+        assert err.problems
+        assert all(p.startswith(tuple(v.name for v in VARIABLES)) for p in err.problems), err.problems
+    else:
+        json.dumps(env.to_dict())
+        assert env.current_address in env.hosts and env.master_address in env.hosts
