@@ -2,6 +2,7 @@
 
 pytest_plugins = [
     "tests.support.azurite",
+    "tests.support.netns",
     "tests.support.emulator",
     "tests.support.docker",
 ]

@@ -100,7 +100,7 @@ def _add_one(ctx: Context, req: Request, job: Doc, task: dict[str, Any]) -> dict
 def _client_error(task_id: str, exc: WireError, req: Request) -> dict[str, Any]:
     body = exc.body(req.request_id)
     body.pop("odata.metadata", None)
-    return {"status": "clientError", "taskId": task_id, "error": body}
+    return {"status": "clienterror", "taskId": task_id, "error": body}
 
 
 def get(ctx: Context, req: Request, ids: list[str]) -> Response:

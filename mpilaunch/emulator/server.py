@@ -97,8 +97,8 @@ def _match(pattern: tuple[str, ...], segments: list[str]) -> list[str] | None:
     return ids if len(segments) == len(pattern) else None
 
 
-def make_engine(store: Store, data_dir: Path) -> EngineLike | None:
-    """The execution engine (default process provider), or None if this build has none."""
+def make_engine(store: Store, data_dir: Path, account: str, endpoint: str) -> EngineLike | None:
+    """The execution engine with the default (process) node provider, or None if this build has none."""
     import importlib
 
     try:
@@ -106,9 +106,7 @@ def make_engine(store: Store, data_dir: Path) -> EngineLike | None:
     except ImportError:
         log.warning("no execution engine available: tasks will stay active")
         return None
-    from mpilaunch.emulator.nodes.process import ProcessProvider
-
-    made: EngineLike = engine_module.Engine(store, data_dir, ProcessProvider())
+    made: EngineLike = engine_module.Engine(store, data_dir, account=account, account_url=endpoint)
     return made
 
 
@@ -130,9 +128,9 @@ class EmulatorServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.auth = Authenticator(account, key, bearer=bearer)
         self.store = Store(self.data_dir / "state.sqlite3")
-        self.engine = make_engine(self.store, self.data_dir) if execute else None
-        self.ctx = Context(self.store, account, self.data_dir, self.engine)
         self.httpd = _HTTPServer((host, port), _Handler)
+        self.engine = make_engine(self.store, self.data_dir, account, self.endpoint) if execute else None
+        self.ctx = Context(self.store, account, self.data_dir, self.engine)
         self.httpd.emulator = self  # type: ignore[attr-defined]
         self._thread: threading.Thread | None = None
 
@@ -142,10 +140,9 @@ class EmulatorServer:
         return f"http://{host!s}:{port}"
 
     def start(self) -> None:
-        """Recover the engine's state, start it, and serve on a background thread."""
+        """Start the engine (it first recovers what a previous run left), then serve on a background thread."""
         if self.engine is not None:
-            for step in ("recover", "start"):
-                getattr(self.engine, step)()
+            self.engine.start()  # type: ignore[attr-defined]
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="emulator-http", daemon=True)
         self._thread.start()
 
