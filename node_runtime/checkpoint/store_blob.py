@@ -54,14 +54,16 @@ class BlobStore(ConcurrentGetStore):
     @classmethod
     def from_url(cls, url: str) -> BlobStore:
         account_url, container, prefix, sas = parse_blob_url(url)
-        from azure.storage.blob import ContainerClient
+        from azure.storage.blob import ContainerClient, ExponentialRetry
 
         credential: Any = sas or None
         if not sas and account_url.startswith("https://"):
             from azure.identity import DefaultAzureCredential
 
             credential = DefaultAzureCredential()  # e.g. the node's managed identity
-        client = ContainerClient(account_url, container, credential=credential, retry_total=6,
+        # Retries after 1, 4, 10, 28, 82 s: rides out ~2 minutes of trouble, then fails the task clearly.
+        retry = ExponentialRetry(initial_backoff=1, increment_base=3, retry_total=5)
+        client = ContainerClient(account_url, container, credential=credential, retry_policy=retry,
                                  connection_timeout=20, read_timeout=60)
         location = f"{account_url}/{container}" + (f"/{prefix}" if prefix else "")
         return cls(client, prefix, location)
@@ -74,7 +76,7 @@ class BlobStore(ConcurrentGetStore):
                               f"({code}{f', HTTP {status}' if status else ''})") from None
 
     def put(self, name: str, data: bytes) -> None:
-        from azure.core.exceptions import AzureError, ResourceExistsError
+        from azure.core.exceptions import AzureError, ResourceExistsError, ResourceNotFoundError
 
         blob = self._prefix + check_name(name)
         digest = sha256(data)
@@ -82,11 +84,15 @@ class BlobStore(ConcurrentGetStore):
             self._container.upload_blob(blob, data, overwrite=False, metadata={_META: digest})
             return
         except ResourceExistsError:
-            pass
+            failure: AzureError | None = None
         except AzureError as e:
-            self._fail("write", name, e)
+            if getattr(e, "status_code", None) != 403:
+                self._fail("write", name, e)
+            failure = e  # a create-only SAS ('c' without 'w') answers 403, not 409, when the blob exists
         try:
             theirs = self._container.get_blob_client(blob).get_blob_properties().metadata.get(_META)
+        except ResourceNotFoundError:
+            self._fail("write", name, failure or RuntimeError("blob vanished"))
         except AzureError as e:
             self._fail("check existing", name, e)
         if theirs != digest:

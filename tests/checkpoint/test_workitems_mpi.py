@@ -1,0 +1,117 @@
+"""Exactly-once work items under real ``mpirun -np 3``: clean runs, killed ranks, killed jobs, failing items."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from node_runtime.checkpoint import load_committed, open_store
+from tests.checkpoint.conftest import blob_container_url
+from tests.checkpoint.mpirun import PROGRAMS, Run, mpirun
+from tests.checkpoint.programs.faulty_sweep import value
+
+SWEEP = PROGRAMS / "faulty_sweep.py"
+RANKS = 3
+pytestmark = pytest.mark.slow
+
+
+def expected(n: int) -> list[list[str]]:
+    return [[f"k{i:05d}", value(f"k{i:05d}", i)] for i in range(n)]
+
+
+def computations(log: Path) -> Counter[str]:
+    return Counter(line for f in log.glob("*.log") for line in f.read_text().split())
+
+
+def sweep(tmp: Path, ckpt: str, *extra: str, n: int = 300, batch: int = 16, timeout: float = 120,
+          kill_after: float | None = None) -> Run:
+    return mpirun(SWEEP, "--checkpoint", ckpt, "--n", str(n), "--batch", str(batch), "--log", str(tmp / "log"),
+                  "--out", str(tmp / "out.json"), *extra, timeout=timeout, kill_after=kill_after)
+
+
+def assert_exactly_once(tmp: Path, ckpt: str, n: int, batch: int) -> int:
+    """Final results equal a clean run, every item committed exactly once; returns the number of items redone."""
+    assert json.loads((tmp / "out.json").read_text()) == expected(n)
+    committed = load_committed(open_store(ckpt), "items")
+    assert committed.duplicates == 0 and not committed.corrupt
+    assert sorted(committed.results) == [f"k{i:05d}" for i in range(n)]
+    done = computations(tmp / "log")
+    assert set(done) == {f"k{i:05d}" for i in range(n)}
+    redone = sum(done.values()) - n
+    assert redone <= RANKS * batch, f"{redone} items recomputed, more than ranks x batch = {RANKS * batch}"
+    return redone
+
+
+def test_clean_run_computes_each_item_once_and_returns_them_in_order(tmp_path: Path) -> None:
+    run = sweep(tmp_path, str(tmp_path / "ck"), "--all-ranks")
+    assert run.returncode == 0, run.stderr
+    assert assert_exactly_once(tmp_path, str(tmp_path / "ck"), 300, 16) == 0
+    for r in (1, 2):  # all_ranks=True: every rank has the complete results
+        assert json.loads((tmp_path / f"out.json.rank{r}").read_text()) == expected(300)
+    assert len(computations(tmp_path / "log")) == 300
+    # a re-run of a finished sweep computes nothing
+    again = sweep(tmp_path, str(tmp_path / "ck"))
+    assert again.returncode == 0 and "300 of 300 items already committed" in again.stderr
+    assert sum(computations(tmp_path / "log").values()) == 300
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_killed_rank_then_rerun_loses_and_duplicates_nothing(tmp_path: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    ckpt, n, batch = str(tmp_path / "ck"), 300, rng.choice([4, 16, 32])
+    first = sweep(tmp_path, ckpt, "--kill-rank", str(rng.randrange(RANKS)), "--kill-after",
+                  str(rng.randrange(1, 80)), batch=batch)
+    assert first.returncode != 0 and not (tmp_path / "out.json").exists()
+    second = sweep(tmp_path, ckpt, batch=batch)
+    assert second.returncode == 0, second.stderr
+    assert_exactly_once(tmp_path, ckpt, n, batch)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_whole_job_killed_at_random_time_then_rerun_is_exact(tmp_path: Path, seed: int) -> None:
+    rng = random.Random(1000 + seed)
+    ckpt, n, batch = str(tmp_path / "ck"), 400, 16
+    # ~0.6 s to start 3 ranks, ~0.5 s of items: the kill lands before, during or just after the work
+    sweep(tmp_path, ckpt, "--ms", "3", n=n, batch=batch, kill_after=rng.uniform(0.6, 1.3))
+    (tmp_path / "out.json").unlink(missing_ok=True)
+    second = sweep(tmp_path, ckpt, n=n, batch=batch)
+    assert second.returncode == 0, second.stderr
+    assert_exactly_once(tmp_path, ckpt, n, batch)
+
+
+def test_failing_item_aborts_the_job_with_its_key_and_keeps_finished_work(tmp_path: Path) -> None:
+    ckpt = str(tmp_path / "ck")
+    run = sweep(tmp_path, ckpt, "--fail-key", "k00150", timeout=60)
+    assert run.returncode != 0
+    assert "work item 'k00150' raised ValueError" in run.stderr
+    assert "ValueError: cannot handle 150" in run.stderr  # the traceback is there
+    assert not (tmp_path / "out.json").exists()
+    kept = load_committed(open_store(ckpt), "items").results
+    assert len(kept) >= 100 and "k00150" not in kept
+    rerun = sweep(tmp_path, ckpt)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{len(kept)} of 300 items already committed" in rerun.stderr
+    assert json.loads((tmp_path / "out.json").read_text()) == expected(300)
+
+
+def test_ranks_with_different_items_fail_clearly(tmp_path: Path) -> None:
+    run = sweep(tmp_path, str(tmp_path / "ck"), "--rank-keys-differ", timeout=60)
+    assert run.returncode != 0
+    assert "work item keys differ between ranks (rank(s) [1, 2] disagree with rank 0)" in run.stderr
+
+
+@pytest.mark.azurite
+@pytest.mark.parametrize("seed", range(2))
+def test_blob_store_survives_a_killed_rank(tmp_path: Path, azurite: object, seed: int) -> None:
+    rng = random.Random(2000 + seed)
+    ckpt, n, batch = blob_container_url(azurite), 200, 8
+    first = sweep(tmp_path, ckpt, "--kill-rank", str(rng.randrange(RANKS)), "--kill-after",
+                  str(rng.randrange(5, 50)), n=n, batch=batch)
+    assert first.returncode != 0
+    second = sweep(tmp_path, ckpt, n=n, batch=batch)
+    assert second.returncode == 0, second.stderr
+    assert_exactly_once(tmp_path, ckpt, n, batch)
