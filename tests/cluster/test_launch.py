@@ -1,0 +1,122 @@
+"""``node-runtime launch`` on a real 3-node cluster (network namespaces, sshd, Open MPI, mpi4py)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+
+import pytest
+
+from tests.cluster.helpers import PROBE, coordinate, ranks, report, sshd_running
+from tests.support.netns import VENV_BIN, NetnsCluster
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+Cluster = Callable[..., NetnsCluster]
+
+
+def test_ranks_run_on_distinct_nodes_and_collectives_agree(netns_cluster: Cluster) -> None:
+    cluster = netns_cluster(3)
+    coordinate(cluster)
+    done = cluster.node_runtime(0, "launch", "--", *PROBE, "--env", timeout=120)
+    assert done.returncode == 0, done.stderr
+    records = ranks(done.stdout)
+    assert [r["rank"] for r in records] == [0, 1, 2]
+    assert [r["hostname"] for r in records] == ["node0", "node1", "node2"]
+    assert [r["addresses"] for r in records] == [[a] for a in cluster.addresses]
+    for r in records:
+        assert (r["size"], r["allreduce"], r["bcast"]) == (3, 6, "token-from-0")
+        assert r["ring_from_left"] == (r["rank"] - 1) % 3
+        assert r["cwd"] == str(cluster.nodes[0].working_dir)
+    assert len({r["tmpdir"] for r in records}) == 3  # node-local session dirs
+    # The secret reaches no rank, no report, no output, no log; everything else of ours does reach the ranks.
+    secret = cluster.secret
+    for r in records:
+        assert "MPILAUNCH_TASK_SECRET" not in r["env"]
+        assert all(secret not in value for value in r["env"].values())
+        assert r["env"]["MPILAUNCH_SSH_PORT"] == "2222"
+    data = report(cluster)
+    text = (cluster.nodes[0].working_dir / "launch-report.json").read_text()
+    assert secret not in text + done.stdout + done.stderr
+    for node in cluster.nodes:
+        for log in (node.task_dir / ".mpilaunch").glob("*.log"):
+            assert secret not in log.read_text()
+    assert data["hosts"] == cluster.addresses and data["exit_code"] == 0 and data["flavor"] == "openmpi"
+    assert data["argv"][0].endswith("mpirun") and data["argv"][-3:] == [*PROBE, "--env"]
+    assert set(data["timings"]) >= {"wait_services_s", "mpirun_s", "stop_services_s", "total_s"}
+    # The launch stopped every node's service.
+    assert data["services_stopped"] == dict.fromkeys(cluster.addresses, True)
+    assert not any(sshd_running(cluster, i) for i in range(3))
+
+
+def test_processes_per_node_and_exit_code_propagate(netns_cluster: Cluster) -> None:
+    cluster = netns_cluster(2)
+    coordinate(cluster)
+    done = cluster.node_runtime(0, "launch", "--ppn", "2", "--", *PROBE, "--exit", "3", timeout=120)
+    assert done.returncode == 3, done.stderr
+    records = ranks(done.stdout)
+    assert [r["hostname"] for r in records] == ["node0", "node0", "node1", "node1"]
+    assert {r["allreduce"] for r in records} == {10}
+    assert report(cluster)["exit_code"] == 3
+
+
+def test_a_node_that_never_coordinated_fails_the_launch_in_time(netns_cluster: Cluster) -> None:
+    cluster = netns_cluster(3)
+    coordinate(cluster, 0, 1)
+    started = time.monotonic()
+    done = cluster.node_runtime(0, "launch", "--timeout", "2", "--", *PROBE, timeout=60)
+    elapsed = time.monotonic() - started
+    assert done.returncode == 3, done.stderr
+    missing = cluster.addresses[2]
+    assert f"1 host(s): {missing} " in done.stderr
+    assert 2 <= elapsed < 10
+    data = report(cluster)
+    assert data["unreachable"] == [missing] and data["exit_code"] == 3 and data["argv"] == []
+    assert not sshd_running(cluster, 0) and not sshd_running(cluster, 1)  # the others were still stopped
+
+
+def test_a_node_whose_link_is_down_fails_the_launch_in_time(netns_cluster: Cluster) -> None:
+    cluster = netns_cluster(3)
+    coordinate(cluster)
+    cluster.link_down(1)
+    started = time.monotonic()
+    done = cluster.node_runtime(0, "launch", "--timeout", "2", "--", *PROBE, timeout=60)
+    elapsed = time.monotonic() - started
+    assert done.returncode == 3, done.stderr
+    assert f"1 host(s): {cluster.addresses[1]} " in done.stderr
+    assert 2 <= elapsed < 15
+    assert report(cluster)["unreachable"] == [cluster.addresses[1]]
+
+
+def test_launch_refuses_to_run_on_a_secondary_node(netns_cluster: Cluster) -> None:
+    cluster = netns_cluster(2)
+    done = cluster.node_runtime(1, "launch", "--", *PROBE, timeout=60)
+    assert done.returncode == 2
+    assert "primary node only" in done.stderr and cluster.addresses[0] in done.stderr
+
+
+def test_sigterm_is_forwarded_to_mpirun_and_services_stop(netns_cluster: Cluster) -> None:
+    cluster = netns_cluster(2)
+    coordinate(cluster)
+    node = cluster.nodes[0]
+    argv = cluster.argv_on(0, [str(VENV_BIN / "node-runtime"), "launch", "--", *PROBE, "--sleep", "60"])
+    child = subprocess.Popen(argv, env=node.env, cwd=node.working_dir, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        assert "sleeping" in child.stdout.readline()  # rank 0 is up: mpirun and its remote daemon run
+        child.send_signal(signal.SIGTERM)
+        code = child.wait(30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert code != 0
+    data = report(cluster)
+    assert data["exit_code"] == code and data["timings"]["mpirun_s"] < 30
+    assert data["services_stopped"] == dict.fromkeys(cluster.addresses, True)
+    deadline = time.monotonic() + 10  # no rank, no daemon is left behind on any node
+    while any(p for i in range(2) for p in cluster.pids(i)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for i in range(2) for p in cluster.pids(i)]
