@@ -178,6 +178,9 @@ def job(raw: Any) -> dict[str, Any]:
     body = check(raw, "BatchJobCreateOptions")
     check_id(body["id"])
     check_display_name(body)
-    if not (body["poolInfo"].get("poolId")):
+    if body["poolInfo"].get("autoPoolSpecification") is not None:
+        raise invalid_value("poolInfo.autoPoolSpecification", "{...}", "auto pools are not supported by the "
+                            "emulator: create a pool and set poolInfo.poolId")
+    if not body["poolInfo"].get("poolId"):
         raise missing("poolInfo.poolId")
     return body

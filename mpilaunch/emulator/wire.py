@@ -8,7 +8,7 @@ from datetime import datetime
 from email.utils import format_datetime
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import quote, urlencode
+from urllib.parse import quote
 
 from mpilaunch.emulator import odata
 from mpilaunch.emulator.store import Doc, Parent, Store
@@ -125,7 +125,8 @@ def listing(req: Request, store: Store, kind: str, parent: Parent, metadata: str
 def next_link(req: Request, token: int) -> str:
     params = {k: v for k, v in req.query.items() if k != "$skiptoken"}
     params["$skiptoken"] = str(token)
-    return f"{req.base_url}{req.raw_path}?{urlencode(params, quote_via=quote)}"
+    query = "&".join(f"{quote(k, safe='$')}={quote(v, safe='$,')}" for k, v in params.items())
+    return f"{req.base_url}{req.raw_path}?{query}"
 
 
 def body_object(req: Request) -> Any:
