@@ -1,0 +1,285 @@
+"""The docker node provider: nodes of container pools are docker containers on a per-pool docker network.
+
+A pool whose ``virtualMachineConfiguration`` has a ``containerConfiguration`` gets nodes that are containers of the
+pool's first ``containerImageNames`` image (the "VM"), each with its own address on the pool's network, its own host
+name, and its host root directory bind-mounted at ``/mnt/batch/tasks`` (where Batch mounts ``AZ_BATCH_NODE_ROOT_DIR``
+into task containers). Other pools go to the ``fallback`` provider (the process provider by default).
+
+Task commands run as Batch runs container tasks: every task attempt (``tag``) gets its own task container on each
+node, created from the task's ``containerSettings`` (``imageName``, ``containerRunOptions``, ``workingDirectory``;
+the pool image when none are given) and sharing the node container's network stack and host name (as Batch's task
+containers share the VM's); the coordination command and the command line are ``docker exec``-ed into it, so the
+daemons the coordination command leaves behind (sshd) live until :meth:`kill_tag` removes the container. Commands run
+as the emulator's own uid:gid (the owner of the node directories) unless the run options say ``--user``; ``/dev/shm``
+is ``shm_size`` unless the run options say ``--shm-size``. Environment values reach ``docker exec`` through its
+environment, never its argv, so the task secret does not show in process listings.
+
+Fault injection (tests): :meth:`DockerProvider.kill_node` (the VM dies: node and task containers are killed),
+:meth:`restart_node`, :meth:`disconnect_node` and :meth:`reconnect_node` (network partition).
+
+Everything is labelled ``org.mpilaunch.emulator=<scope>``; :func:`remove_scope` removes all of a scope's resources.
+Container and network names derive from the nodes' host root paths, so they are stable across emulator restarts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+import random
+import re
+import shlex
+import subprocess
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from mpilaunch import proc
+from mpilaunch.emulator.nodes.base import Execution, Node, NodeError, NodeProvider
+from mpilaunch.emulator.nodes.process import TAG_VAR, ProcessExecution, ProcessProvider
+from mpilaunch.errors import CommandFailed
+
+NODE_ROOT = "/mnt/batch/tasks"
+LABEL_SCOPE = "org.mpilaunch.emulator"
+LABEL_NODE = "org.mpilaunch.node"
+LABEL_POOL = "org.mpilaunch.pool"
+SUPERNET = ipaddress.IPv4Network("10.128.0.0/9")
+"""Pool networks are /24s picked at random in here, away from the host's own subnets and other docker networks."""
+
+
+def container_configuration(pool: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The pool's ``containerConfiguration``, or ``None`` for a pool without containers."""
+    config: Mapping[str, Any] | None = (pool.get("virtualMachineConfiguration") or {}).get("containerConfiguration")
+    return config
+
+
+def _name(*parts: str, key: Path | str) -> str:
+    """A docker-safe, readable name, made unique by a hash of ``key``."""
+    slug = "-".join(re.sub(r"[^a-zA-Z0-9_.-]+", "-", p).strip("-.")[:24] for p in parts)
+    return f"mpl-{slug}-{hashlib.sha256(str(key).encode()).hexdigest()[:10]}"
+
+
+def docker(*args: str, timeout: float = 120) -> str:
+    """Run the docker CLI; its stdout. Raises :class:`CommandFailed` with docker's message on failure."""
+    return proc.run(["docker", *args], timeout=timeout).stdout.decode()
+
+
+def remove_scope(scope: str) -> None:
+    """Remove every container and network created by providers with ``scope`` (tests; ``local down``)."""
+    ids = docker("ps", "-aq", "--filter", f"label={LABEL_SCOPE}={scope}").split()
+    if ids:
+        proc.run(["docker", "rm", "-f", "-v", *ids], timeout=120, check=False)
+    nets = docker("network", "ls", "-q", "--filter", f"label={LABEL_SCOPE}={scope}").split()
+    if nets:
+        proc.run(["docker", "network", "rm", *nets], timeout=120, check=False)
+
+
+class DockerExecution(ProcessExecution):
+    """A ``docker exec``; :meth:`kill` also kills the command inside the container (by its marker variable)."""
+
+    def __init__(self, popen: subprocess.Popen[bytes], marker: str) -> None:
+        super().__init__(popen)
+        self.marker = marker
+
+    def kill(self) -> None:
+        ProcessProvider._kill_marked(lambda value: value == self.marker)
+        super().kill()
+
+
+class DockerProvider(NodeProvider):
+    """Container-pool nodes as docker containers; see the module docstring."""
+
+    name = "docker"
+
+    def __init__(self, *, scope: str = "mpilaunch", shm_size: str = "1g",
+                 fallback: NodeProvider | None = None) -> None:
+        self.scope = scope
+        self.shm_size = shm_size
+        self.fallback = fallback if fallback is not None else ProcessProvider()
+        self._lock = threading.Lock()
+
+    # -- nodes ----------------------------------------------------------------------------------------------------
+    def create_node(self, pool: Mapping[str, Any], node_id: str, root: Path, taken: Sequence[str]) -> Node:
+        config = container_configuration(pool)
+        if config is None:
+            return self.fallback.create_node(pool, node_id, root, taken)
+        pool_id = str(pool["id"])
+        images = list(config.get("containerImageNames") or [])
+        if not images:
+            raise NodeError(f"pool {pool_id!r}: the emulator's docker nodes need a containerImageNames image")
+        self._ensure_image(images[0])
+        root.mkdir(parents=True, exist_ok=True)
+        hostname = re.sub(r"[^a-z0-9-]+", "-", node_id.lower()).strip("-")[:63] or "node"
+        name = _name(pool_id, node_id, key=root)
+        with self._lock:
+            network, subnet = self._network(pool_id, root.parent)
+            address = self._free_address(network, subnet, taken)
+            try:
+                docker("run", "-d", "--name", name, "--hostname", hostname, "--network", network, "--ip", address,
+                       "--init", "--shm-size", self.shm_size, "-v", f"{root}:{NODE_ROOT}",
+                       "--label", f"{LABEL_SCOPE}={self.scope}", "--label", f"{LABEL_POOL}={pool_id}",
+                       "--label", f"{LABEL_NODE}={name}", "--entrypoint", "sleep", images[0], "infinity")
+            except CommandFailed as exc:
+                proc.run(["docker", "rm", "-f", name], timeout=60, check=False)
+                raise NodeError(f"node {node_id!r}: its container could not be started: {exc}") from exc
+        return Node(id=node_id, pool_id=pool_id, address=address, hostname=hostname, root=root,
+                    node_root=NODE_ROOT,
+                    data={"provider": self.name, "container": name, "network": network, "image": images[0]})
+
+    def restore_node(self, node: Node) -> Node:
+        if not self._mine(node):
+            return self.fallback.restore_node(node)
+        name = node.data["container"]
+        state = proc.run(["docker", "inspect", "-f", "{{.State.Running}}", name], timeout=60, check=False)
+        if state.returncode != 0:
+            raise NodeError(f"node {node.id!r}: its container {name!r} no longer exists")
+        if state.stdout.decode().strip() != "true":
+            self._start(node)
+        return node
+
+    def destroy_node(self, node: Node) -> None:
+        if not self._mine(node):
+            self.fallback.destroy_node(node)
+            return
+        ids = docker("ps", "-aq", "--filter", f"label={LABEL_NODE}={node.data['container']}").split()
+        if ids:
+            proc.run(["docker", "rm", "-f", "-v", *ids], timeout=120, check=False)
+        # The pool's network goes with its last node (docker refuses while other containers use it).
+        proc.run(["docker", "network", "rm", node.data["network"]], timeout=60, check=False)
+
+    # -- commands -------------------------------------------------------------------------------------------------
+    def run(self, node: Node, argv: Sequence[str], *, env: Mapping[str, str], cwd: str,
+            stdout: Path, stderr: Path, tag: str, container: Mapping[str, Any] | None = None) -> Execution:
+        """As :meth:`NodeProvider.run`; ``container`` is the task's ``containerSettings`` (pool image if absent)."""
+        if not self._mine(node):
+            return self.fallback.run(node, argv, env=env, cwd=cwd, stdout=stdout, stderr=stderr, tag=tag)
+        settings = dict(container or {})
+        target = self._task_container(node, tag, settings)
+        marker = f"{node.id}/{tag}/{os.urandom(6).hex()}"  # not in the CLI's own environment: kill() spares it
+        workdir = [] if settings.get("workingDirectory") == "containerImageDefault" else ["-w", cwd]
+        command = ["docker", "exec", *(f"--env={k}" for k in env), f"--env={TAG_VAR}={marker}", *workdir, target,
+                   *argv]
+        cli_env = {k: v for k, v in os.environ.items() if k != TAG_VAR} | dict(env)
+        with stdout.open("ab") as out, stderr.open("ab") as err:
+            popen = proc.spawn(command, env=cli_env, stdout=out.fileno(), stderr=err.fileno(), new_session=True)
+        return DockerExecution(popen, marker)
+
+    def kill_tag(self, node: Node, tag: str) -> None:
+        if not self._mine(node):
+            self.fallback.kill_tag(node, tag)
+            return
+        proc.run(["docker", "rm", "-f", "-v", self._task_name(node, tag)], timeout=120, check=False)
+
+    def close(self) -> None:
+        self.fallback.close()
+
+    # -- fault injection ------------------------------------------------------------------------------------------
+    def kill_node(self, node: Node) -> None:
+        """The node's VM dies: SIGKILL its node container and every task container on it."""
+        ids = docker("ps", "-q", "--filter", f"label={LABEL_NODE}={node.data['container']}").split()
+        if ids:
+            proc.run(["docker", "kill", *ids], timeout=60, check=False)
+
+    def restart_node(self, node: Node) -> None:
+        """Start a killed node's container again (a rebooted VM: same address, host name and files)."""
+        self._start(node)
+
+    def disconnect_node(self, node: Node) -> None:
+        """Cut the node (and its task containers) off the pool network; processes keep running."""
+        docker("network", "disconnect", "--force", node.data["network"], node.data["container"])
+
+    def reconnect_node(self, node: Node) -> None:
+        """Undo :meth:`disconnect_node` (same address)."""
+        docker("network", "connect", "--ip", node.address, node.data["network"], node.data["container"])
+
+    # -- internals ------------------------------------------------------------------------------------------------
+    def _mine(self, node: Node) -> bool:
+        return node.data.get("provider") == self.name
+
+    def _start(self, node: Node) -> None:
+        try:
+            docker("start", node.data["container"])
+        except CommandFailed as exc:
+            raise NodeError(f"node {node.id!r}: its container could not be started: {exc}") from exc
+
+    @staticmethod
+    def _ensure_image(image: str) -> None:
+        if proc.run(["docker", "image", "inspect", image], timeout=60, check=False).returncode == 0:
+            return
+        try:
+            docker("pull", "-q", image, timeout=1800)
+        except CommandFailed as exc:
+            raise NodeError(f"container image {image!r} is not available locally and cannot be pulled: "
+                            f"{exc.stderr.strip()[-300:]}") from exc
+
+    @staticmethod
+    def _task_name(node: Node, tag: str) -> str:
+        return _name(node.data["container"][4:30], tag, key=f"{node.data['container']}/{tag}")
+
+    def _task_container(self, node: Node, tag: str, settings: Mapping[str, Any]) -> str:
+        """The attempt's task container on ``node``, created and started on first use."""
+        name = self._task_name(node, tag)
+        with self._lock:
+            if proc.run(["docker", "inspect", "-f", "{{.Id}}", name], timeout=60, check=False).returncode == 0:
+                return name
+            image = str(settings.get("imageName") or node.data["image"])
+            try:
+                options = shlex.split(str(settings.get("containerRunOptions") or ""))
+            except ValueError as exc:
+                raise CommandFailed(["docker", "create"], None, str(exc),
+                                    reason=f"got unparsable containerRunOptions {settings['containerRunOptions']!r}"
+                                    ) from exc
+            self._ensure_image(image)
+            create = ["docker", "create", "--name", name, "--network", f"container:{node.data['container']}",
+                      "--init", "--shm-size", self.shm_size, "--user", f"{os.getuid()}:{os.getgid()}",
+                      "-v", f"{node.root}:{NODE_ROOT}", "--label", f"{LABEL_SCOPE}={self.scope}",
+                      "--label", f"{LABEL_NODE}={node.data['container']}", *options,
+                      "--entrypoint", "sleep", image, "infinity"]
+            proc.run(create, timeout=120)
+            try:
+                docker("start", name)
+            except CommandFailed:
+                proc.run(["docker", "rm", "-f", name], timeout=60, check=False)
+                raise
+        return name
+
+    def _network(self, pool_id: str, pool_dir: Path) -> tuple[str, ipaddress.IPv4Network]:
+        """The pool's network (created with a free /24 on first use); its name and subnet."""
+        name = _name(pool_id, key=pool_dir)
+        for _ in range(20):
+            found = proc.run(["docker", "network", "inspect", "-f", "{{(index .IPAM.Config 0).Subnet}}", name],
+                             timeout=60, check=False)
+            if found.returncode == 0:
+                return name, ipaddress.IPv4Network(found.stdout.decode().strip())
+            subnet = self._pick_subnet()
+            created = proc.run(["docker", "network", "create", "--subnet", str(subnet),
+                                "--label", f"{LABEL_SCOPE}={self.scope}", "--label", f"{LABEL_POOL}={pool_id}",
+                                name], timeout=60, check=False)
+            if created.returncode == 0:
+                return name, subnet
+            # Lost a race (another emulator took the subnet or made this network): look again.
+        raise NodeError(f"pool {pool_id!r}: no docker network could be created for it")
+
+    @staticmethod
+    def _pick_subnet() -> ipaddress.IPv4Network:
+        local = [ipaddress.IPv4Interface(f"{a.address}/{a.netmask}").network
+                 for addrs in psutil.net_if_addrs().values() for a in addrs
+                 if a.family.name == "AF_INET" and a.netmask]
+        for _ in range(100):
+            offset = random.randrange(SUPERNET.num_addresses // 256) * 256  # noqa: S311 - not crypto
+            subnet = ipaddress.IPv4Network((int(SUPERNET.network_address) + offset, 24))
+            if not any(subnet.overlaps(net) for net in local):
+                return subnet
+        raise NodeError(f"no free /24 for a pool network in {SUPERNET}")
+
+    @staticmethod
+    def _free_address(network: str, subnet: ipaddress.IPv4Network, taken: Sequence[str]) -> str:
+        listed = docker("network", "inspect", "-f", "{{range .Containers}}{{.IPv4Address}} {{end}}", network)
+        used = {a.split("/")[0] for a in listed.split()} | set(taken)
+        for host in list(subnet.hosts())[1:]:  # .1 is docker's gateway
+            if str(host) not in used:
+                return str(host)
+        raise NodeError(f"docker network {network!r} ({subnet}) has no free address left")
