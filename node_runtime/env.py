@@ -388,8 +388,13 @@ def local_addresses() -> list[str]:
 
 
 def interface_networks(hosts: Iterable[str]) -> tuple[IPNetwork, ...]:
-    """The smallest network containing all ``hosts``, one per address family present (IPv4 first)."""
+    """The smallest network containing all ``hosts``, one per address family present (IPv4 first).
+
+    An IPv4 loopback host (the emulator's nodes) stands for all of 127.0.0.0/8, the network ``lo`` carries: Open MPI
+    selects interfaces whose address is in the network, and ``lo`` usually holds just 127.0.0.1."""
     addresses = [ipaddress.ip_address(host) for host in hosts]
+    loopback = ipaddress.ip_network("127.0.0.0/8")
+    addresses += [loopback[0], loopback[-1]] if any(a in loopback for a in addresses) else []
     networks: list[IPNetwork] = []
     for version, bits in ((4, 32), (6, 128)):
         if values := [int(a) for a in addresses if a.version == version]:
