@@ -17,6 +17,7 @@ def status(**opts: Any) -> int:
     """Show the task's state and every instance's state now (always exits 0 if the task exists)."""
     results = cliopts.launcher(opts).results(cliopts.ref(opts))
     cliopts.show_results(results, opts["output"])
+    cliopts.note(results.summary())
     return 0
 
 
@@ -42,6 +43,8 @@ def results(**opts: Any) -> int:
     launch = cliopts.launcher(opts)
     res = launch.results(cliopts.ref(opts))
     cliopts.show_results(res, opts["output"])
+    if opts["output"] == "table":
+        cliopts.explain_failure(launch, res)
     if opts["logs"]:
         written = launch.download_logs(res, Path(opts["logs"]))
         cliopts.note(f"logs: {len(written)} file(s) in {opts['logs']}")

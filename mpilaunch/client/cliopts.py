@@ -79,8 +79,23 @@ def show_results(results: TaskResults, output: str) -> None:
         return
     from rich.console import Console
 
-    Console(width=max(120, Console().width)).print(render_table(results))
-    note(results.summary())
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)
+    console.print(render_table(results))
+
+
+def explain_failure(launch: Launcher, results: TaskResults) -> None:
+    """On stderr, the tail of each failing instance's stderr.txt (the usual answer to "why")."""
+    from mpilaunch.client.results import stderr_tail
+
+    if not results.completed or results.succeeded:
+        return
+    for row in results.causes():
+        with launch.errors():
+            tail = stderr_tail(launch.batch, row)
+        if tail:
+            note(f"instance {row.instance} stderr (last lines):" + "".join(f"\n  | {line}" for line in tail))
 
 
 def exit_for(results: TaskResults) -> int:
@@ -88,6 +103,7 @@ def exit_for(results: TaskResults) -> int:
     from mpilaunch.errors import MpilaunchError, TaskFailed
 
     if results.succeeded:
+        note(results.summary())
         return 0
     if not results.completed:
         raise MpilaunchError(f"{results.summary()}: not complete yet (`mpilaunch wait --job {results.job_id} "
@@ -116,6 +132,8 @@ def wait_and_report(launch: Launcher, task: TaskRef, opts: dict[str, Any]) -> in
                  f"--job {task.job_id} {task.task_id})")
         raise click.exceptions.Exit(130) from None
     show_results(results, opts["output"])
+    if opts["output"] == "table":
+        explain_failure(launch, results)
     if opts.get("logs"):
         written = launch.download_logs(results, Path(opts["logs"]))
         note(f"logs: {len(written)} file(s) in {opts['logs']}")

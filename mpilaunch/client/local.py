@@ -91,6 +91,7 @@ def azurite_command() -> list[str]:
 
 
 def _port(preferred: int) -> int:
+    """``preferred`` if free (stable endpoints for users), else any free port; 0 means any free port."""
     with socket.socket() as s:
         try:
             s.bind(("127.0.0.1", preferred))
@@ -121,8 +122,11 @@ def _start(argv: list[str], name: str, port: int, directory: Path) -> int:
     return child.pid
 
 
-def up(nodes: int = 3) -> LocalState:
-    """Start the emulator and Azurite unless they run, make sure pool ``local`` has ``nodes`` nodes; return state."""
+def up(nodes: int = 3, *, default_ports: bool = True) -> LocalState:
+    """Start the emulator and Azurite unless they run, make sure pool ``local`` has ``nodes`` nodes; return state.
+
+    With ``default_ports`` they listen on 10000 (Azurite) and 10100 (emulator) when those are free.
+    """
     from mpilaunch.emulator import defaults
 
     state = _load()
@@ -131,14 +135,18 @@ def up(nodes: int = 3) -> LocalState:
             down()
         directory = local_dir()
         directory.mkdir(parents=True, exist_ok=True)
-        blob_port = _port(10000)
+        blob_port = _port(10000 if default_ports else 0)
         azurite_pid = _start([*azurite_command(), "--blobHost", "127.0.0.1", "--blobPort", str(blob_port),
                               "--location", str(directory / "azurite"), "--silent", "--skipApiVersionCheck",
                               "--loose"], "azurite", blob_port, directory)
-        batch_port = _port(defaults.PORT)
-        emulator_pid = _start([sys.executable, "-m", "mpilaunch.cli", "emulator", "serve", "--host", "127.0.0.1",
-                               "--port", str(batch_port), "--data", str(directory / "emulator")],
-                              "emulator", batch_port, directory)
+        batch_port = _port(defaults.PORT if default_ports else 0)
+        try:
+            emulator_pid = _start([sys.executable, "-c", "from mpilaunch.cli import main; main()", "emulator",
+                                   "serve", "--host", "127.0.0.1", "--port", str(batch_port),
+                                   "--data", str(directory / "emulator")], "emulator", batch_port, directory)
+        except BaseException:
+            _stop(azurite_pid, "azurite")
+            raise
         state = LocalState(defaults.endpoint("127.0.0.1", batch_port), defaults.ACCOUNT, defaults.KEY,
                            f"http://127.0.0.1:{blob_port}/{AZURITE_ACCOUNT}", emulator_pid, azurite_pid)
         path = directory / "state.json"
@@ -157,20 +165,27 @@ def ensure_local_pool(state: LocalState, nodes: int) -> None:
     pools.ensure_pool(client, pools.PoolSpec(LOCAL_POOL, nodes=nodes, vm_size="standard_d2s_v3"))
 
 
+def _stop(pid: int, name: str) -> bool:
+    """Stop the process group ``pid`` leads if it is still our ``name`` service; whether it was running."""
+    if not _alive(pid, name):
+        return False
+    os.killpg(pid, signal.SIGTERM)
+    try:
+        psutil.Process(pid).wait(15)
+    except psutil.TimeoutExpired:
+        os.killpg(pid, signal.SIGKILL)
+    except psutil.NoSuchProcess:
+        pass
+    return True
+
+
 def down() -> list[str]:
     """Stop the recorded local services; return what was stopped."""
     state = _load()
     stopped = []
     if state is not None:
         for name, pid in (("emulator", state.emulator_pid), ("azurite", state.azurite_pid)):
-            if _alive(pid, name):
-                os.killpg(pid, signal.SIGTERM)
-                try:
-                    psutil.Process(pid).wait(15)
-                except psutil.TimeoutExpired:
-                    os.killpg(pid, signal.SIGKILL)
-                except psutil.NoSuchProcess:
-                    pass
+            if _stop(pid, name):
                 stopped.append(f"{name} (pid {pid})")
         (local_dir() / "state.json").unlink(missing_ok=True)
     return stopped

@@ -17,6 +17,7 @@ from typing import Any
 SCHEMA_ID = "mpilaunch.results/1"
 SCHEMA_PATH = Path(__file__).with_name("results.schema.json")
 LOG_FILES = ("stdout.txt", "stderr.txt")
+ENDED_WITH_TASK = "TaskEnded"  # a subtask stopped because another instance failed: not a cause
 
 
 def _str(value: Any) -> str | None:
@@ -119,6 +120,11 @@ class TaskResults:
     def failed_instances(self) -> list[InstanceResult]:
         return [r for r in self.instances if r.failed]
 
+    def causes(self) -> list[InstanceResult]:
+        """The failed instances, without those only ended because the task ended (unless that is all)."""
+        failed = self.failed_instances()
+        return [r for r in failed if not (r.failure and r.failure.code == ENDED_WITH_TASK)] or failed
+
     def summary(self) -> str:
         """One line: the task's outcome, naming failed instances and why."""
         head = f"task {self.job_id}/{self.task_id}: {self.state}"
@@ -126,8 +132,9 @@ class TaskResults:
             return head
         if self.succeeded:
             return f"{head}, success on {len(self.instances)} instance(s)"
-        parts = [f"instance {r.instance} on {r.node or '?'}: exit code {r.exit_code}"
-                 + (f" ({r.failure})" if r.failure else "") for r in self.failed_instances()]
+        parts = [f"instance {r.instance} on {r.node or '?'}: "
+                 + ("no exit code" if r.exit_code is None else f"exit code {r.exit_code}")
+                 + (f" ({r.failure})" if r.failure else "") for r in self.causes()]
         why = "; ".join(parts) or str(self.failure or f"exit code {self.exit_code}")
         return f"{head}, failure: {why}"
 
@@ -170,7 +177,8 @@ def render_table(results: TaskResults) -> Any:
     table = Table(title=f"{results.job_id}/{results.task_id}  state={results.state}  result={results.result or '-'}",
                   title_justify="left")
     for col in ("instance", "node", "state", "exit code", "result", "start", "end", "duration", "failure"):
-        table.add_column(col, justify="right" if col in ("instance", "exit code", "duration") else "left")
+        table.add_column(col, justify="right" if col in ("instance", "exit code", "duration") else "left",
+                         no_wrap=col != "failure", min_width=30 if col == "failure" else None)
     for r in results.instances:
         style = "red" if r.failed else None
         table.add_row(
@@ -183,6 +191,19 @@ def render_table(results: TaskResults) -> Any:
 def node_file_path(task_root: str, name: str) -> str:
     """The node-file API path of ``name`` in a task root given as Batch reports it (``\\workitems\\...``)."""
     return task_root.replace("\\", "/").strip("/") + "/" + name
+
+
+def stderr_tail(client: Any, row: InstanceResult, lines: int = 5) -> list[str]:
+    """The last ``lines`` lines of an instance's stderr.txt ([] if its node no longer has it)."""
+    from azure.core.exceptions import ResourceNotFoundError
+
+    if not (row.node and row.pool and row.task_root):
+        return []
+    try:
+        data = b"".join(client.download_node_file(row.pool, row.node, node_file_path(row.task_root, "stderr.txt")))
+    except ResourceNotFoundError:
+        return []
+    return data.decode(errors="replace").rstrip().splitlines()[-lines:]
 
 
 def download_logs(client: Any, results: TaskResults, dest: Path, *, workers: int = 16) -> list[Path]:

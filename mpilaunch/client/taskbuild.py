@@ -24,6 +24,9 @@ COORDINATION_COMMAND = "node-runtime coordinate"
 # Batch refuses larger Add Task bodies (RequestEntityTooLarge); the exact limit is not documented, 1 MiB is safe.
 MAX_REQUEST_BYTES = 1024 * 1024
 LOG_PATTERN = "../std*.txt"
+# Common resource files land in AZ_BATCH_TASK_SHARED_DIR, the parent of the working directory "wd" where the ranks
+# run; placing them under "wd/" lets the user's relative paths (``python3 app.py``) work on every node.
+COMMON_FILES_DIR = "wd"
 
 
 @dataclass(frozen=True)
@@ -70,9 +73,10 @@ def environment_settings(spec: TaskSpec, secret: str) -> list[bm.EnvironmentSett
     return [bm.EnvironmentSetting(name=n, value=v) for n, v in env]
 
 
-def resource_files(files: Sequence[StagedFile]) -> list[bm.ResourceFile]:
-    """Batch resource files, one per staged blob."""
-    return [bm.ResourceFile(http_url=f.url, file_path=f.file_path, file_mode=f.file_mode) for f in files]
+def resource_files(files: Sequence[StagedFile], under: str = "") -> list[bm.ResourceFile]:
+    """Batch resource files, one per staged blob, at ``under/file_path``."""
+    return [bm.ResourceFile(http_url=f.url, file_path=f"{under}/{f.file_path}" if under else f.file_path,
+                            file_mode=f.file_mode) for f in files]
 
 
 def bind_mount(mount: BindMount) -> bm.ContainerHostBatchBindMountEntry:
@@ -135,7 +139,7 @@ def build_task(
         multi_instance_settings=bm.MultiInstanceSettings(
             number_of_instances=spec.nodes,
             coordination_command_line=COORDINATION_COMMAND,
-            common_resource_files=resource_files(common_files) or None,
+            common_resource_files=resource_files(common_files, COMMON_FILES_DIR) or None,
         ),
         resource_files=resource_files(primary_files) or None,
         output_files=output_files(spec.outputs, outputs, logs=spec.upload_logs) if outputs else None,

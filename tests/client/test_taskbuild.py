@@ -60,7 +60,7 @@ def test_build_task_is_a_correct_multi_instance_task(tmp_path: Path) -> None:
     assert body["id"] == "task_1" and body["requiredSlots"] == 1
     mis = body["multiInstanceSettings"]
     assert mis["numberOfInstances"] == 3 and mis["coordinationCommandLine"] == "node-runtime coordinate"
-    assert mis["commonResourceFiles"] == [{"httpUrl": "https://acct/c/app.py?sig=x", "filePath": "app.py",
+    assert mis["commonResourceFiles"] == [{"httpUrl": "https://acct/c/app.py?sig=x", "filePath": "wd/app.py",
                                            "fileMode": "0755"}]
     assert body["resourceFiles"] == [{"httpUrl": "https://acct/c/only.txt?sig=x", "filePath": "only.txt"}]
     assert shlex.split(body["commandLine"]) == ["node-runtime", "launch", "--ppn", "2", "--mpi", "openmpi", "--",

@@ -1,0 +1,33 @@
+"""Client end-to-end fixture: `mpilaunch local up` (real emulator + Azurite) in a private MPILAUNCH_HOME."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mpilaunch.client import local
+from mpilaunch.client.local import LocalState
+from tests.support.azurite import AZURITE_BIN
+
+NODES = 3
+
+
+@pytest.fixture(scope="module")
+def local_services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalState]:
+    """Emulator + Azurite started by :func:`mpilaunch.client.local.up` on free ports, pool 'local' of 3 nodes."""
+    if not AZURITE_BIN.exists():
+        pytest.skip("Azurite is not installed (run scripts/setup)")
+    home: Path = tmp_path_factory.mktemp("mpilaunch-home")
+    previous = os.environ.get("MPILAUNCH_HOME")
+    os.environ["MPILAUNCH_HOME"] = str(home)
+    try:
+        yield local.up(NODES, default_ports=False)
+    finally:
+        local.down()
+        if previous is None:
+            os.environ.pop("MPILAUNCH_HOME", None)
+        else:
+            os.environ["MPILAUNCH_HOME"] = previous
