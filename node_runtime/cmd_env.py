@@ -20,5 +20,5 @@ def env(as_json: bool) -> None:
         return
     width = max(map(len, data))
     for name, value in data.items():
-        shown = "-" if value is None else ",".join(map(str, value)) if isinstance(value, list) else value
+        shown = "-" if value in (None, "", []) else ",".join(map(str, value)) if isinstance(value, list) else value
         click.echo(f"{name:<{width}}  {shown}")
