@@ -1,0 +1,69 @@
+"""examples/solver.py with a store that SIGKILLs one rank at a chosen point of one step's checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+from mpi4py import MPI
+
+from node_runtime.checkpoint import Store, open_store
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "examples"))
+from solver import solve
+
+
+class KillingStore(Store):
+    """Delegates to ``inner``; rank ``rank`` dies just before or just after writing ``obj`` of step ``step``."""
+
+    def __init__(self, inner: Store, rank: int, step: int, obj: str, before: bool) -> None:
+        self.inner, self.rank, self.step, self.obj, self.before = inner, rank, step, obj, before
+        self.location = inner.location
+
+    def put(self, name: str, data: bytes) -> None:
+        hit = (MPI.COMM_WORLD.Get_rank() == self.rank and f"/{self.step:012d}." in name
+               and name.endswith("/" + self.obj))
+        if hit and self.before:
+            os.kill(os.getpid(), signal.SIGKILL)
+        self.inner.put(name, data)
+        if hit:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def get(self, name: str) -> bytes | None:
+        return self.inner.get(name)
+
+    def names(self, prefix: str) -> list[str]:
+        return self.inner.names(prefix)
+
+    def delete(self, name: str) -> None:
+        self.inner.delete(name)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--cells", type=int, default=240)
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--every", type=int, default=50)
+    p.add_argument("--keep", type=int, default=2)
+    p.add_argument("--kill-rank", type=int, default=-1)
+    p.add_argument("--kill-step", type=int, default=-1)
+    p.add_argument("--kill-object", default="part", help="'part' (the rank's part) or 'marker' (rank 0's COMPLETE)")
+    p.add_argument("--kill-before", action="store_true")
+    p.add_argument("--out", type=Path, required=True)
+    a = p.parse_args()
+    store = open_store(a.checkpoint)
+    if a.kill_rank >= 0:
+        obj = "COMPLETE" if a.kill_object == "marker" else f"part-{a.kill_rank:05d}"
+        store = KillingStore(store, a.kill_rank, a.kill_step, obj, a.kill_before)
+    field = solve(a.cells, a.steps, a.every, store, a.keep)
+    if field is not None:
+        a.out.write_text(json.dumps(field))
+
+
+if __name__ == "__main__":
+    main()
