@@ -3,18 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import signal
-import sys
 from pathlib import Path
+from types import ModuleType
 
 from mpi4py import MPI
 
 from node_runtime.checkpoint import Store, open_store
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "examples"))
-from solver import solve
+
+def _load_example(name: str) -> ModuleType:
+    path = Path(__file__).resolve().parents[3] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+solve = _load_example("solver").solve
 
 
 class KillingStore(Store):
