@@ -1,0 +1,159 @@
+"""Pure logic of work items and step checkpoints, in one process (a one-rank communicator, no MPI)."""
+
+from __future__ import annotations
+
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mpilaunch.errors import CheckpointError, InvalidInput
+from node_runtime.checkpoint import StepCheckpoints, Store, load_committed, open_store, run_items
+from node_runtime.checkpoint.workitems import _chunk
+
+
+class SelfComm:
+    """The one-rank subset of an mpi4py communicator the API uses."""
+
+    def Get_rank(self) -> int:
+        return 0
+
+    def Get_size(self) -> int:
+        return 1
+
+    def bcast(self, obj: Any, root: int = 0) -> Any:
+        return obj
+
+    def gather(self, obj: Any, root: int = 0) -> list[Any]:
+        return [obj]
+
+    def allgather(self, obj: Any) -> list[Any]:
+        return [obj]
+
+
+COMM = SelfComm()
+
+
+def test_results_in_item_order_and_resume_skips_committed(tmp_path: Path) -> None:
+    calls: list[int] = []
+
+    def square(x: int) -> int:
+        calls.append(x)
+        return x * x
+
+    items = {f"k{i}": i for i in reversed(range(50))}
+    first = run_items(items, square, checkpoint=str(tmp_path), batch=8, comm=COMM)
+    assert first == {k: v * v for k, v in items.items()}
+    assert len(calls) == 50
+    assert list(run_items(items, square, checkpoint=str(tmp_path), batch=8, comm=COMM) or {}) == list(items)
+    assert len(calls) == 50  # nothing recomputed
+    more = {**items, "extra": 7}
+    assert (run_items(more, square, checkpoint=str(tmp_path), comm=COMM) or {})["extra"] == 49
+    assert calls[50:] == [7]
+
+
+def test_a_failed_item_keeps_the_finished_ones(tmp_path: Path) -> None:
+    def fragile(x: int) -> int:
+        if x == 30:
+            raise ZeroDivisionError("boom")
+        return x
+
+    with pytest.raises(ZeroDivisionError, match="boom"):  # one rank: the exception itself propagates
+        run_items([(i, i) for i in range(40)], fragile, checkpoint=str(tmp_path), batch=7, comm=COMM)
+    assert sorted(load_committed(open_store(str(tmp_path)), "items").results) == list(range(30))
+
+
+def test_corrupt_batch_is_reported_and_its_items_recomputed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_items({i: i for i in range(20)}, str, checkpoint=str(tmp_path), batch=5, comm=COMM)
+    batch = sorted((tmp_path / "work/items").iterdir())[1]
+    batch.write_bytes(batch.read_bytes()[:-1])
+    found = load_committed(open_store(str(tmp_path)), "items")
+    assert len(found.corrupt) == 1 and len(found.results) == 15
+    calls: list[int] = []
+
+    def record(x: int) -> str:
+        calls.append(x)
+        return str(x)
+
+    out = run_items({i: i for i in range(20)}, record, checkpoint=str(tmp_path), comm=COMM)
+    assert out == {i: str(i) for i in range(20)} and sorted(calls) == [5, 6, 7, 8, 9]
+    assert "skipping a corrupt batch" in capsys.readouterr().err
+
+
+def test_flush_by_time_and_no_checkpoint_mode(tmp_path: Path) -> None:
+    run_items({i: i for i in range(6)}, str, checkpoint=str(tmp_path), batch=1000, flush_seconds=0, comm=COMM)
+    assert len(list((tmp_path / "work/items").iterdir())) == 6
+    assert run_items({1: 1}, str, checkpoint=False, comm=COMM) == {1: "1"}
+
+
+def test_bad_items_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput, match="duplicate work item key 'a'"):
+        run_items([("a", 1), ("a", 2)], str, checkpoint=False, comm=COMM)
+    with pytest.raises(InvalidInput, match=r"must be \(key, item\) pairs"):
+        run_items([("a", 1, 2)], str, checkpoint=False, comm=COMM)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput, match="batch must be >= 1"):
+        run_items({}, str, checkpoint=False, batch=0, comm=COMM)
+
+
+def test_chunks_shrink_as_the_queue_drains() -> None:
+    queue = deque(range(1000))
+    sizes = []
+    while queue:
+        sizes.append(len(_chunk(queue, 3)))
+    assert sizes[0] == 16 and sizes[-1] == 1 and sum(sizes) == 1000 and sizes == sorted(sizes, reverse=True)
+
+
+def test_steps_save_restore_and_keep(tmp_path: Path) -> None:
+    ck = StepCheckpoints(str(tmp_path), name="s", keep=2, comm=COMM)
+    assert ck.restore() is None and ck.latest() is None
+    for step in (10, 20, 30):
+        ck.save(step, {"x": step})
+    assert ck.latest() == 30
+    again = StepCheckpoints(str(tmp_path), name="s", comm=COMM)
+    assert again.restore() == (30, {"x": 30})
+    assert [p.name.split(".")[0] for p in sorted((tmp_path / "steps/s").iterdir())] == ["000000000020",
+                                                                                        "000000000030"]
+    with pytest.raises(InvalidInput, match="step must be an int >= 0"):
+        ck.save(-1, None)
+
+
+class FailingStore(Store):
+    def __init__(self, inner: Store, fail_suffix: str) -> None:
+        self.inner, self.fail_suffix, self.location = inner, fail_suffix, inner.location
+
+    def put(self, name: str, data: bytes) -> None:
+        if name.endswith(self.fail_suffix):
+            raise CheckpointError("disk full (simulated)")
+        self.inner.put(name, data)
+
+    def get(self, name: str) -> bytes | None:
+        return self.inner.get(name)
+
+    def names(self, prefix: str) -> list[str]:
+        return self.inner.names(prefix)
+
+    def delete(self, name: str) -> None:
+        self.inner.delete(name)
+
+
+@pytest.mark.parametrize("failing", ["part-00000", "COMPLETE"])
+def test_failed_save_is_all_or_nothing(tmp_path: Path, failing: str) -> None:
+    StepCheckpoints(str(tmp_path), comm=COMM).save(1, "one")
+    ck = StepCheckpoints(FailingStore(open_store(str(tmp_path)), failing), comm=COMM)
+    with pytest.raises(CheckpointError, match="step 2 was not saved") as err:
+        ck.save(2, "two")
+    assert "disk full (simulated)" in str(err.value)
+    assert StepCheckpoints(str(tmp_path), comm=COMM).restore() == (1, "one")
+
+
+def test_corrupt_newest_step_falls_back(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ck = StepCheckpoints(str(tmp_path), keep=3, comm=COMM)
+    ck.save(1, "one")
+    ck.save(2, "two")
+    part = next((tmp_path / "steps/steps").glob("000000000002.*/part-00000"))
+    data = bytearray(part.read_bytes())
+    data[-2] ^= 0xFF
+    part.write_bytes(bytes(data))
+    assert StepCheckpoints(str(tmp_path), comm=COMM).restore() == (1, "one")
+    assert "skipping checkpoint of step 2" in capsys.readouterr().err
