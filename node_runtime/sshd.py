@@ -123,7 +123,9 @@ def render_sshd_config(service: Service) -> str:
         "KexAlgorithms curve25519-sha256,curve25519-sha256@libssh.org",
         "HostKeyAlgorithms ssh-ed25519",
         "PubkeyAcceptedAlgorithms ssh-ed25519",
-        f"SetEnv TMPDIR={service.tmp_dir} MPILAUNCH_SERVICE_DIR={files.directory}",
+        # SHLVL=1: bash then runs as a nested shell and skips ~/.bashrc, which it otherwise sources for every ssh
+        # command: the ranks get exactly the environment launch exports, and each hop saves the rc files' cost.
+        f"SetEnv TMPDIR={service.tmp_dir} MPILAUNCH_SERVICE_DIR={files.directory} SHLVL=1",
         # verify() opens this subsystem: a full handshake + authenticated session without starting the user's
         # shell (whose rc files can cost 100 ms); it can only answer sftp's version exchange and "limits".
         f"Subsystem {PROBE_SUBSYSTEM} internal-sftp -R -p limits",
