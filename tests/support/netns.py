@@ -234,8 +234,38 @@ def netns_cluster() -> Iterator[Callable[..., NetnsCluster]]:
             cluster.destroy()
 
 
-if __name__ == "__main__":  # quick manual check: python -m tests.support.netns
-    with NetnsCluster.create(3) as c:
-        for k in range(3):
-            print(c.run_on(k, ["sh", "-c", "hostname; ip -4 -o addr show eth0"], timeout=10).stdout, end="")
-    sys.exit(0)
+def demo(count: int = 3) -> int:
+    """A real ``count``-node MPI job through the node runtime, as Batch would run it (scripts/demo)."""
+    import json
+
+    program = [str(VENV_BIN / "python"), str(REPO / "tests" / "programs" / "mpi_probe.py")]
+    with NetnsCluster.create(count) as cluster:
+        print(f"cluster: {count} nodes (network namespaces {cluster.name}-n*), hosts {','.join(cluster.addresses)}")
+        for i, node in enumerate(cluster.nodes):
+            done = cluster.node_runtime(i, "coordinate")
+            print(f"  {node.hostname}$ node-runtime coordinate -> {(done.stdout + done.stderr).strip()}")
+            if done.returncode:
+                return done.returncode
+        print(f"  node0$ node-runtime launch -- {' '.join(program)}")
+        done = cluster.node_runtime(0, "launch", "--", *program, timeout=300)
+        records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+        records = [r for r in records if "rank" in r]
+        for r in records:
+            print(f"    rank {r['rank']}/{r['size']} on {r['hostname']} ({', '.join(r['addresses'])}): "
+                  f"allreduce={r['allreduce']} bcast={r['bcast']!r} ring_from_left={r['ring_from_left']}")
+        if done.stderr.strip():
+            print(done.stderr.rstrip())
+        report = json.loads((cluster.nodes[0].working_dir / "launch-report.json").read_text())
+        print(f"  launch-report.json: exit code {report['exit_code']}, timings {report['timings']}, "
+              f"services stopped {sum(report['services_stopped'].values())}/{count}")
+        expected = count * (count + 1) // 2
+        ok = (done.returncode == 0 and len({r["hostname"] for r in records}) == count
+              and all(r["allreduce"] == expected for r in records))
+        print("demo: OK, one rank on each node, collectives agree" if ok else "demo: FAILED")
+        return 0 if ok else 1
+
+
+if __name__ == "__main__":  # python -m tests.support.netns [COUNT]: the demo
+    if os.geteuid() != 0:
+        sys.exit("demo: needs root to build network namespaces (run it as root, e.g. with sudo)")
+    sys.exit(demo(int(sys.argv[1]) if len(sys.argv) > 1 else 3))

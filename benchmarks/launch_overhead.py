@@ -1,0 +1,141 @@
+"""Launch overhead of the node runtime on a 3-node network-namespace cluster (needs root).
+
+Measures, as medians over interleaved repetitions:
+- ``node-runtime launch -- python mpi_probe.py`` on the primary vs. the bare ``mpirun`` argv it runs (taken from
+  launch-report.json: same hosts, same options, same program, same environment, services already up);
+- ``node-runtime coordinate`` per node, from nothing (service stopped) and again on a live service;
+- ``node-runtime --help``.
+Targets: launch/mpirun <= 1.10, coordinate <= 150 ms, --help < 100 ms. Results replace this benchmark's section of
+docs/benchmarks.md (``--no-write`` to only print them).
+
+Usage: sudo .venv/bin/python benchmarks/launch_overhead.py [--repeat N] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from node_runtime.keys import KeyFiles  # noqa: E402
+from node_runtime.sshd import node_tmp_dir  # noqa: E402
+from tests.support.netns import VENV_BIN, NetnsCluster  # noqa: E402
+
+PROBE = [str(VENV_BIN / "python"), str(REPO / "tests" / "programs" / "mpi_probe.py")]
+DOC = REPO / "docs" / "benchmarks.md"
+BEGIN, END = "<!-- launch_overhead:begin -->", "<!-- launch_overhead:end -->"
+TARGETS = {"ratio": 1.10, "coordinate_ms": 150.0, "help_ms": 100.0}
+
+
+def timed(run: Callable[[], subprocess.CompletedProcess[str]]) -> float:
+    started = time.perf_counter()
+    done = run()
+    elapsed = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"benchmark step failed ({done.returncode}): {done.args}\n{done.stdout}\n{done.stderr}")
+    return elapsed
+
+
+def coordinate_all(cluster: NetnsCluster) -> list[float]:
+    return [timed(functools.partial(cluster.node_runtime, i, "coordinate")) for i in range(len(cluster.nodes))]
+
+
+def bare_mpirun(cluster: NetnsCluster, argv: Sequence[str]) -> Callable[[], subprocess.CompletedProcess[str]]:
+    """mpirun exactly as launch runs it: its argv and its environment (no secret, node-local TMPDIR)."""
+    tmpdir = node_tmp_dir(KeyFiles.under(cluster.nodes[0].task_dir).directory)
+    return lambda: cluster.run_on(0, argv, env={"TMPDIR": str(tmpdir)}, drop=["MPILAUNCH_TASK_SECRET"], timeout=120)
+
+
+def measure(repeat: int) -> dict[str, float | int | str]:
+    with NetnsCluster.create(3) as cluster:
+        launch = functools.partial(cluster.node_runtime, 0, "launch", "--", *PROBE, timeout=120)
+        coordinate_all(cluster)
+        first = launch()  # warm-up; also gives the argv to compare with
+        if first.returncode != 0:
+            raise SystemExit(f"launch failed: {first.stderr}")
+        argv = json.loads((cluster.nodes[0].working_dir / "launch-report.json").read_text())["argv"]
+        bare = bare_mpirun(cluster, argv)
+        launches, bares, cold, warm = [], [], [], []
+        for _ in range(repeat):  # interleaved, so load drift on a shared machine hits both alike
+            cold += coordinate_all(cluster)
+            warm += coordinate_all(cluster)
+            bares.append(timed(bare))
+            launches.append(timed(launch))  # stops every service at its end: the next round starts cold
+        help_run = functools.partial(subprocess.run, [str(VENV_BIN / "node-runtime"), "--help"], capture_output=True,
+                                     text=True, timeout=30, check=False)
+        helps = [timed(help_run) for _ in range(repeat * 2)]
+    med = statistics.median
+    return {
+        "repeat": repeat, "launch_ms": med(launches) * 1e3, "mpirun_ms": med(bares) * 1e3,
+        "ratio": med(launches) / med(bares), "coordinate_ms": med(cold) * 1e3, "coordinate_live_ms": med(warm) * 1e3,
+        "help_ms": med(helps) * 1e3, "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+        f"load {os.getloadavg()[0]:.2f}", "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
+def markdown(r: dict[str, float | int | str]) -> str:
+    def row(name: str, value: float, target: str, ok: bool) -> str:
+        return f"| {name} | {value:.0f} ms | {target} | {'yes' if ok else '**no**'} |"
+
+    return "\n".join([
+        BEGIN,
+        "## Node runtime: launch overhead (`benchmarks/launch_overhead.py`)",
+        "",
+        f"3-node network-namespace cluster, 1 rank per node, `tests/programs/mpi_probe.py` (allreduce, bcast, ring, "
+        f"gather); medians of {r['repeat']} interleaved runs; {r['machine']}; {r['when']}. Wall times include "
+        "`ip netns exec` + `unshare` (~5 ms).",
+        "",
+        "| Measure | Median | Target | Met |",
+        "|---|---|---|---|",
+        row("`node-runtime launch` (wait for services, mpirun, stop services)", float(r["launch_ms"]), "", True),
+        row("bare `mpirun`, same argv and environment", float(r["mpirun_ms"]), "", True),
+        f"| ratio launch / mpirun | {float(r['ratio']):.2f} | <= {TARGETS['ratio']:.2f} | "
+        f"{'yes' if float(r['ratio']) <= TARGETS['ratio'] else '**no**'} |",
+        row("`node-runtime coordinate` per node, service stopped", float(r["coordinate_ms"]),
+            f"<= {TARGETS['coordinate_ms']:.0f} ms", float(r["coordinate_ms"]) <= TARGETS["coordinate_ms"]),
+        row("`node-runtime coordinate` per node, service live", float(r["coordinate_live_ms"]), "", True),
+        row("`node-runtime --help`", float(r["help_ms"]), f"< {TARGETS['help_ms']:.0f} ms",
+            float(r["help_ms"]) < TARGETS["help_ms"]),
+        "",
+        END,
+    ])
+
+
+def write_section(section: str) -> None:
+    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\nResults of the scripts in `benchmarks/`.\n"
+    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
+    text = pattern.sub(lambda _m: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
+    DOC.write_text(text.rstrip("\n") + "\n")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--no-write", action="store_true", help="print the results only")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("launch_overhead: needs root (it builds network namespaces)", file=sys.stderr)
+        return 2
+    results = measure(args.repeat)
+    section = markdown(results)
+    print(section)
+    if not args.no_write:
+        write_section(section)
+        print(f"written to {DOC.relative_to(REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
