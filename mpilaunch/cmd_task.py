@@ -58,7 +58,7 @@ def results(**opts: Any) -> int:
 @cliopts.task_ref_options
 @cliopts.connection_options
 @click.option("--instance", type=int, default=0, show_default=True, help="Which instance (0 = primary).")
-@click.option("--stderr", "stream", flag_value="stderr.txt", default=False, help="Show stderr instead of stdout.")
+@click.option("--stderr", "show_stderr", is_flag=True, help="Show stderr instead of stdout.")
 def logs(**opts: Any) -> int:
     """Print one instance's stdout (or --stderr) as its node has it now."""
     from mpilaunch.client.results import node_file_path
@@ -71,7 +71,7 @@ def logs(**opts: Any) -> int:
     if row is None or not (row.node and row.pool and row.task_root):
         raise InvalidInput(f"instance {opts['instance']} of {res.job_id}/{res.task_id} has no node yet "
                            f"(instances known: {sorted(rows)})")
-    name = opts["stream"] or "stdout.txt"
+    name = "stderr.txt" if opts["show_stderr"] else "stdout.txt"
     with launch.errors():
         data = b"".join(launch.batch.download_node_file(row.pool, row.node, node_file_path(row.task_root, name)))
     click.echo(data.decode(errors="replace"), nl=False)

@@ -66,6 +66,13 @@ def test_run_hello_on_three_nodes(local_services: LocalState, capsys: pytest.Cap
     assert {i["result"] for i in doc["instances"]} == {"success"}
     assert len({i["node"] for i in doc["instances"]}) == 3
 
+    code, out, err = cli_run(capsys, "logs", "--local", task)
+    assert code == 0 and out == primary_log, err
+    code, out, err = cli_run(capsys, "logs", "--local", task, "--instance", "2", "--stderr")
+    assert code == 0 and out == (tmp_path / "logs" / "instance-2" / "stderr.txt").read_text()
+    code, out, err = cli_run(capsys, "logs", "--local", task, "--instance", "7")
+    assert code == 2 and "instance 7" in err and "[0, 1, 2]" in err
+
     launcher = Launcher.local()
     env = {e.name: e.value for e in launcher.batch.get_task("mpilaunch", task).environment_settings}
     secret = env["MPILAUNCH_TASK_SECRET"]
