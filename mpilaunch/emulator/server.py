@@ -7,12 +7,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from mpilaunch.emulator import api_files, api_jobs, api_pools, api_tasks, defaults
@@ -21,6 +22,7 @@ from mpilaunch.emulator.store import Store
 from mpilaunch.emulator.validation import MAX_BODY
 from mpilaunch.emulator.wire import Context, EngineLike, FileBody, Handler, Request, Response
 from mpilaunch.emulator.wire_errors import WireError, new_request_id
+from mpilaunch.errors import InvalidInput
 
 log = logging.getLogger("mpilaunch.emulator")
 
@@ -110,6 +112,17 @@ def make_engine(store: Store, data_dir: Path, account: str, endpoint: str) -> En
     return made
 
 
+def _lock_data_dir(data_dir: Path) -> IO[str]:
+    """Hold an exclusive lock on the data dir: two emulators must never run one state."""
+    handle = (data_dir / "emulator.lock").open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        handle.close()
+        raise InvalidInput(f"--data {data_dir}: in use by another running emulator") from exc
+    return handle
+
+
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
 
@@ -127,8 +140,13 @@ class EmulatorServer:
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.auth = Authenticator(account, key, bearer=bearer)
+        self._lock_file = _lock_data_dir(self.data_dir)
+        try:
+            self.httpd = _HTTPServer((host, port), _Handler)
+        except OSError:
+            self._lock_file.close()
+            raise
         self.store = Store(self.data_dir / "state.sqlite3")
-        self.httpd = _HTTPServer((host, port), _Handler)
         self.engine = make_engine(self.store, self.data_dir, account, self.endpoint) if execute else None
         self.ctx = Context(self.store, account, self.data_dir, self.engine)
         self.httpd.emulator = self  # type: ignore[attr-defined]
@@ -155,6 +173,7 @@ class EmulatorServer:
         if self.engine is not None:
             self.engine.stop()  # type: ignore[attr-defined]
         self.store.close()
+        self._lock_file.close()
 
     def handle(self, req: Request) -> Response:
         """Authenticate, route and run one request; every failure becomes a Batch error response."""

@@ -247,15 +247,18 @@ class Store:
         last = after
         with self._lock:
             rows = self._db.execute("SELECT seq, doc FROM docs WHERE kind=? AND parent=? AND seq>? ORDER BY seq",
-                                    (kind, _parent_key(parent), after)).fetchall()
-        for seq, text in rows:
-            doc = dict(json.loads(text))
-            if not keep(doc):
-                continue
-            if len(out) >= max(limit, 1):
-                return out, last
-            out.append(doc)
-            last = int(seq)
+                                    (kind, _parent_key(parent), after))
+            try:
+                for seq, text in rows:
+                    doc = dict(json.loads(text))
+                    if not keep(doc):
+                        continue
+                    if len(out) >= max(limit, 1):
+                        return out, last
+                    out.append(doc)
+                    last = int(seq)
+            finally:
+                rows.close()
         return out, None
 
 
