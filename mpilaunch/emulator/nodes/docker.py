@@ -225,6 +225,10 @@ class DockerProvider(NodeProvider):
         with self._lock:
             if proc.run(["docker", "inspect", "-f", "{{.Id}}", name], timeout=60, check=False).returncode == 0:
                 return name
+            running = proc.run(["docker", "inspect", "-f", "{{.State.Running}}", node.data["container"]],
+                               timeout=60, check=False)
+            if running.stdout.decode().strip() != "true":
+                raise NodeError(f"node {node.id!r} is down: its container {node.data['container']!r} is not running")
             image = str(settings.get("imageName") or node.data["image"])
             try:
                 options = shlex.split(str(settings.get("containerRunOptions") or ""))

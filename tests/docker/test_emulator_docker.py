@@ -1,0 +1,201 @@
+"""End to end: the unmodified azure-batch SDK over HTTP -> the emulator -> docker nodes of the task image.
+
+A container pool (``containerConfiguration`` with the task image) gets three node containers; a multi-instance task
+with ``containerSettings`` runs ``node-runtime coordinate`` on each and ``node-runtime launch`` on the primary, whose
+mpi4py ranks must land on the three containers. Killing a node container mid-task fails the attempt, and Batch's
+whole-task retry fails too while the node is down; once it is back, a new task succeeds.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from azure.batch import BatchClient
+from azure.batch import models as m
+from azure.core.credentials import AzureNamedKeyCredential
+
+from mpilaunch.emulator import defaults
+from mpilaunch.emulator import engine as engine_module
+from mpilaunch.emulator.nodes.base import Node
+from mpilaunch.emulator.nodes.docker import DockerProvider
+from mpilaunch.emulator.server import EmulatorServer
+from tests.support.docker import DockerScope, docker
+from tests.support.exec_engine import wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+RANKS = """
+import json, socket, sys, time
+import psutil
+from mpi4py import MPI
+comm = MPI.COMM_WORLD
+comm.Barrier()
+if comm.rank == 0 and len(sys.argv) > 1:
+    print("ready", flush=True)
+    time.sleep(float(sys.argv[1]))
+addresses = sorted(a.address for v in psutil.net_if_addrs().values() for a in v
+                   if a.family == socket.AF_INET and not a.address.startswith("127."))
+total = comm.allreduce(comm.rank + 1)
+rows = comm.gather({"rank": comm.rank, "hostname": socket.gethostname(), "addresses": addresses, "sum": total})
+if comm.rank == 0:
+    print("\\n".join(json.dumps(r) for r in rows), flush=True)
+"""
+
+
+@dataclass
+class DockerEmulator:
+    server: EmulatorServer
+    provider: DockerProvider
+    image: str
+
+    def client(self) -> Any:
+        return BatchClient(self.server.endpoint, AzureNamedKeyCredential(defaults.ACCOUNT, defaults.KEY))
+
+    def node(self, pool_id: str, node_id: str) -> Node:
+        engine: Any = self.server.engine
+        node: Node | None = engine.ctx.node_of(self.server.store.get("node", (pool_id,), node_id))
+        assert node is not None
+        return node
+
+
+@pytest.fixture
+def docker_emulator(docker_image: str, docker_scope: DockerScope, tmp_path: Path,
+                    monkeypatch: pytest.MonkeyPatch) -> Iterator[DockerEmulator]:
+    """An emulator (HTTP on 127.0.0.1) whose engine runs container pools on docker nodes of this test's scope."""
+    reserve = engine_module.reserve_port
+
+    def reserve_port(address: str) -> int:
+        # Workaround, reported: the engine binds the primary's address on this host to pick AZ_BATCH_MASTER_NODE's
+        # port, but docker node addresses live in the containers; any port is free in a fresh node container.
+        try:
+            return reserve(address)
+        except OSError:
+            return reserve("127.0.0.1")
+
+    monkeypatch.setattr(engine_module, "reserve_port", reserve_port)
+    provider = DockerProvider(scope=docker_scope.prefix, shm_size="256m")
+    server = EmulatorServer(tmp_path / "emulator", host="127.0.0.1", port=0, execute=False)
+    engine = engine_module.Engine(server.store, server.data_dir, provider, account=defaults.ACCOUNT,
+                                  account_url=server.endpoint, poll=0.1)
+    server.engine = server.ctx.engine = engine  # the same engine the server builds, with the docker provider
+    server.start()
+    try:
+        yield DockerEmulator(server, provider, docker_image)
+    finally:
+        server.stop()
+
+
+def container_pool(emu: DockerEmulator, nodes: int) -> str:
+    client = emu.client()
+    pool_id = f"dpool-{uuid.uuid4().hex[:6]}"
+    client.create_pool(m.BatchPoolCreateOptions(
+        id=pool_id, vm_size="standard_d2s_v3", target_dedicated_nodes=nodes, enable_inter_node_communication=True,
+        task_slots_per_node=1,
+        virtual_machine_configuration=m.VirtualMachineConfiguration(
+            image_reference=m.BatchVmImageReference(publisher="microsoft-dsvm", offer="ubuntu-hpc", sku="2204"),
+            node_agent_sku_id="batch.node.ubuntu 22.04",
+            container_configuration=m.BatchContainerConfiguration(
+                type=m.ContainerType.DOCKER_COMPATIBLE, container_image_names=[emu.image]))))
+    wait_for(lambda: [n.state for n in client.list_nodes(pool_id)] == [m.BatchNodeState.IDLE] * nodes, 120,
+             f"{nodes} idle docker nodes")
+    job_id = f"job-{uuid.uuid4().hex[:6]}"
+    client.create_job(m.BatchJobCreateOptions(id=job_id, pool_info=m.BatchPoolInfo(pool_id=pool_id)))
+    return job_id
+
+
+def add_mpi_task(emu: DockerEmulator, job_id: str, *rank_args: str, retries: int = 0) -> str:
+    task_id = f"mpi-{uuid.uuid4().hex[:6]}"
+    argv = ["node-runtime", "launch", "--", "/opt/mpilaunch/bin/python", "-c", RANKS, *rank_args]
+    emu.client().create_task(job_id, m.BatchTaskCreateOptions(
+        id=task_id, command_line=shlex.join(argv),
+        container_settings=m.BatchTaskContainerSettings(image_name=emu.image,
+                                                        container_run_options="--shm-size 512m"),
+        multi_instance_settings=m.MultiInstanceSettings(number_of_instances=3,
+                                                        coordination_command_line="node-runtime coordinate"),
+        constraints=m.BatchTaskConstraints(max_task_retry_count=retries),
+        environment_settings=[m.EnvironmentSetting(name="AZ_BATCH_NODE_COUNT", value="3"),
+                              m.EnvironmentSetting(name="MPILAUNCH_TASK_SECRET",
+                                                   value=uuid.uuid4().hex + uuid.uuid4().hex)]))
+    return task_id
+
+
+def completed(emu: DockerEmulator, job_id: str, task_id: str, timeout: float = 150) -> Any:
+    client = emu.client()
+    return wait_for(lambda: (t := client.get_task(job_id, task_id)).state == m.BatchTaskState.COMPLETED and t,
+                    timeout, f"task {task_id} completed")
+
+
+def text(chunks: Any) -> str:
+    return b"".join(chunks).decode()
+
+
+def test_three_node_mpi4py_task_on_three_containers(docker_emulator: DockerEmulator) -> None:
+    emu, client = docker_emulator, docker_emulator.client()
+    job_id = container_pool(emu, 3)
+    task_id = add_mpi_task(emu, job_id)
+    task = completed(emu, job_id, task_id)
+    stdout = text(client.download_task_file(job_id, task_id, "stdout.txt"))
+    stderr = text(client.download_task_file(job_id, task_id, "stderr.txt"))
+    assert (task.execution_info.result, task.execution_info.exit_code) == (
+        m.BatchTaskExecutionResult.SUCCESS, 0), stdout + stderr
+
+    pool_id = task.node_info.pool_id
+    subtasks = sorted(client.list_subtasks(job_id, task_id), key=lambda s: s.id)
+    node_ids = [task.node_info.node_id] + [s.node_info.node_id for s in subtasks]
+    nodes = [emu.node(pool_id, n) for n in node_ids]
+    assert len({n.address for n in nodes}) == 3
+    # Every rank ran in its own node container: that node's host name and address, all in one allreduce.
+    ranks = [json.loads(line) for line in stdout.splitlines() if line.startswith('{"rank"')]
+    assert [r["rank"] for r in ranks] == [0, 1, 2]
+    assert sorted(r["hostname"] for r in ranks) == sorted(n.hostname for n in nodes)
+    for rank in ranks:
+        node = next(n for n in nodes if n.hostname == rank["hostname"])
+        assert rank["addresses"] == [node.address]
+        assert rank["sum"] == 6
+    # Per-subtask results: each non-primary instance completed on its own container and started its sshd there.
+    for sub, node in zip(subtasks, nodes[1:], strict=True):
+        assert (sub.state, sub.exit_code, sub.result) == (m.BatchSubtaskState.COMPLETED, 0,
+                                                          m.BatchTaskExecutionResult.SUCCESS)
+        out = text(client.download_node_file(pool_id, sub.node_info.node_id,
+                                             f"{sub.node_info.task_root_directory}/stdout.txt"))
+        assert f"sshd on {node.address}:" in out
+    # The node containers are the nodes: distinct host names, the pool's image; no task container outlives the task.
+    containers = docker("ps", "-q", "--filter", f"label=org.mpilaunch.emulator={emu.provider.scope}").stdout.split()
+    assert sorted(docker("inspect", "-f", "{{.Config.Hostname}}", *containers).stdout.split()) == sorted(
+        n.hostname for n in nodes)
+
+
+def test_killed_node_container_fails_the_task_and_its_retry(docker_emulator: DockerEmulator) -> None:
+    emu, client = docker_emulator, docker_emulator.client()
+    job_id = container_pool(emu, 3)
+    task_id = add_mpi_task(emu, job_id, "60", retries=1)
+
+    def ready() -> bool:
+        try:
+            return "ready" in text(client.download_task_file(job_id, task_id, "stdout.txt"))
+        except Exception:  # the file appears once the command line started
+            return False
+
+    wait_for(ready, 120, "the ranks to start")
+    running = client.get_task(job_id, task_id)
+    subtask = next(iter(client.list_subtasks(job_id, task_id)))
+    victim = emu.node(running.node_info.pool_id, subtask.node_info.node_id)
+    emu.provider.kill_node(victim)  # the VM of one instance dies mid-task
+
+    task = completed(emu, job_id, task_id, timeout=60)  # well before the ranks' 60 s sleep would end
+    info = task.execution_info
+    assert info.result == m.BatchTaskExecutionResult.FAILURE
+    assert info.retry_count == 1  # the whole task was retried once, and failed again with the node down
+    assert info.failure_info.code == "CommandStartFailed"  # the retry could not start on the dead node
+    assert f"node {victim.id!r} is down" in info.failure_info.message
+
+    emu.provider.restart_node(victim)  # the node comes back: the same pool runs the next task
+    again = completed(emu, job_id, add_mpi_task(emu, job_id))
+    assert again.execution_info.result == m.BatchTaskExecutionResult.SUCCESS
