@@ -38,11 +38,18 @@ def _key(job_id: str, task_id: str) -> Key:
     return job_id.lower(), task_id.lower()
 
 
+MASTER_PORT = 6000
+"""``AZ_BATCH_MASTER_NODE``'s port when the master's address is not this machine's (e.g. a container's)."""
+
+
 def reserve_port(address: str) -> int:
-    """A currently free TCP port on ``address`` (Batch reserves one for ``AZ_BATCH_MASTER_NODE``)."""
-    with socket.socket() as s:
-        s.bind((address, 0))
-        return int(s.getsockname()[1])
+    """A port for ``AZ_BATCH_MASTER_NODE``: a currently free one if ``address`` is local, else :data:`MASTER_PORT`."""
+    try:
+        with socket.socket() as s:
+            s.bind((address, 0))
+            return int(s.getsockname()[1])
+    except OSError:
+        return MASTER_PORT
 
 
 class Engine:
