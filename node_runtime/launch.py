@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from mpilaunch import proc
-from mpilaunch.errors import InvalidInput, MpilaunchError, ServiceError
+from mpilaunch.errors import InvalidInput, MpilaunchError, ServiceError, TaskFailed
 from node_runtime import sshd
 from node_runtime.coordinate import prepare, service
 from node_runtime.env import SECRET_VARIABLE, NodeEnvironment
@@ -88,22 +89,24 @@ def launch(env: NodeEnvironment, environ: Mapping[str, str], command: Sequence[s
     svc = _client_side(env)
     remote = [h for h in env.hosts_primary_first if h != env.current_address]
     channels: dict[str, subprocess.Popen[bytes]] = {}
+    cancel = threading.Event()
     try:
-        mpirun = _mpirun_path()
-        with ThreadPoolExecutor(max_workers=1) as pool:  # mpirun --version while we wait for the services
-            detected = pool.submit(_detect, mpirun, flavor)
-            report.unreachable = wait_for_services(env.hosts_primary_first, env.ssh_port, timeout)
-            report.timings["wait_services_s"] = round(time.monotonic() - started, 4)
-            chosen = detected.result()
-        report.flavor = chosen.value
-        if report.unreachable:
-            raise ServiceError(f"the coordination service did not answer within {timeout:g}s on "
-                               f"{len(report.unreachable)} host(s): {', '.join(report.unreachable)} (port "
-                               f"{env.ssh_port}; did 'node-runtime coordinate' succeed there?)")
-        argv, mpirun_env = _mpirun_command(env, environ, svc, flavor=chosen, ppn=ppn, command=command, mpirun=mpirun)
-        report.argv = argv
-        mpirun_started = time.monotonic()
-        with _forwarding_signals() as forward:
+        with _forwarding_signals(cancel) as forward:
+            mpirun = _mpirun_path()
+            with ThreadPoolExecutor(max_workers=1) as pool:  # mpirun --version while we wait for the services
+                detected = pool.submit(_detect, mpirun, flavor)
+                report.unreachable = wait_for_services(env.hosts_primary_first, env.ssh_port, timeout, cancel)
+                report.timings["wait_services_s"] = round(time.monotonic() - started, 4)
+                chosen = detected.result()
+            report.flavor = chosen.value
+            if report.unreachable:
+                raise ServiceError(f"the coordination service did not answer within {timeout:g}s on "
+                                   f"{len(report.unreachable)} host(s): {', '.join(report.unreachable)} (port "
+                                   f"{env.ssh_port}; did 'node-runtime coordinate' succeed there?)")
+            argv, mpirun_env = _mpirun_command(env, environ, svc, flavor=chosen, ppn=ppn, command=command,
+                                               mpirun=mpirun)
+            report.argv = argv
+            mpirun_started = time.monotonic()
             # own session: a terminal's Ctrl-C reaches mpirun once (forwarded by us), not twice (which would make
             # Open MPI skip its orderly abort)
             child = proc.spawn(argv, env=mpirun_env, cwd=env.working_dir, stdin=subprocess.DEVNULL, new_session=True)
@@ -141,7 +144,7 @@ def _mpirun_path() -> str:
 def _detect(mpirun: str, given: MpiFlavor | None) -> MpiFlavor:
     if given is not None:
         return given
-    done = proc.run([mpirun, "--version"], timeout=30, check=False)
+    done = proc.run([mpirun, "--version"], timeout=30, check=False, env=sshd.clean_environ())
     return detect_flavor((done.stdout + done.stderr).decode(errors="replace"))
 
 
@@ -174,18 +177,20 @@ def _interface_of(address: str) -> str | None:
                 None)
 
 
-def wait_for_services(hosts: Sequence[str], port: int, timeout: float) -> list[str]:
+def wait_for_services(hosts: Sequence[str], port: int, timeout: float,
+                      cancel: threading.Event | None = None) -> list[str]:
     """Wait until every host's sshd sends its banner; returns the hosts that did not within ``timeout``."""
     deadline = time.monotonic() + timeout
+    cancel = cancel or threading.Event()
     with ThreadPoolExecutor(max_workers=min(64, len(hosts))) as pool:
-        answered = list(pool.map(lambda h: _wait_one(h, port, deadline), hosts))
+        answered = list(pool.map(lambda h: _wait_one(h, port, deadline, cancel), hosts))
     return [h for h, ok in zip(hosts, answered, strict=True) if not ok]
 
 
-def _wait_one(host: str, port: int, deadline: float) -> bool:
+def _wait_one(host: str, port: int, deadline: float, cancel: threading.Event) -> bool:
     while True:
         remaining = deadline - time.monotonic()
-        if remaining <= 0:
+        if remaining <= 0 or cancel.is_set():
             return False
         try:
             with socket.create_connection((host, port), timeout=min(1.0, remaining)) as conn:
@@ -193,13 +198,13 @@ def _wait_one(host: str, port: int, deadline: float) -> bool:
                     return True
         except OSError:
             pass
-        time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+        cancel.wait(min(0.05, max(0.0, deadline - time.monotonic())))
 
 
 def _open_stop_channel(svc: sshd.Service, host: str) -> subprocess.Popen[bytes]:
     """An ssh session to ``host`` that stops its service when our end of stdin closes (EOF)."""
-    return proc.spawn(sshd.ssh_argv(svc, host, [REMOTE_STOP], extra=["-T"]), stdin=subprocess.PIPE,
-                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return proc.spawn(sshd.ssh_argv(svc, host, [REMOTE_STOP], extra=["-T"]), env=sshd.clean_environ(),
+                      stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def stop_services(svc: sshd.Service, remote: Sequence[str], channels: dict[str, subprocess.Popen[bytes]],
@@ -225,11 +230,17 @@ def stop_services(svc: sshd.Service, remote: Sequence[str], channels: dict[str, 
 
 
 @contextlib.contextmanager
-def _forwarding_signals() -> Iterator[list[subprocess.Popen[bytes]]]:
-    """While active, SIGTERM and SIGINT go to the processes in the yielded list (mpirun) instead of us."""
+def _forwarding_signals(cancel: threading.Event) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """While active, SIGTERM and SIGINT go to the processes in the yielded list (mpirun); before there is one,
+    they cancel the launch (TaskFailed, exit code 128+N) so the report is written and the services stopped."""
     targets: list[subprocess.Popen[bytes]] = []
 
     def forward(signum: int, _frame: object) -> None:
+        if not targets:
+            cancel.set()
+            error = TaskFailed(f"launch interrupted by {signal.Signals(signum).name} before mpirun started")
+            error.exit_code = 128 + signum
+            raise error
         for child in targets:
             with contextlib.suppress(ProcessLookupError):
                 child.send_signal(signum)

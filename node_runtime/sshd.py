@@ -23,6 +23,7 @@ from pathlib import Path
 
 from mpilaunch import proc
 from mpilaunch.errors import ServiceError
+from node_runtime.env import SECRET_VARIABLE
 from node_runtime.keys import KeyFiles, ensure_private_dir
 
 SSHD_SEARCH_PATH = ("/usr/sbin", "/usr/local/sbin", "/sbin")
@@ -69,6 +70,11 @@ def service_for(task_shared_dir: str | Path, address: str, port: int) -> Service
     """The service of the task whose shared dir is ``task_shared_dir``, on ``address``:``port``."""
     files = KeyFiles.under(task_shared_dir)
     return Service(address, port, files, current_user(), node_tmp_dir(files.directory))
+
+
+def clean_environ() -> dict[str, str]:
+    """This process's environment without the task secret: what our sshd and ssh children get."""
+    return {k: v for k, v in os.environ.items() if k != SECRET_VARIABLE}
 
 
 def current_user() -> str:
@@ -224,7 +230,7 @@ def start(service: Service, sshd: Path) -> int:
     service.tmp_dir.mkdir(mode=0o700, exist_ok=True)
     with service.log.open("wb") as log:
         child = proc.spawn([str(sshd), "-D", "-f", str(service.config), "-E", str(service.log)],
-                           stdout=log.fileno(), stderr=subprocess.STDOUT, new_session=True)
+                           env=clean_environ(), stdout=log.fileno(), stderr=subprocess.STDOUT, new_session=True)
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         code = child.poll()
@@ -265,7 +271,8 @@ def verify(service: Service, timeout: float = VERIFY_TIMEOUT) -> None:
     """Complete a real ssh handshake with this node's own service: host key checked against the derived
     known_hosts, the task key accepted, a session opened (the probe subsystem answers sftp's version exchange)."""
     argv = ssh_argv(service, service.address, [PROBE_SUBSYSTEM], extra=["-s"])
-    child = proc.spawn(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child = proc.spawn(argv, env=clean_environ(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE)
     assert child.stdin is not None and child.stdout is not None and child.stderr is not None
     try:
         child.stdin.write(SFTP_INIT)

@@ -120,3 +120,27 @@ def test_sigterm_is_forwarded_to_mpirun_and_services_stop(netns_cluster: Cluster
     while any(p for i in range(2) for p in cluster.pids(i)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [p for i in range(2) for p in cluster.pids(i)]
+
+
+def test_sigterm_while_waiting_for_services_ends_the_launch_cleanly(netns_cluster: Cluster) -> None:
+    cluster = netns_cluster(2)
+    coordinate(cluster, 0)  # node 1 never answers: launch waits
+    node = cluster.nodes[0]
+    argv = cluster.argv_on(0, [str(VENV_BIN / "node-runtime"), "launch", "--timeout", "60", "--", *PROBE])
+    child = subprocess.Popen(argv, env=node.env, cwd=node.working_dir, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.5)
+        started = time.monotonic()
+        child.send_signal(signal.SIGTERM)
+        _, stderr = child.communicate(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == 128 + signal.SIGTERM, stderr
+    assert time.monotonic() - started < 10
+    assert "interrupted by SIGTERM before mpirun started" in stderr
+    data = report(cluster)
+    assert data["exit_code"] == 128 + signal.SIGTERM and data["argv"] == []
+    assert not sshd_running(cluster, 0)
