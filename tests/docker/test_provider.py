@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from mpilaunch.emulator import multiinstance as mi
-from mpilaunch.emulator.nodes.base import Execution, Node
+from mpilaunch.emulator.nodes.base import Execution, Node, NodeError
 from mpilaunch.emulator.nodes.docker import NODE_ROOT, DockerProvider
 from mpilaunch.errors import CommandFailed
 from tests.support.docker import REPO, DockerScope, docker
@@ -165,8 +165,18 @@ def test_container_settings_are_honoured(provider: DockerProvider, make_nodes: o
         assert out.splitlines()[:2] == [str(os.getuid()), f"{NODE_ROOT}/startup"]
         with pytest.raises(CommandFailed, match="containerRunOptions"):
             run(provider, node, ["true"], tag="t3", container={"containerRunOptions": "--env 'unclosed"})
+        # containerHostBatchBindMounts: only the listed data paths, read-only where asked.
+        mounts = [{"source": "Shared", "isReadOnly": True}, {"source": "Task"}]
+        code, out = run(provider, node, ["bash", "-c", f"ls {NODE_ROOT}; touch {NODE_ROOT}/workitems/w && "
+                                         f"touch {NODE_ROOT}/shared/s"], tag="t4",
+                        container={"containerHostBatchBindMounts": mounts})
+        assert code != 0 and "Read-only file system" in out
+        assert out.split()[:2] == ["shared", "workitems"]
+        assert (node.root / "workitems" / "w").exists() and not (node.root / "shared" / "s").exists()
+        with pytest.raises(NodeError, match="'Scratch'"):
+            run(provider, node, ["true"], tag="t5", container={"containerHostBatchBindMounts": [{"source": "Scratch"}]})
     finally:
-        for tag in ("t1", "t2", "t3"):
+        for tag in ("t1", "t2", "t3", "t4", "t5"):
             provider.kill_tag(node, tag)
         docker("rmi", alt, check=False)
 

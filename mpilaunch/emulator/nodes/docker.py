@@ -46,6 +46,9 @@ NODE_ROOT = "/mnt/batch/tasks"
 LABEL_SCOPE = "org.mpilaunch.emulator"
 LABEL_NODE = "org.mpilaunch.node"
 LABEL_POOL = "org.mpilaunch.pool"
+HOST_DATA_PATHS = {"Shared": "shared", "Startup": "startup", "VfsMounts": "fsmounts", "Task": "workitems",
+                   "JobPrep": "workitems", "Applications": "applications"}
+"""``ContainerHostDataPath`` values and the node-root subdirectories they mount."""
 SUPERNET = ipaddress.IPv4Network("10.128.0.0/9")
 """Pool networks are /24s picked at random in here, away from the host's own subnets and other docker networks."""
 
@@ -60,6 +63,25 @@ def _name(*parts: str, key: Path | str) -> str:
     """A docker-safe, readable name, made unique by a hash of ``key``."""
     slug = "-".join(re.sub(r"[^a-zA-Z0-9_.-]+", "-", p).strip("-.")[:24] for p in parts)
     return f"mpl-{slug}-{hashlib.sha256(str(key).encode()).hexdigest()[:10]}"
+
+
+def bind_mounts(node: Node, entries: Sequence[Mapping[str, Any]] | None) -> list[str]:
+    """``docker create`` volume options for ``containerHostBatchBindMounts``: the whole node root when absent (as
+    Batch on Linux), else each listed data path at its Batch location (``Task`` and ``JobPrep``: ``workitems``)."""
+    if entries is None:
+        return ["-v", f"{node.root}:{NODE_ROOT}"]
+    mounts: dict[str, bool] = {}
+    for entry in entries:
+        source = str(entry.get("source"))
+        if source not in HOST_DATA_PATHS:
+            raise NodeError(f"containerHostBatchBindMounts source {source!r} is not one of {sorted(HOST_DATA_PATHS)}")
+        sub = HOST_DATA_PATHS[source]
+        mounts[sub] = mounts.get(sub, True) and bool(entry.get("isReadOnly", False))
+    options = []
+    for sub, read_only in mounts.items():
+        (node.root / sub).mkdir(parents=True, exist_ok=True)
+        options += ["-v", f"{node.root / sub}:{NODE_ROOT}/{sub}{':ro' if read_only else ''}"]
+    return options
 
 
 def docker(*args: str, timeout: float = 120) -> str:
@@ -239,7 +261,8 @@ class DockerProvider(NodeProvider):
             self._ensure_image(image)
             create = ["docker", "create", "--name", name, "--network", f"container:{node.data['container']}",
                       "--init", "--shm-size", self.shm_size, "--user", f"{os.getuid()}:{os.getgid()}",
-                      "-v", f"{node.root}:{NODE_ROOT}", "--label", f"{LABEL_SCOPE}={self.scope}",
+                      *bind_mounts(node, settings.get("containerHostBatchBindMounts")),
+                      "--label", f"{LABEL_SCOPE}={self.scope}",
                       "--label", f"{LABEL_NODE}={node.data['container']}", *options,
                       "--entrypoint", "sleep", image, "infinity"]
             proc.run(create, timeout=120)
