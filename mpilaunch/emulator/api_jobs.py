@@ -6,7 +6,17 @@ from typing import Any
 
 from mpilaunch.emulator import validation
 from mpilaunch.emulator.store import Conflict, Doc, now_iso, transition
-from mpilaunch.emulator.wire import Context, Request, Response, accepted, body_object, created, entity, listing
+from mpilaunch.emulator.wire import (
+    Context,
+    Request,
+    Response,
+    accepted,
+    body_object,
+    created,
+    entity,
+    listing,
+    precondition,
+)
 from mpilaunch.emulator.wire_errors import WireError, exists, not_found
 
 FOREVER = "P10675199DT2H48M5.4775807S"
@@ -52,6 +62,7 @@ def patch(ctx: Context, req: Request, ids: list[str]) -> Response:
     body = validation.check(body_object(req), "BatchJobUpdateOptions")
 
     def apply(doc: Doc) -> None:
+        precondition(req, doc)
         if doc.get("state") in ("completed", "terminating", "deleting"):
             raise _not_active(doc)
         for key in _PATCHABLE:
@@ -69,7 +80,7 @@ def patch(ctx: Context, req: Request, ids: list[str]) -> Response:
 
 def delete(ctx: Context, req: Request, ids: list[str]) -> Response:
     with ctx.store.transaction():
-        get_job(ctx, ids[0])
+        precondition(req, get_job(ctx, ids[0]))
         if ctx.engine is None:
             ctx.store.delete("job", (), ids[0])
         else:
@@ -85,6 +96,7 @@ def terminate(ctx: Context, req: Request, ids: list[str]) -> Response:
         reason = body.get("terminateReason") or reason
 
     def apply(doc: Doc) -> None:
+        precondition(req, doc)
         if doc.get("state") in ("completed", "terminating", "deleting"):
             raise _not_active(doc)
         doc["executionInfo"]["terminateReason"] = reason

@@ -6,7 +6,17 @@ from typing import Any
 
 from mpilaunch.emulator import validation
 from mpilaunch.emulator.store import Conflict, Doc, now_iso, transition
-from mpilaunch.emulator.wire import Context, Request, Response, accepted, body_object, created, entity, listing
+from mpilaunch.emulator.wire import (
+    Context,
+    Request,
+    Response,
+    accepted,
+    body_object,
+    created,
+    entity,
+    listing,
+    precondition,
+)
 from mpilaunch.emulator.wire_errors import WireError, exists, invalid_value, not_found
 
 _PATCHABLE = ("startTask", "metadata", "applicationPackageReferences", "targetNodeCommunicationMode",
@@ -61,6 +71,7 @@ def patch(ctx: Context, req: Request, ids: list[str]) -> Response:
     body = validation.check(body_object(req), "BatchPoolUpdateOptions")
 
     def apply(doc: Doc) -> None:
+        precondition(req, doc)
         for key in _PATCHABLE:
             if key in body:
                 doc[key] = body[key]
@@ -77,7 +88,7 @@ def delete(ctx: Context, req: Request, ids: list[str]) -> Response:
         transition(doc, "deleting")
 
     with ctx.store.transaction():
-        get_pool(ctx, ids[0])
+        precondition(req, get_pool(ctx, ids[0]))
         if ctx.engine is None:
             ctx.store.delete("pool", (), ids[0])
         else:
@@ -93,6 +104,7 @@ def resize(ctx: Context, req: Request, ids: list[str]) -> Response:
             raise invalid_value(name, body[name], "must be 0 or more")
 
     def apply(doc: Doc) -> None:
+        precondition(req, doc)
         if doc.get("state") == "deleting":
             raise WireError(409, "PoolBeingDeleted", "The specified pool has been marked for deletion and is being "
                             "reclaimed.")

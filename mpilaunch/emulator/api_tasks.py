@@ -16,6 +16,7 @@ from mpilaunch.emulator.wire import (
     created,
     entity,
     listing,
+    precondition,
     public,
 )
 from mpilaunch.emulator.wire_errors import WireError, exists, invalid_value, missing, not_found
@@ -123,6 +124,7 @@ def replace(ctx: Context, req: Request, ids: list[str]) -> Response:
     def apply(doc: Doc) -> None:
         if doc.get("_deleting"):
             raise not_found("Task", ids[1])
+        precondition(req, doc)
         doc["constraints"] = {**doc.get("constraints", {}), **constraints}
 
     get_task(ctx, ids[0], ids[1])
@@ -136,6 +138,7 @@ def replace(ctx: Context, req: Request, ids: list[str]) -> Response:
 def delete(ctx: Context, req: Request, ids: list[str]) -> Response:
     with ctx.store.transaction():
         task = get_task(ctx, ids[0], ids[1])
+        precondition(req, task)
         if ctx.engine is None:
             ctx.store.delete("task", (ids[0],), task["id"])
         else:
@@ -146,6 +149,7 @@ def delete(ctx: Context, req: Request, ids: list[str]) -> Response:
 
 def terminate(ctx: Context, req: Request, ids: list[str]) -> Response:
     def apply(doc: Doc) -> None:
+        precondition(req, doc)
         if doc.get("state") == "completed":
             raise WireError(409, "TaskCompleted", "The specified task is already completed.")
         if ctx.engine is None:

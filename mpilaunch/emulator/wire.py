@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from email.utils import format_datetime
+from email.utils import format_datetime, parsedate_to_datetime
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote
@@ -92,8 +92,39 @@ def entity_headers(doc: Doc) -> dict[str, str]:
     return out
 
 
+def _modified_since(doc: Doc, raw: str, name: str) -> bool:
+    try:
+        since = parsedate_to_datetime(raw)
+    except (TypeError, ValueError, IndexError) as exc:
+        raise WireError(400, "InvalidHeaderValue", "The value for one of the HTTP headers is not in the correct "
+                        "format.", HeaderName=name, HeaderValue=raw) from exc
+    changed = datetime.fromisoformat(doc["lastModified"].replace("Z", "+00:00")).replace(microsecond=0)
+    return changed > since
+
+
+def precondition(req: Request, doc: Doc) -> None:
+    """412 ``ConditionNotMet`` unless the request's If-Match/If-None-Match/If-(Un)Modified-Since hold for ``doc``."""
+    h = req.headers
+    failed = (
+        ("if-match" in h and h["if-match"] != "*" and h["if-match"].strip('"') != doc.get("eTag"))
+        or ("if-none-match" in h and h["if-none-match"] in ("*", doc.get("eTag"), f'"{doc.get("eTag")}"'))
+        or ("if-unmodified-since" in h and _modified_since(doc, h["if-unmodified-since"], "If-Unmodified-Since"))
+        or ("if-modified-since" in h and not _modified_since(doc, h["if-modified-since"], "If-Modified-Since")))
+    if failed:
+        raise WireError(412, "ConditionNotMet", "The condition specified using HTTP conditional header(s) is not met.")
+
+
 def entity(req: Request, doc: Doc, metadata: str) -> Response:
-    """200 with one document, honouring ``$select``."""
+    """200 with one document, honouring ``$select``; 304 if a read condition says the client's copy is current."""
+    try:
+        precondition(req, doc)
+    except WireError as exc:
+        if exc.status != 412:
+            raise
+        none_match = "if-none-match" in req.headers or "if-modified-since" in req.headers
+        if none_match and "if-match" not in req.headers and "if-unmodified-since" not in req.headers:
+            return Response(304, None, entity_headers(doc))
+        raise
     body = {"odata.metadata": f"{req.base_url}/$metadata#{metadata}/@Element", **public(doc)}
     return Response(200, odata.select(body, req.query), entity_headers(doc))
 

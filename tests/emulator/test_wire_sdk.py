@@ -203,3 +203,23 @@ def test_response_headers(emu, job):
     created = emu.raw("POST", f"/jobs/{job}/tasks", json_body={"id": "h", "commandLine": "true"})
     assert created.status_code == 201 and created.content == b""
     assert created.headers["DataServiceId"].endswith(f"/jobs/{job}/tasks/h") and created.headers["ETag"]
+
+
+def test_conditional_requests(emu, client, job):
+    from azure.core import MatchConditions
+    from azure.core.exceptions import ResourceModifiedError
+
+    client.create_task(job, m.BatchTaskCreateOptions(id="cond", command_line="true"))
+    etag = client.get_task(job, "cond").etag
+    client.replace_task(job, "cond", m.BatchTask(constraints=m.BatchTaskConstraints(max_task_retry_count=1)),
+                        etag=etag, match_condition=MatchConditions.IfNotModified)
+    with pytest.raises(ResourceModifiedError) as stale:  # etag changed by the update above
+        client.replace_task(job, "cond", m.BatchTask(constraints=m.BatchTaskConstraints(max_task_retry_count=2)),
+                            etag=etag, match_condition=MatchConditions.IfNotModified)
+    assert stale.value.error.code == "ConditionNotMet" and stale.value.status_code == 412
+    assert client.get_task(job, "cond").constraints.max_task_retry_count == 1
+    current = client.get_task(job, "cond").etag
+    assert emu.raw("GET", f"/jobs/{job}/tasks/cond", headers={"If-None-Match": current}).status_code == 304
+    assert emu.raw("GET", f"/jobs/{job}/tasks/cond", headers={"If-None-Match": etag}).status_code == 200
+    assert emu.raw("DELETE", f"/jobs/{job}/tasks/cond", headers={"If-Match": etag}).status_code == 412
+    assert emu.raw("DELETE", f"/jobs/{job}/tasks/cond", headers={"If-Match": current}).status_code == 200
