@@ -215,6 +215,11 @@ class Engine:
 
     def _job_tasks(self, job: Doc) -> None:
         tasks = self.store.list("task", (job["id"],))
+        pool_id = str(job.get("poolInfo", {}).get("poolId") or "")
+        pool = self.store.get("pool", (), pool_id) if pool_id else None
+        if pool is not None and pool.get("state") != "active":
+            pool = None
+        candidates: list[Doc] | None = None  # the pool's usable node docs, listed once per step
         for task in tasks:
             with self._lock:
                 run = self._runs.get(_key(job["id"], task["id"]))
@@ -228,18 +233,17 @@ class Engine:
                     run.cancel("terminated")
                 else:
                     self._end_idle_task(job["id"], task["id"])
-            elif task.get("state") == "active" and run is None:
-                self._schedule(job, task)
+            elif task.get("state") == "active" and run is None and pool is not None:
+                if candidates is None:
+                    candidates = self.store.list("node", (pool["id"],), states=["idle", "running"])
+                self._schedule(job, pool, task, candidates)
         if job.get("onAllTasksComplete") == "terminatejob" and tasks and all(
                 t.get("state") == "completed" for t in self.store.list("task", (job["id"],))):
             self._complete_job(job["id"], "AllTasksComplete")
 
     # -- placement ------------------------------------------------------------------------------------------------
-    def _schedule(self, job: Doc, task: Doc) -> None:
-        pool_id = str(job.get("poolInfo", {}).get("poolId") or "")
-        pool = self.store.get("pool", (), pool_id) if pool_id else None
-        if pool is None or pool.get("state") != "active":
-            return
+    def _schedule(self, job: Doc, pool: Doc, task: Doc, candidates: list[Doc]) -> None:
+        """Claim nodes for ``task`` among ``candidates`` (idle/running node docs of ``pool``) and start a run."""
         key = _key(job["id"], task["id"])
         multi = "multiInstanceSettings" in task
         wanted = int(task["multiInstanceSettings"].get("numberOfInstances", 1)) if multi else 1
@@ -251,7 +255,7 @@ class Engine:
         slots, need = int(pool.get("taskSlotsPerNode") or 1), int(task.get("requiredSlots") or 1)
         free: list[Node] = []
         with self._lock:
-            for doc in self.store.list("node", (pool_id,), states=["idle", "running"]):
+            for doc in candidates:
                 used = self._slots.get(doc["id"], 0)
                 node = self.ctx.node_of(doc)
                 fits = used == 0 and doc["state"] == "idle" if multi else used + need <= slots
