@@ -69,6 +69,7 @@ class Report:
         text = json.dumps(data, indent=2, default=list) + "\n"
         if secret:
             text = text.replace(secret, "<hidden>")
+        directory.mkdir(parents=True, exist_ok=True)
         path = directory / REPORT_NAME
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_text(text)
@@ -166,7 +167,8 @@ def _mpirun_command(env: NodeEnvironment, environ: Mapping[str, str], svc: sshd.
         write_private_file(hostfile, hostfile_text(flavor, env.hosts_primary_first, ppn).encode())
     spec = spec_for_node(env, mpirun_env, flavor=flavor, ppn=ppn, command=[program, *command[1:]],
                          ssh_config=svc.client_config, as_root=os.geteuid() == 0, hostfile=hostfile,
-                         ssh_wrapper=wrapper, interface=_interface_of(env.current_address), mpirun=mpirun)
+                         ssh_wrapper=wrapper, mpirun=mpirun,
+                         interface=None if flavor is MpiFlavor.OPENMPI else _interface_of(env.current_address))
     return build_mpirun_argv(spec), mpirun_env
 
 
