@@ -55,7 +55,7 @@ class KillingStore(Store):
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", default=None, help="default: $MPILAUNCH_CHECKPOINT_URL")
     p.add_argument("--cells", type=int, default=240)
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--every", type=int, default=50)

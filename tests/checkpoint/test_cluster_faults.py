@@ -1,0 +1,121 @@
+"""Fault injection on a real multi-node cluster (network namespaces, sshd, ``node-runtime launch``, Open MPI).
+
+A whole node is killed mid-run (every process in its namespace: rank, orted, sshd), then the task is run again as
+Batch would: on a *new* cluster (fresh node roots: node-local state is gone) with the same checkpoint location, a
+directory shared by all nodes (as an NFS or Azure Files mount would be) that reaches the ranks only through
+``MPILAUNCH_CHECKPOINT_URL``. The final results must equal a clean run's: nothing lost, nothing duplicated.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from node_runtime.checkpoint import load_committed, open_store
+from tests.checkpoint.mpirun import PROGRAMS, mpirun
+from tests.checkpoint.programs.faulty_sweep import value
+from tests.cluster.helpers import coordinate
+from tests.support.netns import VENV_BIN, NetnsCluster
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+Cluster = Callable[..., NetnsCluster]
+N, BATCH, NODES = 500, 16, 3
+
+
+def launch(cluster: NetnsCluster, program: list[str]) -> subprocess.Popen[str]:
+    node = cluster.nodes[0]
+    argv = cluster.argv_on(0, [str(VENV_BIN / "node-runtime"), "launch", "--", *program])
+    return subprocess.Popen(argv, env=node.env, cwd=node.working_dir, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish(child: subprocess.Popen[str], timeout: float = 120) -> tuple[int, str, str]:
+    try:
+        out, err = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        _, err = child.communicate()
+        raise AssertionError(f"launch hung for {timeout} s:\n{err[-3000:]}") from None
+    return child.returncode, out, err
+
+
+def computed(log: Path) -> list[str]:
+    return [line for f in log.glob("*.log") for line in f.read_text().split()]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_node_killed_mid_sweep_then_task_rerun_on_new_nodes_is_exact(netns_cluster: Cluster, tmp_path: Path,
+                                                                      seed: int) -> None:
+    rng = random.Random(4000 + seed)
+    shared = tmp_path / "shared"
+    env = {"MPILAUNCH_CHECKPOINT_URL": f"file://{shared}/ckpt"}
+    program = [sys.executable, str(PROGRAMS / "faulty_sweep.py"), "--n", str(N), "--batch", str(BATCH),
+               "--ms", "4", "--log", str(shared / "log"), "--out", str(shared / "out.json")]
+    victim, progress = rng.randrange(NODES), rng.randrange(20, N - 100)
+
+    first = netns_cluster(NODES, extra_env=env)
+    coordinate(first)
+    child = launch(first, program)
+    deadline = time.monotonic() + 90
+    while len(computed(shared / "log")) < progress and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert child.poll() is None, f"the sweep ended before the kill point: {finish(child)[2][-2000:]}"
+    assert first.kill_processes(victim) > 0  # the whole node dies: rank, orted, sshd
+    code, _, _ = finish(child)
+    assert code != 0 and not (shared / "out.json").exists()
+    first.destroy()  # Batch re-runs the task on other nodes: node-local state is gone
+
+    second = netns_cluster(NODES, extra_env=env)
+    coordinate(second)
+    code, _, err = finish(launch(second, program))
+    assert code == 0, err
+    assert "items already committed" in err
+
+    assert json.loads((shared / "out.json").read_text()) == [[f"k{i:05d}", value(f"k{i:05d}", i)] for i in range(N)]
+    committed = load_committed(open_store(str(shared / "ckpt")), "items")
+    assert committed.duplicates == 0 and not committed.corrupt and len(committed.results) == N
+    done = computed(shared / "log")
+    assert set(done) == {f"k{i:05d}" for i in range(N)}
+    assert len(done) - N <= NODES * BATCH  # redone after the kill: at most one batch per rank
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_node_killed_mid_solve_then_task_rerun_on_new_nodes_resumes_exactly(netns_cluster: Cluster, tmp_path: Path,
+                                                                            seed: int) -> None:
+    rng = random.Random(5000 + seed)
+    shared = tmp_path / "shared"
+    args = ["--cells", "240", "--steps", "1200", "--every", "50"]
+    clean = mpirun(PROGRAMS / "faulty_solver.py", "--checkpoint", str(tmp_path / "clean"), *args, "--out",
+                   str(tmp_path / "clean.json"))
+    assert clean.returncode == 0, clean.stderr
+    env = {"MPILAUNCH_CHECKPOINT_URL": str(shared / "ckpt")}  # a plain path works as well as file://
+    program = [sys.executable, str(PROGRAMS / "faulty_solver.py"), *args, "--out", str(shared / "out.json")]
+    victim, kill_step = rng.randrange(NODES), rng.choice([150, 450, 750])
+    steps = shared / "ckpt" / "steps" / "heat-240"
+
+    first = netns_cluster(NODES, extra_env=env)
+    coordinate(first)
+    child = launch(first, program)
+    deadline = time.monotonic() + 90
+    while child.poll() is None and time.monotonic() < deadline and not (
+            steps.is_dir() and any(int(d.name.split(".")[0]) >= kill_step for d in steps.iterdir())):
+        time.sleep(0.005)
+    assert child.poll() is None, f"the solver ended before the kill point: {finish(child)[2][-2000:]}"
+    assert first.kill_processes(victim) > 0
+    code, _, _ = finish(child)
+    assert code != 0 and not (shared / "out.json").exists()
+    first.destroy()
+
+    second = netns_cluster(NODES, extra_env=env)
+    coordinate(second)
+    code, out, err = finish(launch(second, program))
+    assert code == 0, err
+    assert "resuming from the checkpoint of step" in out
+    assert json.loads((shared / "out.json").read_text()) == json.loads((tmp_path / "clean.json").read_text())
