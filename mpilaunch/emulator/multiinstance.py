@@ -98,6 +98,7 @@ def instance_env(
     job_settings: Iterable[Mapping[str, Any]] | None = None,
     task_settings: Iterable[Mapping[str, Any]] | None = None,
     cores: int = 1,
+    dedicated: bool = True,
 ) -> dict[str, str]:
     """The environment of instance ``index`` of a task, as Batch sets it.
 
@@ -108,7 +109,7 @@ def instance_env(
     me = instances[index]
     task_dir = _join(node_root, task_rel_dir(job_id, task_id))
     env = settings(job_settings) | settings(task_settings)
-    env |= node_env(pool_id=pool_id, node_id=me.node_id, node_root=node_root)
+    env |= node_env(pool_id=pool_id, node_id=me.node_id, node_root=node_root, dedicated=dedicated)
     env |= {
         "AZ_BATCH_ACCOUNT_NAME": account,
         "AZ_BATCH_ACCOUNT_URL": account_url,

@@ -24,6 +24,16 @@ GONE = ("leavingpool",)
 PROVISIONING = ("creating", "starting")
 
 
+def new_node_id(dedicated: bool) -> str:
+    """A fresh node id in Batch's style: ``tvmps_<hex>_d`` (dedicated) or ``..._p`` (low priority/spot)."""
+    return f"tvmps_{secrets.token_hex(10)}_{'d' if dedicated else 'p'}"
+
+
+def is_dedicated(node_id: str) -> bool:
+    """Whether a node id made by :func:`new_node_id` is a dedicated node."""
+    return not node_id.endswith("_p")
+
+
 def _ipv6(address: str) -> str:
     a, b, c, d = (int(x) for x in address.split("."))
     return f"0:0:0:0:0:ffff:{a * 256 + b:x}:{c * 256 + d:x}"
@@ -84,7 +94,7 @@ class NodeManager:
 
     # -- node creation -------------------------------------------------------------------------------------------
     def _add_node(self, pool: Doc, dedicated: bool) -> None:
-        node_id = f"tvmps_{secrets.token_hex(10)}_{'d' if dedicated else 'p'}"
+        node_id = new_node_id(dedicated)
         now = now_iso()
         doc: Doc = {
             "id": node_id, "url": self.ctx.node_url(pool["id"], node_id), "state": "creating",
@@ -192,7 +202,7 @@ class NodeManager:
         except ValueError as exc:
             return None, mi.failure_info("CommandLineParseError", str(exc))
         env = mi.settings(spec.get("environmentSettings")) | mi.node_env(
-            pool_id=pool["id"], node_id=node.id, node_root=node.node_root)
+            pool_id=pool["id"], node_id=node.id, node_root=node.node_root, dedicated=is_dedicated(node.id))
         env |= {"AZ_BATCH_TASK_DIR": node.node_path(startup), "AZ_BATCH_TASK_WORKING_DIR":
                 node.node_path(startup / "wd"), "AZ_BATCH_ACCOUNT_NAME": self.ctx.account,
                 "AZ_BATCH_ACCOUNT_URL": self.ctx.account_url}

@@ -20,6 +20,7 @@ from mpilaunch.emulator import multiinstance as mi
 from mpilaunch.emulator import resourcefiles
 from mpilaunch.emulator.context import Context, log, wipe
 from mpilaunch.emulator.nodes.base import Execution, Node
+from mpilaunch.emulator.pools import is_dedicated
 from mpilaunch.errors import MpilaunchError
 
 POLL = 0.02
@@ -167,7 +168,8 @@ class TaskRun:
             account=self.ctx.account, account_url=self.ctx.account_url, pool_id=node.pool_id,
             job_id=self.job["id"], task_id=self.task["id"], node_root=node.node_root, instances=instances,
             index=index, master_port=self.master_port, multi_instance=self.multi,
-            job_settings=self.job.get("commonEnvironmentSettings"), task_settings=self.task.get("environmentSettings"))
+            job_settings=self.job.get("commonEnvironmentSettings"), task_settings=self.task.get("environmentSettings"),
+            dedicated=is_dedicated(node.id))
 
     def _launch(self, index: int, argv: list[str], outcome: Outcome) -> Execution | None:
         node, tdir = self.nodes[index], self.task_dir(index)

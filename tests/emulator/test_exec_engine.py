@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from mpilaunch.emulator.nodes.process import isolation_available
+from mpilaunch.emulator.nodes.process import ProcessProvider, isolation_available
 from tests.support.exec_engine import PY, leftovers, py, rig, wait_for
 
 ENV_DUMP = ("import json, os, socket; print(json.dumps({'host': socket.gethostname(), 'cwd': os.getcwd(), "
-            "'env': {k: v for k, v in os.environ.items() if k.startswith(('AZ_BATCH', 'CCP', 'MPILAUNCH', 'X'))}}))")
+            "'env': {k: v for k, v in os.environ.items() "
+            "if k.startswith(('AZ_BATCH', 'CCP', 'MPILAUNCH', 'X', 'TMPDIR'))}}))")
 
 
 def test_multi_instance_task_runs_coordination_everywhere_then_command_on_primary(tmp_path: Path) -> None:
@@ -254,3 +255,26 @@ def test_bad_command_lines_fail_the_task_cleanly(tmp_path: Path, bad: str) -> No
         info = r.completed("t")["executionInfo"]
         assert info["result"] == "failure"
         assert info["failureInfo"]["code"] in ("CommandLineParseError", "FailureExitCode", "CommandStartFailed")
+
+
+def test_plain_processes_without_namespaces_and_low_priority_nodes(tmp_path: Path) -> None:
+    with rig(tmp_path, ProcessProvider(isolate=False)) as r:
+        r.pool(nodes=1, targetLowPriorityNodes=1)
+        r.job()
+        r.task("plain", py(ENV_DUMP), instances=2, coordination=py(ENV_DUMP))
+        task = r.completed("plain")
+        assert task["executionInfo"]["result"] == "success"
+        nodes = {n["id"]: n for n in r.store.list("node", ("pool",))}
+        assert sorted(n["isDedicated"] for n in nodes.values()) == [False, True]
+        assert (r.doc("pool", (), "pool")["currentDedicatedNodes"], r.doc("pool", (), "pool")[
+            "currentLowPriorityNodes"]) == (1, 1)
+        (sub,) = r.subtasks("plain")
+        for task_dir, node_id in ((task["_taskDir"], task["nodeInfo"]["nodeId"]),
+                                  (sub["_taskDir"], sub["nodeInfo"]["nodeId"])):
+            env = json.loads((Path(task_dir) / "stdout.txt").read_text().splitlines()[0])["env"]
+            root = nodes[node_id]["_root"]
+            assert env["AZ_BATCH_NODE_ROOT_DIR"] == root, "without namespaces commands see the host paths"
+            assert env["AZ_BATCH_TASK_DIR"] == task_dir
+            assert env["AZ_BATCH_NODE_IS_DEDICATED"] == str(nodes[node_id]["isDedicated"]).lower()
+            assert env["MPILAUNCH_NODE_ADDRESS"] == nodes[node_id]["ipAddress"]
+            assert env["TMPDIR"] == f"{root}/tmp", "a TMPDIR per node instead of a host name per node"

@@ -13,6 +13,7 @@ from typing import Any, cast
 import psutil
 
 from mpilaunch.emulator.engine import Engine
+from mpilaunch.emulator.nodes.base import NodeProvider
 from mpilaunch.emulator.nodes.process import TAG_VAR
 from mpilaunch.emulator.store import Store
 
@@ -50,10 +51,10 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "c
 class Rig:
     """A store + engine in a temp dir, with shortcuts to add pools, jobs and tasks."""
 
-    def __init__(self, data: Path) -> None:
+    def __init__(self, data: Path, provider: NodeProvider | None = None) -> None:
         self.data = data
         self.store = Store(data / "state.sqlite3")
-        self.engine = Engine(self.store, data, poll=0.1, account_url="http://127.0.0.1:1")
+        self.engine = Engine(self.store, data, provider, poll=0.1, account_url="http://127.0.0.1:1")
 
     def pool(self, pool_id: str = "pool", nodes: int = 3, **extra: Any) -> None:
         doc = {"id": pool_id, "state": "active", "allocationState": "resizing", "targetDedicatedNodes": nodes,
@@ -103,9 +104,9 @@ class Rig:
 
 
 @contextmanager
-def rig(data: Path) -> Iterator[Rig]:
+def rig(data: Path, provider: NodeProvider | None = None) -> Iterator[Rig]:
     """A started engine; on exit it is stopped and no process of any of its nodes may be left."""
-    r = Rig(data)
+    r = Rig(data, provider)
     r.engine.start()
     try:
         yield r
