@@ -66,20 +66,8 @@ class DockerEmulator:
 
 
 @pytest.fixture
-def docker_emulator(docker_image: str, docker_scope: DockerScope, tmp_path: Path,
-                    monkeypatch: pytest.MonkeyPatch) -> Iterator[DockerEmulator]:
+def docker_emulator(docker_image: str, docker_scope: DockerScope, tmp_path: Path) -> Iterator[DockerEmulator]:
     """An emulator (HTTP on 127.0.0.1) whose engine runs container pools on docker nodes of this test's scope."""
-    reserve = engine_module.reserve_port
-
-    def reserve_port(address: str) -> int:
-        # Workaround, reported: the engine binds the primary's address on this host to pick AZ_BATCH_MASTER_NODE's
-        # port, but docker node addresses live in the containers; any port is free in a fresh node container.
-        try:
-            return reserve(address)
-        except OSError:
-            return reserve("127.0.0.1")
-
-    monkeypatch.setattr(engine_module, "reserve_port", reserve_port)
     provider = DockerProvider(scope=docker_scope.prefix, shm_size="256m")
     server = EmulatorServer(tmp_path / "emulator", host="127.0.0.1", port=0, execute=False)
     engine = engine_module.Engine(server.store, server.data_dir, provider, account=defaults.ACCOUNT,
