@@ -107,3 +107,27 @@ def test_bearer_only_when_enabled():
         auth.Authenticator("acct", base64.b64encode(b"x" * 64).decode()).check(
             "GET", "/jobs", "", {"authorization": "Bearer token"})
     assert err.value.status == 403 and err.value.code == "AuthenticationFailed"
+
+
+def test_bearer_over_http_with_the_flag(tmp_path, wire_emulator):
+    """``--accept-bearer`` lets a TokenCredential client in (azure-core needs ``enforce_https=False`` over http)."""
+    import time as _time
+
+    from azure.batch import BatchClient
+    from azure.core.credentials import AccessToken, AccessTokenInfo
+    from azure.core.exceptions import HttpResponseError
+
+    from tests.support.emulator import start_emulator
+
+    class FakeEntra:
+        def get_token(self, *scopes, **kwargs):
+            return AccessToken("token", int(_time.time()) + 3600)
+
+        def get_token_info(self, *scopes, options=None):
+            return AccessTokenInfo("token", int(_time.time()) + 3600)
+
+    with start_emulator(tmp_path / "data", execute=False, args=["--accept-bearer"]) as emu:
+        assert list(BatchClient(emu.endpoint, FakeEntra()).list_jobs(enforce_https=False)) == []
+    with pytest.raises(HttpResponseError) as refused:
+        list(BatchClient(wire_emulator.endpoint, FakeEntra()).list_jobs(enforce_https=False))
+    assert refused.value.status_code == 403 and refused.value.error.code == "AuthenticationFailed"

@@ -137,3 +137,24 @@ def test_fuzzed_raw_bytes_and_paths_never_500(wire_emulator, job, raw, path):
     resp = wire_emulator.raw("GET", f"/jobs/{job}/tasks/{quote(path, safe='')}/files/{quote(path, safe='')}")
     assert resp.status_code in (400, 404), resp.text
     json.dumps(resp.json())
+
+
+_pool_like = st.fixed_dictionaries({}, optional={
+    "id": st.text(max_size=70) | _json, "vmSize": _json, "targetDedicatedNodes": _json, "taskSlotsPerNode": _json,
+    "enableInterNodeCommunication": _json, "startTask": _json, "virtualMachineConfiguration": _json})
+_job_like = st.fixed_dictionaries({}, optional={
+    "id": st.text(max_size=70) | _json, "poolInfo": _json | st.fixed_dictionaries({"poolId": _json}),
+    "constraints": _json, "priority": _json, "onAllTasksComplete": _json, "commonEnvironmentSettings": _json})
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pool=_pool_like | _json, job_body=_job_like | _json, group=_json | st.fixed_dictionaries({"value": _json}))
+def test_fuzzed_pool_job_collection_bodies_never_500(wire_emulator, job, pool, job_body, group):
+    # no "--no-execute" pool ever runs, so whatever is accepted is harmless
+    assert wire_emulator.raw("POST", "/pools", json_body=pool).status_code in (201, 400, 409, 413)
+    assert wire_emulator.raw("POST", "/jobs", json_body=job_body).status_code in (201, 400, 409, 413)
+    resp = wire_emulator.raw("POST", f"/jobs/{job}/addtaskcollection", json_body=group)
+    assert resp.status_code in (200, 400, 413), resp.text
+    for path in ("/pools/x/resize", "/jobs/nojob/terminate", "/pools/x"):
+        method = "PATCH" if path == "/pools/x" else "POST"
+        assert wire_emulator.raw(method, path, json_body=pool).status_code in (202, 200, 400, 404, 409), path
