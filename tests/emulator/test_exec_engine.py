@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from mpilaunch.emulator.nodes.process import ProcessProvider, isolation_available
+from mpilaunch.emulator.store import Store
 from tests.support.exec_engine import PY, leftovers, py, rig, wait_for
 
 ENV_DUMP = ("import json, os, socket; print(json.dumps({'host': socket.gethostname(), 'cwd': os.getcwd(), "
@@ -278,3 +279,27 @@ def test_plain_processes_without_namespaces_and_low_priority_nodes(tmp_path: Pat
             assert env["AZ_BATCH_NODE_IS_DEDICATED"] == str(nodes[node_id]["isDedicated"]).lower()
             assert env["MPILAUNCH_NODE_ADDRESS"] == nodes[node_id]["ipAddress"]
             assert env["TMPDIR"] == f"{root}/tmp", "a TMPDIR per node instead of a host name per node"
+
+
+def test_graceful_stop_kills_everything_and_the_next_start_requeues(tmp_path: Path) -> None:
+    marker = tmp_path / "attempts"
+    command = py(f"import time; open({str(marker)!r}, 'a').write('x'); time.sleep(0.2 if len(open({str(marker)!r})"
+                 ".read()) > 1 else 300)")
+    data = tmp_path / "data"
+    data.mkdir()
+    with rig(data) as first:
+        first.pool(nodes=2)
+        first.job()
+        first.task("t", command, instances=2, coordination=py("import subprocess, sys; subprocess.Popen("
+                                                              "[sys.executable, '-c', 'import time; time.sleep(300)'],"
+                                                              " start_new_session=True)"))
+        wait_for(marker.exists, 60, "first attempt running")
+        nodes = first.node_ids()
+    # the rig stopped the engine and asserted that no process of its nodes is left; the documents stay as they were
+    kept = Store(data / "state.sqlite3")
+    assert (kept.get("task", ("job",), "t") or {}).get("state") == "running"
+    kept.close()
+    with rig(data) as second:
+        assert sorted(second.node_ids()) == sorted(nodes)
+        info = second.completed("t")["executionInfo"]
+        assert (info["result"], info["retryCount"], info["requeueCount"]) == ("success", 0, 1)

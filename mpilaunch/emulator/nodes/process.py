@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ from mpilaunch.emulator.nodes.base import Execution, Node, NodeError, NodeProvid
 
 AZURE_NODE_ROOT = "/mnt/batch/tasks"
 TAG_VAR = "MPILAUNCH_EMULATOR_TAG"
+KILL_TIMEOUT = 5.0
+"""Seconds to wait for killed processes to be gone."""
 _ENTER = Path(__file__).with_name("enter.py")
 _BASE_VARS = ("PATH", "HOME", "LANG", "LC_ALL", "USER", "LOGNAME", "SHELL", "TERM", "TZ")
 
@@ -148,4 +151,16 @@ class ProcessProvider(NodeProvider):
         for p in victims.values():
             with contextlib.suppress(psutil.Error):
                 p.kill()
-        psutil.wait_procs(list(victims.values()), timeout=5)
+        pending = list(victims.values())
+        deadline = time.monotonic() + KILL_TIMEOUT
+        while pending and time.monotonic() < deadline:
+            pending = [p for p in pending if _alive(p)]
+            time.sleep(0.005 if pending else 0)
+
+
+def _alive(p: psutil.Process) -> bool:
+    """Still running (a zombie is dead: orphans may wait long for a reaper that does not reap)."""
+    try:
+        return bool(p.status() != psutil.STATUS_ZOMBIE)
+    except psutil.Error:
+        return False
