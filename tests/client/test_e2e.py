@@ -199,3 +199,44 @@ def test_ctrl_c_leaves_the_task_running_unless_asked(local_services: LocalState,
         launcher.terminate(ref)
     res = launcher.wait(ref, timeout=60, interval=0.3)
     assert res.completed and not res.succeeded
+
+
+def test_secrets_never_reach_the_logs(local_services: LocalState, caplog: pytest.LogCaptureFixture) -> None:
+    """With every logger at DEBUG (the SDK's HTTP logging included), no key, SAS signature or task secret appears."""
+    import logging
+    from urllib.parse import parse_qs, urlsplit
+
+    from mpilaunch.client.local import AZURITE_KEY
+    from mpilaunch.client.spec import TaskSpec
+
+    caplog.set_level(logging.DEBUG)
+    launcher = Launcher.local()
+    spec = TaskSpec("mpilaunch", tid("quiet"), 2, ("python3", "hello_mpi.py"), inputs=(HELLO,))
+    ref = launcher.submit(spec)
+    assert launcher.wait(ref, timeout=120, interval=0.3).succeeded
+    task = launcher.batch.get_task(ref.job_id, ref.task_id)
+    secret = {e.name: e.value for e in task.environment_settings}["MPILAUNCH_TASK_SECRET"]
+    url = task.multi_instance_settings.common_resource_files[0].http_url
+    sig = parse_qs(urlsplit(url).query)["sig"][0]
+    assert caplog.records, "the SDK logged nothing: this test would prove nothing"
+    for value in (secret, sig, local_services.batch_key, AZURITE_KEY):
+        assert value not in caplog.text
+
+
+def test_local_up_is_idempotent_and_down_stops_everything(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import psutil
+
+    from mpilaunch.client import local
+
+    monkeypatch.setenv("MPILAUNCH_HOME", str(tmp_path))
+    first = local.up(1, default_ports=False)
+    again = local.up(1, default_ports=False)
+    assert (again.emulator_pid, again.azurite_pid) == (first.emulator_pid, first.azurite_pid)
+    status = local.status()
+    assert status["running"] is True and status["batch_endpoint"] == first.batch_endpoint
+    assert first.batch_key not in json.dumps(status)
+    assert Launcher.local().batch.get_pool("local").target_dedicated_nodes == 1
+    assert len(local.down()) == 2
+    for pid in (first.emulator_pid, first.azurite_pid):
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert local.status() == {"running": False, "directory": str(tmp_path / "local")}
