@@ -30,10 +30,17 @@ def emulator() -> None:
 @click.option("--key", default=defaults.KEY, help="Account key, base64 [default: the documented dev key].")
 @click.option("--accept-bearer", is_flag=True, help="Also accept any 'Bearer' token (testing Entra code paths).")
 @click.option("--no-execute", is_flag=True, help="Serve the API only: store tasks but never run them.")
+@click.option("-v", "--verbose", is_flag=True, help="Log every request (method, path, status, time) to stderr.")
 def serve(*, host: str, port: int, data_dir: Path, account: str, key: str, accept_bearer: bool,
-          no_execute: bool) -> None:
+          no_execute: bool, verbose: bool) -> None:
     """Serve the Batch REST API until Ctrl-C or SIGTERM; state persists in DATA."""
+    import logging
+
     from mpilaunch.emulator.server import EmulatorServer
+
+    logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s", level=logging.WARNING)
+    if verbose:
+        logging.getLogger("mpilaunch.emulator").setLevel(logging.INFO)
 
     if not account or not account.replace("-", "").isalnum():
         raise InvalidInput(f"--account {account!r}: use letters and digits")

@@ -11,6 +11,7 @@ import fcntl
 import json
 import logging
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import IO, Any
@@ -25,6 +26,7 @@ from mpilaunch.emulator.wire_errors import WireError, new_request_id
 from mpilaunch.errors import InvalidInput
 
 log = logging.getLogger("mpilaunch.emulator")
+access = logging.getLogger("mpilaunch.emulator.access")
 
 _ID = "*"
 _REST = "**"
@@ -202,15 +204,13 @@ class _Handler(BaseHTTPRequestHandler):
     def _serve(self) -> None:
         emulator: EmulatorServer = self.server.emulator  # type: ignore[attr-defined]
         request_id = new_request_id()
-        length = self.headers.get("Content-Length", "0")
-        size = int(length) if length.isdigit() else -1
-        if size < 0 or size > 2 * MAX_BODY or self.headers.get("Transfer-Encoding"):
+        started = time.perf_counter()
+        try:
+            body = self._read_body()
+        except WireError as exc:
             self.close_connection = True
-            err = WireError(413, "RequestBodyTooLarge", "The request body is too large and exceeds the maximum "
-                            "permissible limit.", MaxLimit=str(MAX_BODY))
-            self._send(Response(413, err.body(request_id)), request_id)
+            self._send(Response(exc.status, exc.body(request_id)), request_id)
             return
-        body = self.rfile.read(size) if size else b""
         split = urlsplit(self.path)
         headers = {k.lower(): v.strip() for k, v in self.headers.items()}
         query = {k: v[0] for k, v in parse_qs(split.query, keep_blank_values=True).items()}
@@ -218,7 +218,38 @@ class _Handler(BaseHTTPRequestHandler):
         host = self.headers.get("Host") or "{}:{}".format(*self.server.server_address[:2])  # type: ignore[index]
         req = Request(self.command, segments, query, headers, body, f"http://{host}", split.path, request_id,
                       split.query)
-        self._send(emulator.handle(req), request_id)
+        resp = emulator.handle(req)
+        self._send(resp, request_id)
+        access.info("%s %s -> %d (%.1f ms)", self.command, self.path, resp.status,
+                    (time.perf_counter() - started) * 1000)
+
+    def _read_body(self) -> bytes:
+        """The request body (Content-Length or chunked), refusing more than twice the Batch limit unread."""
+        too_large = WireError(413, "RequestBodyTooLarge", "The request body is too large and exceeds the maximum "
+                              "permissible limit.", MaxLimit=str(MAX_BODY))
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            data = bytearray()
+            while True:
+                line = self.rfile.readline(1024).split(b";")[0].strip()
+                try:
+                    size = int(line, 16)
+                except ValueError as exc:
+                    raise WireError(400, "InvalidRequestBody", "The chunked request body is malformed.") from exc
+                if size == 0:
+                    while self.rfile.readline(65537).strip():
+                        pass
+                    return bytes(data)
+                if len(data) + size > 2 * MAX_BODY:
+                    raise too_large
+                data += self.rfile.read(size)
+                self.rfile.readline(8)
+        length = self.headers.get("Content-Length", "0")
+        if not length.isdigit():
+            raise WireError(400, "InvalidHeaderValue", "The value for one of the HTTP headers is not in the correct "
+                            "format.", HeaderName="Content-Length", HeaderValue=length)
+        if int(length) > 2 * MAX_BODY:
+            raise too_large
+        return self.rfile.read(int(length)) if int(length) else b""
 
     def _send(self, resp: Response, request_id: str) -> None:
         self.send_response(resp.status)

@@ -84,3 +84,11 @@ def test_one_data_dir_one_emulator(wire_emulator):
          "--data", str(wire_emulator.data_dir), "--no-execute"],
         check=False, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "in use by another running emulator" in result.stderr
+
+
+def test_verbose_logs_requests(tmp_path):
+    with start_emulator(tmp_path / "data", execute=False, args=["-v"]) as emu:
+        assert emu.raw("GET", "/jobs").status_code == 200
+        assert emu.raw("GET", "/jobs/nope").status_code == 404
+    log = emu.log_text()
+    assert "GET /jobs?api-version=2025-06-01 -> 200" in log and "-> 404" in log

@@ -158,3 +158,28 @@ def test_fuzzed_pool_job_collection_bodies_never_500(wire_emulator, job, pool, j
     for path in ("/pools/x/resize", "/jobs/nojob/terminate", "/pools/x"):
         method = "PATCH" if path == "/pools/x" else "POST"
         assert wire_emulator.raw(method, path, json_body=pool).status_code in (202, 200, 400, 404, 409), path
+
+
+def test_chunked_body_and_bad_content_length(wire_emulator, job):
+    import socket
+    from urllib.parse import urlsplit
+
+    import requests
+    from azure.batch._patch import BatchSharedKeyAuthPolicy
+    from azure.core.credentials import AzureNamedKeyCredential
+    from azure.core.pipeline import PipelineContext, PipelineRequest
+    from azure.core.rest import HttpRequest
+
+    url = f"{wire_emulator.endpoint}/jobs/{job}/tasks?api-version=2025-06-01"
+    req = HttpRequest("POST", url, headers={"Content-Type": "application/json; odata=minimalmetadata"})
+    BatchSharedKeyAuthPolicy(AzureNamedKeyCredential(wire_emulator.account, wire_emulator.key)).on_request(
+        PipelineRequest(req, PipelineContext(None)))
+    chunks = iter([b'{"id": "chunked", ', b'"commandLine": "true"}'])
+    resp = requests.post(url, headers=dict(req.headers), data=chunks, timeout=30)
+    assert resp.status_code == 201, resp.text
+    assert resp.request.headers.get("Transfer-Encoding") == "chunked"
+    host, port = urlsplit(wire_emulator.endpoint).netloc.split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Length: ten\r\n\r\n")
+        answer = sock.recv(65536).decode()
+    assert answer.startswith("HTTP/1.1 400") and "InvalidHeaderValue" in answer
