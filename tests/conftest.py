@@ -4,5 +4,6 @@ pytest_plugins = [
     "tests.support.azurite",
     "tests.support.netns",
     "tests.support.emulator",
+    "tests.support.exec_sdk",
     "tests.support.docker",
 ]

@@ -10,15 +10,14 @@ import shlex
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 from azure.batch import models as m
 
 from mpilaunch.emulator.nodes.process import isolation_available
-from tests.emulator.test_exec_sdk import completed, make_job, make_pool, text, uid
 from tests.support.azurite import free_port
 from tests.support.exec_engine import leftovers
+from tests.support.exec_sdk import Batch, completed, text, uid
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 PROBE = Path(__file__).resolve().parents[1] / "programs" / "mpi_probe.py"
@@ -35,11 +34,11 @@ def _require_tools() -> None:
         pytest.skip(why)
 
 
-def test_mpi4py_program_across_three_emulated_nodes(emulator: Any) -> None:
+def test_mpi4py_program_across_three_emulated_nodes(batch: Batch) -> None:
     _require_tools()
-    client = emulator.client()
-    pool_id = make_pool(client, 3)
-    job_id = make_job(client, pool_id)
+    client = batch.client
+    pool_id = batch.pool(3)
+    job_id = batch.job(pool_id)
     task_id = uid("mpi")
     secret = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=")
     env = {"AZ_BATCH_NODE_COUNT": "3", "MPILAUNCH_TASK_SECRET": secret, "MPILAUNCH_SSH_PORT": str(free_port())}

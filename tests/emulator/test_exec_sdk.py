@@ -5,15 +5,14 @@ from __future__ import annotations
 import os
 import signal
 import time
-import uuid
 from pathlib import Path
-from typing import Any
 
 import pytest
 from azure.batch import models as m
 
 from tests.support.emulator import start_emulator
 from tests.support.exec_engine import leftovers, py, wait_for
+from tests.support.exec_sdk import Batch, add_mi_task, completed, make_job, make_pool, text
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -21,54 +20,10 @@ DUMP = ("import os, socket; print(os.environ['AZ_BATCH_NODE_ID'], os.environ['AZ
         "os.environ['AZ_BATCH_HOST_LIST'], socket.gethostname())")
 
 
-def uid(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
-
-
-def make_pool(client: Any, nodes: int) -> str:
-    pool_id = uid("mpipool")
-    client.create_pool(m.BatchPoolCreateOptions(
-        id=pool_id, vm_size="standard_d2s_v3", target_dedicated_nodes=nodes, enable_inter_node_communication=True,
-        task_slots_per_node=1,
-        virtual_machine_configuration=m.VirtualMachineConfiguration(
-            image_reference=m.BatchVmImageReference(publisher="canonical", offer="ubuntu", sku="22_04-lts"),
-            node_agent_sku_id="batch.node.ubuntu 22.04")))
-    wait_for(lambda: [n.state for n in client.list_nodes(pool_id)] == [m.BatchNodeState.IDLE] * nodes, 60,
-             f"{nodes} idle nodes")
-    return pool_id
-
-
-def make_job(client: Any, pool_id: str) -> str:
-    job_id = uid("job")
-    client.create_job(m.BatchJobCreateOptions(id=job_id, pool_info=m.BatchPoolInfo(pool_id=pool_id)))
-    return job_id
-
-
-def add_mi_task(client: Any, job_id: str, command: str, coordination: str, *, instances: int = 3,
-                retries: int = 0, env: dict[str, str] | None = None) -> str:
-    task_id = uid("task")
-    client.create_task(job_id, m.BatchTaskCreateOptions(
-        id=task_id, command_line=command,
-        multi_instance_settings=m.MultiInstanceSettings(number_of_instances=instances,
-                                                        coordination_command_line=coordination),
-        constraints=m.BatchTaskConstraints(max_task_retry_count=retries),
-        environment_settings=[m.EnvironmentSetting(name=k, value=v) for k, v in (env or {}).items()]))
-    return task_id
-
-
-def completed(client: Any, job_id: str, task_id: str, timeout: float = 90) -> Any:
-    return wait_for(lambda: (t := client.get_task(job_id, task_id)).state == m.BatchTaskState.COMPLETED and t,
-                    timeout, f"task {task_id} completed")
-
-
-def text(chunks: Any) -> str:
-    return b"".join(chunks).decode()
-
-
-def test_three_node_task_subtasks_and_files_through_the_sdk(emulator: Any) -> None:
-    client = emulator.client()
-    pool_id = make_pool(client, 3)
-    job_id = make_job(client, pool_id)
+def test_three_node_task_subtasks_and_files_through_the_sdk(batch: Batch) -> None:
+    client = batch.client
+    pool_id = batch.pool(3)
+    job_id = batch.job(pool_id)
     task_id = add_mi_task(client, job_id, py(DUMP + "; print('primary done')"), py(DUMP))
     task = completed(client, job_id, task_id)
     info = task.execution_info
@@ -101,10 +56,10 @@ def test_three_node_task_subtasks_and_files_through_the_sdk(emulator: Any) -> No
     assert not leftovers(list(nodes))
 
 
-def test_coordination_failure_on_one_node_retries_the_whole_task(emulator: Any, tmp_path: Path) -> None:
-    client = emulator.client()
-    pool_id = make_pool(client, 3)
-    job_id = make_job(client, pool_id)
+def test_coordination_failure_on_one_node_retries_the_whole_task(batch: Batch, tmp_path: Path) -> None:
+    client = batch.client
+    pool_id = batch.pool(3)
+    job_id = batch.job(pool_id)
     flag = tmp_path / "failed"
     victim = [n.id for n in client.list_nodes(pool_id)][1]
     coordination = py(f"import os, sys\nif os.environ['AZ_BATCH_NODE_ID'] == os.environ['VICTIM'] and not "
@@ -130,10 +85,10 @@ def test_coordination_failure_on_one_node_retries_the_whole_task(emulator: Any, 
     assert "never" not in text(client.download_task_file(job_id, bad, "stdout.txt"))
 
 
-def test_task_without_enough_nodes_stays_active(emulator: Any) -> None:
-    client = emulator.client()
-    pool_id = make_pool(client, 2)
-    job_id = make_job(client, pool_id)
+def test_task_without_enough_nodes_stays_active(batch: Batch) -> None:
+    client = batch.client
+    pool_id = batch.pool(2)
+    job_id = batch.job(pool_id)
     task_id = add_mi_task(client, job_id, py("pass"), py("pass"), instances=3)
     time.sleep(1.5)
     assert client.get_task(job_id, task_id).state == m.BatchTaskState.ACTIVE
