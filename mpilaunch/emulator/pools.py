@@ -163,13 +163,13 @@ class NodeManager:
         self.ctx.wake()
         max_retries = int(spec.get("maxTaskRetryCount") or 0)
         retry = 0
-        while not self.ctx.stopping.is_set():
+        while True:
             code, failure = self._start_task_once(pool, node, spec, retry)
+            if self.ctx.stopping.is_set():
+                return  # the next start reruns it (recover)
             if failure is None or (max_retries != -1 and retry >= max_retries):
                 break
             retry += 1
-        else:
-            return
         ok = failure is None
 
         def done(doc: Doc) -> None:
