@@ -18,7 +18,6 @@ import functools
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -29,12 +28,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.docsection import DOC, write_section  # noqa: E402
 from node_runtime.keys import KeyFiles  # noqa: E402
 from node_runtime.sshd import node_tmp_dir  # noqa: E402
 from tests.support.netns import VENV_BIN, NetnsCluster  # noqa: E402
 
 PROBE = [str(VENV_BIN / "python"), str(REPO / "tests" / "programs" / "mpi_probe.py")]
-DOC = REPO / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- launch_overhead:begin -->", "<!-- launch_overhead:end -->"
 TARGETS = {"ratio": 1.10, "coordinate_ms": 150.0, "help_ms": 100.0}
 
@@ -113,13 +112,6 @@ def markdown(r: dict[str, float | int | str]) -> str:
     ])
 
 
-def write_section(section: str) -> None:
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\nResults of the scripts in `benchmarks/`.\n"
-    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
-    text = pattern.sub(lambda _m: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-    DOC.write_text(text.rstrip("\n") + "\n")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=10)
@@ -132,7 +124,7 @@ def main() -> int:
     section = markdown(results)
     print(section)
     if not args.no_write:
-        write_section(section)
+        write_section(section, BEGIN, END)
         print(f"written to {DOC.relative_to(REPO)}")
     return 0
 
