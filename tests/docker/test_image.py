@@ -49,10 +49,10 @@ def test_image_defaults_and_no_baked_secrets(docker_image: str) -> None:
 
 def test_extra_ca_certificates_are_trusted(docker_image: str) -> None:
     staged = sorted(p.name for p in (REPO / "certs").glob("*.crt"))
-    if not staged:
-        pytest.skip("no extra CA certificates were staged in certs/ for this build")
     listed = docker("run", "--rm", docker_image, "ls", "/usr/local/share/ca-certificates").stdout.split()
-    assert staged == sorted(listed)
+    assert staged == sorted(listed)  # exactly the certs/*.crt of the build (none on a machine without extra CAs)
+    if not staged:
+        return
     # The staged CAs are in the bundle pip and the Azure SDK use.
     first = (REPO / "certs" / staged[0]).read_text().strip().splitlines()[1]
     bundle = docker("run", "--rm", docker_image, "bash", "-c",

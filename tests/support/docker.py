@@ -7,6 +7,7 @@ because CI must build the image and run them. Every container and network a test
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import secrets
@@ -32,8 +33,9 @@ def docker(*args: str, timeout: float = 120, check: bool = True) -> subprocess.C
     return done
 
 
+@functools.cache
 def docker_unavailable() -> str | None:
-    """Why docker cannot be used here, or None if it can."""
+    """Why docker cannot be used here, or None if it can (asked once per session)."""
     if shutil.which("docker") is None:
         return "the docker CLI is not installed (run scripts/setup)"
     try:
