@@ -5,19 +5,21 @@ from __future__ import annotations
 from typing import Any
 
 from mpilaunch.emulator import validation
-from mpilaunch.emulator.store import Conflict, Doc, now_iso, transition
+from mpilaunch.emulator.store import Doc, now_iso, transition
 from mpilaunch.emulator.wire import (
     Context,
     Request,
     Response,
     accepted,
     body_object,
-    created,
     entity,
+    fetch,
+    insert_new,
     listing,
-    precondition,
+    mutate,
+    remove,
 )
-from mpilaunch.emulator.wire_errors import WireError, exists, not_found
+from mpilaunch.emulator.wire_errors import WireError
 
 FOREVER = "P10675199DT2H48M5.4775807S"
 """Batch's "no limit" maxWallClockTime."""
@@ -26,10 +28,7 @@ _PATCHABLE = ("priority", "allowTaskPreemption", "maxParallelTasks", "constraint
 
 
 def get_job(ctx: Context, job_id: str) -> Doc:
-    doc = ctx.store.get("job", (), job_id)
-    if doc is None:
-        raise not_found("Job", job_id)
-    return doc
+    return fetch(ctx, "job", (), job_id)
 
 
 def add(ctx: Context, req: Request, _ids: list[str]) -> Response:
@@ -42,12 +41,7 @@ def add(ctx: Context, req: Request, _ids: list[str]) -> Response:
         "constraints": {"maxWallClockTime": FOREVER, "maxTaskRetryCount": 0, **(body.get("constraints") or {})},
         "executionInfo": {"startTime": now_iso(), "poolId": body["poolInfo"]["poolId"]},
     }
-    try:
-        doc = ctx.store.insert("job", (), doc)
-    except Conflict as exc:
-        raise exists("Job") from exc
-    ctx.wake()
-    return created(req, doc, doc["url"])
+    return insert_new(ctx, req, "job", (), doc)
 
 
 def get(ctx: Context, req: Request, ids: list[str]) -> Response:
@@ -62,30 +56,19 @@ def patch(ctx: Context, req: Request, ids: list[str]) -> Response:
     body = validation.check(body_object(req), "BatchJobUpdateOptions")
 
     def apply(doc: Doc) -> None:
-        precondition(req, doc)
-        if doc.get("state") in ("completed", "terminating", "deleting"):
-            raise _not_active(doc)
+        require_active(doc)
         for key in _PATCHABLE:
             if key in body:
                 doc[key] = {**doc.get(key, {}), **body[key]} if key == "constraints" else body[key]
         if "poolInfo" in body:
             doc["executionInfo"]["poolId"] = body["poolInfo"].get("poolId")
 
-    doc = ctx.store.update("job", (), ids[0], apply, touch=True)
-    if doc is None:
-        raise not_found("Job", ids[0])
-    ctx.wake()
+    doc = mutate(ctx, req, "job", (), ids[0], fn=apply)
     return Response(200, None, {"DataServiceId": doc["url"]})
 
 
 def delete(ctx: Context, req: Request, ids: list[str]) -> Response:
-    with ctx.store.transaction():
-        precondition(req, get_job(ctx, ids[0]))
-        if ctx.engine is None:
-            ctx.store.delete("job", (), ids[0])
-        else:
-            ctx.store.update("job", (), ids[0], lambda d: transition(d, "deleting"))
-    ctx.wake()
+    remove(ctx, req, "job", (), get_job(ctx, ids[0]), mark=lambda d: transition(d, "deleting"))
     return accepted()
 
 
@@ -96,9 +79,7 @@ def terminate(ctx: Context, req: Request, ids: list[str]) -> Response:
         reason = body.get("terminateReason") or reason
 
     def apply(doc: Doc) -> None:
-        precondition(req, doc)
-        if doc.get("state") in ("completed", "terminating", "deleting"):
-            raise _not_active(doc)
+        require_active(doc)
         doc["executionInfo"]["terminateReason"] = reason
         if ctx.engine is None:
             transition(doc, "completed")
@@ -106,11 +87,7 @@ def terminate(ctx: Context, req: Request, ids: list[str]) -> Response:
         else:
             transition(doc, "terminating")
 
-    doc = ctx.store.update("job", (), ids[0], apply, touch=True)
-    if doc is None:
-        raise not_found("Job", ids[0])
-    ctx.wake()
-    return accepted(doc)
+    return accepted(mutate(ctx, req, "job", (), ids[0], fn=apply))
 
 
 def task_counts(ctx: Context, req: Request, ids: list[str]) -> Response:

@@ -5,19 +5,21 @@ from __future__ import annotations
 from typing import Any
 
 from mpilaunch.emulator import validation
-from mpilaunch.emulator.store import Conflict, Doc, now_iso, transition
+from mpilaunch.emulator.store import Doc, now_iso, transition
 from mpilaunch.emulator.wire import (
     Context,
     Request,
     Response,
     accepted,
     body_object,
-    created,
     entity,
+    fetch,
+    insert_new,
     listing,
-    precondition,
+    mutate,
+    remove,
 )
-from mpilaunch.emulator.wire_errors import WireError, exists, invalid_value, not_found
+from mpilaunch.emulator.wire_errors import WireError, invalid_value, not_found
 
 _PATCHABLE = ("startTask", "metadata", "applicationPackageReferences", "targetNodeCommunicationMode",
               "displayName", "vmSize", "taskSlotsPerNode", "taskSchedulingPolicy", "enableInterNodeCommunication",
@@ -26,10 +28,7 @@ _PATCHABLE = ("startTask", "metadata", "applicationPackageReferences", "targetNo
 
 
 def get_pool(ctx: Context, pool_id: str) -> Doc:
-    doc = ctx.store.get("pool", (), pool_id)
-    if doc is None:
-        raise not_found("Pool", pool_id)
-    return doc
+    return fetch(ctx, "pool", (), pool_id)
 
 
 def add(ctx: Context, req: Request, _ids: list[str]) -> Response:
@@ -46,12 +45,7 @@ def add(ctx: Context, req: Request, _ids: list[str]) -> Response:
         "taskSlotsPerNode": body.get("taskSlotsPerNode") or 1,
         "taskSchedulingPolicy": body.get("taskSchedulingPolicy") or {"nodeFillType": "spread"},
     }
-    try:
-        doc = ctx.store.insert("pool", (), doc)
-    except Conflict as exc:
-        raise exists("Pool") from exc
-    ctx.wake()
-    return created(req, doc, doc["url"])
+    return insert_new(ctx, req, "pool", (), doc)
 
 
 def get(ctx: Context, req: Request, ids: list[str]) -> Response:
@@ -71,29 +65,16 @@ def patch(ctx: Context, req: Request, ids: list[str]) -> Response:
     body = validation.check(body_object(req), "BatchPoolUpdateOptions")
 
     def apply(doc: Doc) -> None:
-        precondition(req, doc)
         for key in _PATCHABLE:
             if key in body:
                 doc[key] = body[key]
 
-    doc = ctx.store.update("pool", (), ids[0], apply, touch=True)
-    if doc is None:
-        raise not_found("Pool", ids[0])
-    ctx.wake()
+    doc = mutate(ctx, req, "pool", (), ids[0], fn=apply)
     return Response(200, None, {"DataServiceId": doc["url"]})
 
 
 def delete(ctx: Context, req: Request, ids: list[str]) -> Response:
-    def mark(doc: Doc) -> None:
-        transition(doc, "deleting")
-
-    with ctx.store.transaction():
-        precondition(req, get_pool(ctx, ids[0]))
-        if ctx.engine is None:
-            ctx.store.delete("pool", (), ids[0])
-        else:
-            ctx.store.update("pool", (), ids[0], mark)
-    ctx.wake()
+    remove(ctx, req, "pool", (), get_pool(ctx, ids[0]), mark=lambda d: transition(d, "deleting"))
     return accepted()
 
 
@@ -104,7 +85,6 @@ def resize(ctx: Context, req: Request, ids: list[str]) -> Response:
             raise invalid_value(name, body[name], "must be 0 or more")
 
     def apply(doc: Doc) -> None:
-        precondition(req, doc)
         if doc.get("state") == "deleting":
             raise WireError(409, "PoolBeingDeleted", "The specified pool has been marked for deletion and is being "
                             "reclaimed.")
@@ -117,11 +97,7 @@ def resize(ctx: Context, req: Request, ids: list[str]) -> Response:
         doc["allocationState"] = "resizing"
         doc["allocationStateTransitionTime"] = now_iso()
 
-    doc = ctx.store.update("pool", (), ids[0], apply, touch=True)
-    if doc is None:
-        raise not_found("Pool", ids[0])
-    ctx.wake()
-    return accepted(doc)
+    return accepted(mutate(ctx, req, "pool", (), ids[0], fn=apply))
 
 
 def list_nodes(ctx: Context, req: Request, ids: list[str]) -> Response:

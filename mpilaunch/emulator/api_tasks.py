@@ -13,11 +13,12 @@ from mpilaunch.emulator.wire import (
     Response,
     accepted,
     body_object,
-    created,
     entity,
+    insert_new,
     listing,
-    precondition,
+    mutate,
     public,
+    remove,
 )
 from mpilaunch.emulator.wire_errors import WireError, exists, invalid_value, missing, not_found
 
@@ -53,12 +54,7 @@ def add(ctx: Context, req: Request, ids: list[str]) -> Response:
     with ctx.store.transaction():
         job = get_job(ctx, ids[0])
         require_active(job)
-        try:
-            doc = ctx.store.insert("task", (job["id"],), _new_task(req, job, body))
-        except Conflict as exc:
-            raise exists("Task") from exc
-    ctx.wake()
-    return created(req, doc, doc["url"])
+        return insert_new(ctx, req, "task", (job["id"],), _new_task(req, job, body))
 
 
 def add_collection(ctx: Context, req: Request, ids: list[str]) -> Response:
@@ -122,34 +118,20 @@ def replace(ctx: Context, req: Request, ids: list[str]) -> Response:
     constraints = validation.check(body.get("constraints") or {}, "BatchTaskConstraints", "constraints")
 
     def apply(doc: Doc) -> None:
-        if doc.get("_deleting"):
-            raise not_found("Task", ids[1])
-        precondition(req, doc)
         doc["constraints"] = {**doc.get("constraints", {}), **constraints}
 
     get_task(ctx, ids[0], ids[1])
-    doc = ctx.store.update("task", (ids[0],), ids[1], apply, touch=True)
-    if doc is None:
-        raise not_found("Task", ids[1])
-    ctx.wake()
+    doc = mutate(ctx, req, "task", (ids[0],), ids[1], fn=apply)
     return Response(200, None, {"DataServiceId": doc["url"]})
 
 
 def delete(ctx: Context, req: Request, ids: list[str]) -> Response:
-    with ctx.store.transaction():
-        task = get_task(ctx, ids[0], ids[1])
-        precondition(req, task)
-        if ctx.engine is None:
-            ctx.store.delete("task", (ids[0],), task["id"])
-        else:
-            ctx.store.update("task", (ids[0],), task["id"], lambda d: d.update(_deleting=True))
-    ctx.wake()
+    remove(ctx, req, "task", (ids[0],), get_task(ctx, ids[0], ids[1]), mark=lambda d: d.update(_deleting=True))
     return accepted(status=200)
 
 
 def terminate(ctx: Context, req: Request, ids: list[str]) -> Response:
     def apply(doc: Doc) -> None:
-        precondition(req, doc)
         if doc.get("state") == "completed":
             raise WireError(409, "TaskCompleted", "The specified task is already completed.")
         if ctx.engine is None:
@@ -162,11 +144,7 @@ def terminate(ctx: Context, req: Request, ids: list[str]) -> Response:
             doc["_terminating"] = True
 
     get_task(ctx, ids[0], ids[1])
-    doc = ctx.store.update("task", (ids[0],), ids[1], apply, touch=True)
-    if doc is None:
-        raise not_found("Task", ids[1])
-    ctx.wake()
-    return accepted(doc, status=204)
+    return accepted(mutate(ctx, req, "task", (ids[0],), ids[1], fn=apply), status=204)
 
 
 def list_subtasks(ctx: Context, req: Request, ids: list[str]) -> Response:

@@ -11,8 +11,8 @@ from typing import Any, Protocol
 from urllib.parse import quote
 
 from mpilaunch.emulator import odata
-from mpilaunch.emulator.store import Doc, Parent, Store
-from mpilaunch.emulator.wire_errors import WireError
+from mpilaunch.emulator.store import Conflict, Doc, Parent, Store
+from mpilaunch.emulator.wire_errors import WireError, exists, not_found
 
 JSON_TYPE = "application/json;odata=minimalmetadata"
 
@@ -133,6 +133,51 @@ def created(req: Request, doc: Doc, location: str) -> Response:
     """201 for a created resource: empty body, ``DataServiceId``/``Location`` name it."""
     headers = {**entity_headers(doc), "DataServiceId": location, "Location": location}
     return Response(201, None, headers)
+
+
+def fetch(ctx: Context, kind: str, parent: Parent, id: str) -> Doc:
+    """The stored doc or 404 ``PoolNotFound``/``JobNotFound``/... naming the id."""
+    doc = ctx.store.get(kind, parent, id)
+    if doc is None:
+        raise not_found(kind.capitalize(), id)
+    return doc
+
+
+def insert_new(ctx: Context, req: Request, kind: str, parent: Parent, doc: Doc) -> Response:
+    """Insert a new resource: 201, or 409 ``PoolExists``/``JobExists``/``TaskExists`` (ids case-insensitive)."""
+    try:
+        doc = ctx.store.insert(kind, parent, doc)
+    except Conflict as exc:
+        raise exists(kind.capitalize()) from exc
+    ctx.wake()
+    return created(req, doc, doc["url"])
+
+
+def mutate(ctx: Context, req: Request, kind: str, parent: Parent, id: str, *, fn: Callable[[Doc], None]) -> Doc:
+    """Apply ``fn`` atomically once the request's preconditions hold; 404 if missing (or being deleted)."""
+
+    def apply(doc: Doc) -> None:
+        if doc.get("_deleting"):
+            raise not_found(kind.capitalize(), id)
+        precondition(req, doc)
+        fn(doc)
+
+    doc = ctx.store.update(kind, parent, id, apply, touch=True)
+    if doc is None:
+        raise not_found(kind.capitalize(), id)
+    ctx.wake()
+    return doc
+
+
+def remove(ctx: Context, req: Request, kind: str, parent: Parent, doc: Doc, *, mark: Callable[[Doc], None]) -> None:
+    """Delete at once without an engine; with one, ``mark`` the doc and let the engine kill and remove it."""
+    with ctx.store.transaction():
+        precondition(req, doc)
+        if ctx.engine is None:
+            ctx.store.delete(kind, parent, doc["id"])
+        else:
+            ctx.store.update(kind, parent, doc["id"], mark)
+    ctx.wake()
 
 
 def accepted(doc: Doc | None = None, status: int = 202) -> Response:
