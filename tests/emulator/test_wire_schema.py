@@ -159,3 +159,21 @@ def test_spec_request_examples_are_accepted(wire_emulator, example):
     assert resp.status_code == 201, resp.text
     assert resp.content == b"" and resp.headers["ETag"]
     assert expected in SPEC["paths"]
+
+
+def test_file_operations_through_the_sdk(emulator, ran):
+    pool, job, _node = ran
+    client = emulator.client()
+    names = {f.name for f in client.list_task_files(job, "mi", recursive=True)}
+    assert {"stdout.txt", "stderr.txt", "wd/out/result.txt"} <= names
+    assert b"".join(client.download_task_file(job, "mi", "stdout.txt")) == b"primary\n"
+    assert b"".join(client.download_task_file(job, "mi", "stdout.txt", ocp_range="bytes=2-4")) == b"ima"
+    props = client.get_task_file_properties(job, "mi", "wd/out/result.txt")
+    assert int(props.content_length) == 2 and not props.is_directory
+    assert props.url.endswith("/files/wd%2Fout%2Fresult.txt") and props.last_modified
+    sub = next(iter(client.list_subtasks(job, "mi")))
+    rel = f"{sub.node_info.task_root_directory.strip('/')}/stdout.txt"
+    assert b"".join(client.download_node_file(pool, sub.node_info.node_id, rel)) == b""
+    node_props = client.get_node_file_properties(pool, sub.node_info.node_id, rel)
+    assert int(node_props.content_length) == 0
+    assert any(f.name == rel for f in client.list_node_files(pool, sub.node_info.node_id, recursive=True))
