@@ -266,7 +266,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Type", resp.content_type)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            self.wfile.write(data)
+            if self.command != "HEAD":  # a HEAD answer has headers only, even for errors
+                self.wfile.write(data)
         elif isinstance(resp.body, FileBody):
             self.send_header("Content-Type", resp.content_type)
             self.send_header("Content-Length", str(resp.body.length))

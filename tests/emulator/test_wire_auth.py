@@ -131,3 +131,15 @@ def test_bearer_over_http_with_the_flag(tmp_path, wire_emulator):
     with pytest.raises(HttpResponseError) as refused:
         list(BatchClient(wire_emulator.endpoint, FakeEntra()).list_jobs(enforce_https=False))
     assert refused.value.status_code == 403 and refused.value.error.code == "AuthenticationFailed"
+
+
+def test_head_errors_have_no_body(wire_emulator):
+    """Refused and failed HEAD requests answer headers only, so the connection stays usable."""
+    import requests
+
+    with requests.Session() as session:
+        for _ in range(3):
+            resp = session.head(f"{wire_emulator.endpoint}/pools/x?api-version=2025-06-01", timeout=10)
+            assert resp.status_code == 403 and resp.content == b""
+        missing = wire_emulator.raw("HEAD", "/jobs/nope/tasks/t/files/f")
+        assert missing.status_code == 404 and missing.content == b""
