@@ -19,7 +19,7 @@ from tests.support.azurite import free_port
 from tests.support.exec_engine import leftovers
 from tests.support.exec_sdk import Batch, completed, text, uid
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.timeout(240)]
 PROBE = Path(__file__).resolve().parents[1] / "programs" / "mpi_probe.py"
 
 

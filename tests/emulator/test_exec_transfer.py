@@ -19,6 +19,8 @@ from azure.storage.blob import (
 from mpilaunch.emulator import resourcefiles
 from tests.support.exec_engine import py, rig
 
+pytestmark = pytest.mark.azurite
+
 
 class Blobs:
     def __init__(self, azurite: Any) -> None:
