@@ -60,6 +60,7 @@ class TaskRun:
         """Task slots this attempt holds on each of its nodes."""
         self.rel = mi.task_rel_dir(job["id"], task["id"])
         self.outcome = Outcome()
+        self._executions: list[Execution] = []
         self._stop: str | None = None
         self._event = threading.Event()
         timeout = mi.parse_duration(task.get("constraints", {}).get("maxWallClockTime"))
@@ -95,11 +96,15 @@ class TaskRun:
         self.on_done(self, outcome)
 
     def _kill_all(self) -> None:
+        """Kill every process of the attempt on every node (tagged ones and the commands' groups), then reap."""
         for node in self.nodes:
             try:
                 self.ctx.provider.kill_tag(node, self.tag)
             except MpilaunchError as exc:
                 log.warning("could not clean node %s: %s", node.id, exc)
+        for execution in self._executions:
+            execution.kill()
+            execution.wait(1.0)
 
     def _check(self) -> None:
         if self._stop is not None:
@@ -174,8 +179,10 @@ class TaskRun:
     def _launch(self, index: int, argv: list[str], outcome: Outcome) -> Execution | None:
         node, tdir = self.nodes[index], self.task_dir(index)
         try:
-            return self.ctx.provider.run(node, argv, env=self.env(index), cwd=node.node_path(tdir / "wd"),
-                                         stdout=tdir / "stdout.txt", stderr=tdir / "stderr.txt", tag=self.tag)
+            execution = self.ctx.provider.run(node, argv, env=self.env(index), cwd=node.node_path(tdir / "wd"),
+                                              stdout=tdir / "stdout.txt", stderr=tdir / "stderr.txt", tag=self.tag)
+            self._executions.append(execution)
+            return execution
         except MpilaunchError as exc:
             outcome.failures[index] = mi.failure_info("CommandStartFailed", str(exc))
             return None
