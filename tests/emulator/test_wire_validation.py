@@ -183,3 +183,19 @@ def test_chunked_body_and_bad_content_length(wire_emulator, job):
         sock.sendall(b"POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Length: ten\r\n\r\n")
         answer = sock.recv(65536).decode()
     assert answer.startswith("HTTP/1.1 400") and "InvalidHeaderValue" in answer
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(params=st.dictionaries(st.sampled_from(["maxresults", "$filter", "$select", "$skiptoken", "recursive",
+                                               "timeOut", "$expand"]), st.text(max_size=30), max_size=4),
+       rng=st.text(st.characters(min_codepoint=33, max_codepoint=126), max_size=20),
+       date=st.text(st.characters(min_codepoint=32, max_codepoint=126), min_size=1, max_size=40).map(str.strip)
+       .filter(bool))
+def test_fuzzed_queries_and_headers_never_500(wire_emulator, job, params, rng, date):
+    for path in (f"/jobs/{job}/tasks", "/jobs", "/pools", f"/jobs/{job}/tasks/nope/files"):
+        resp = wire_emulator.raw("GET", path, params=params)
+        assert resp.status_code in (200, 400, 404), (path, params, resp.text)
+    resp = wire_emulator.raw("GET", f"/jobs/{job}", headers={"ocp-range": rng, "If-Modified-Since": date})
+    assert resp.status_code in (200, 304, 400, 412), resp.text
+    resp = wire_emulator.raw("GET", "/jobs", headers={"ocp-date": date}, sign=False)
+    assert resp.status_code == 403
