@@ -43,10 +43,12 @@ from node_runtime.mpirun import (
 REPORT_NAME = "launch-report.json"
 DEFAULT_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
-# Runs on each remote node in its stop channel (sshd's SetEnv gives MPILAUNCH_SERVICE_DIR): wait for EOF, then end
-# that node's sshd listener if the pid file still names it (sessions already open, like this one, finish normally).
-REMOTE_STOP = ('read _ ; d=$MPILAUNCH_SERVICE_DIR; p=$(cat "$d/sshd.pid") && '
-               'grep -qs "$d/sshd_config" "/proc/$p/cmdline" && kill -TERM "$p" && rm -f "$d/sshd.pid"')
+# Runs on each remote node in its stop channel (sshd's SetEnv gives MPILAUNCH_SERVICE_DIR and TMPDIR): wait for EOF,
+# remove the node-local TMPDIR, end that node's sshd listener if the pid file still names it (sessions already open,
+# like this one, finish normally).
+REMOTE_STOP = ('read _ ; case $TMPDIR in */mpl-*) rm -rf "$TMPDIR" ;; esac; d=$MPILAUNCH_SERVICE_DIR; '
+               'p=$(cat "$d/sshd.pid") && grep -qs "$d/sshd_config" "/proc/$p/cmdline" && kill -TERM "$p" && '
+               'rm -f "$d/sshd.pid"')
 
 
 @dataclass

@@ -312,7 +312,9 @@ def ensure(service: Service, sshd: Path) -> str:
 
 
 def stop(service: Service, timeout: float = 5.0) -> bool:
-    """Stop this service's sshd if it runs (TERM, then KILL); returns whether one was running."""
+    """Stop this service's sshd if it runs (TERM, then KILL) and remove its node-local TMPDIR; returns whether
+    one was running."""
+    shutil.rmtree(service.tmp_dir, ignore_errors=True)
     pid = running_pid(service)
     if pid is None:
         service.pid_file.unlink(missing_ok=True)

@@ -22,6 +22,9 @@ from pathlib import Path
 
 import pytest
 
+from node_runtime.keys import KeyFiles
+from node_runtime.sshd import node_tmp_dir
+
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = REPO / ".venv" / "bin"
 SUBNET = "10.77.0"  # private to the namespaces: never routed, so every cluster can use the same one
@@ -160,8 +163,9 @@ class NetnsCluster:
 
     def destroy(self) -> None:
         """Kill every process of every node, delete the namespaces and the node roots. Safe to call twice."""
-        for i in range(len(self.nodes)):
+        for i, node in enumerate(self.nodes):
             self.kill_processes(i)
+            shutil.rmtree(node_tmp_dir(KeyFiles.under(node.task_dir).directory), ignore_errors=True)
         existing = _ip("netns", "list", check=False).stdout.split()
         for netns in [n.netns for n in self.nodes] + [self.bridge_netns]:
             if netns in existing:
