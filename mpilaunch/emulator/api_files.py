@@ -143,16 +143,20 @@ def _parse_range(raw: str, size: int) -> tuple[int, int]:
                         "format.", HeaderName="ocp-range", HeaderValue=raw)
     if not first:
         return max(size - int(last), 0), size
-    start = min(int(first), size)
+    start = int(first)
     end = min(int(last) + 1, size) if last.isdigit() else size
-    return start, max(end, start)
+    if start >= size or end <= start:
+        raise WireError(416, "InvalidRange", "The specified byte range is invalid for the given resource.",
+                        RangeHeader=raw, ContentLength=str(size))
+    return start, end
 
 
 def _delete(req: Request, base: Path | None, rel: str) -> Response:
     path = _resolve(base, rel)
     if path.is_dir():
         if req.query.get("recursive", "false").lower() != "true" and any(path.iterdir()):
-            raise WireError(409, "DirectoryNotEmpty", "The directory is not empty; use recursive=true.")
+            raise WireError(409, "OperationInvalidForCurrentState", "The directory is not empty: delete it with "
+                            "recursive=true.")
         shutil.rmtree(path)
     else:
         path.unlink()

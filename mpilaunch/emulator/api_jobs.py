@@ -54,6 +54,7 @@ def list_(ctx: Context, req: Request, _ids: list[str]) -> Response:
 
 def patch(ctx: Context, req: Request, ids: list[str]) -> Response:
     body = validation.check(body_object(req), "BatchJobUpdateOptions")
+    validation.check_priority(body.get("priority"))
 
     def apply(doc: Doc) -> None:
         require_active(doc)

@@ -89,8 +89,8 @@ def resize(ctx: Context, req: Request, ids: list[str]) -> Response:
             raise WireError(409, "PoolBeingDeleted", "The specified pool has been marked for deletion and is being "
                             "reclaimed.")
         if doc.get("allocationState") != "steady":
-            raise WireError(409, "PoolNotSteady", "The specified pool is not in steady allocation state; it can "
-                            "only be resized when steady.")
+            raise WireError(409, "PoolBeingResized", "The specified pool is being resized; it can only be resized "
+                            "again when its allocation state is steady.")
         for name in ("targetDedicatedNodes", "targetLowPriorityNodes", "resizeTimeout"):
             if name in body:
                 doc[name] = body[name]

@@ -30,8 +30,10 @@ def max_results(query: dict[str, str]) -> int:
     raw = query.get("maxresults")
     if raw is None:
         return MAX_RESULTS
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_RESULTS:
+    if not raw.isdigit():
         raise bad_query("maxresults", raw, f"must be an integer from 1 to {MAX_RESULTS}")
+    if not 1 <= int(raw) <= MAX_RESULTS:
+        raise bad_query("maxresults", raw, f"must be from 1 to {MAX_RESULTS}", code="OutOfRangeQueryParameterValue")
     return int(raw)
 
 

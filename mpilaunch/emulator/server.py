@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -28,6 +29,8 @@ from mpilaunch.errors import InvalidInput
 log = logging.getLogger("mpilaunch.emulator")
 access = logging.getLogger("mpilaunch.emulator.access")
 
+_API_VERSION = re.compile(r"\d{4}-\d{2}-\d{2}(\.\d+\.\d+)?")
+"""Dated api-versions (``2025-06-01``, ``2024-07-01.20.0``); the wire format served is 2025-06-01's."""
 _ID = "*"
 _REST = "**"
 _FILE = ("files", _REST)
@@ -184,13 +187,17 @@ class EmulatorServer:
             if "api-version" not in req.query:
                 raise WireError(400, "MissingRequiredQueryParameter", "A query parameter that's mandatory for this "
                                 "request is not specified.", QueryParameterName="api-version")
+            if not _API_VERSION.fullmatch(req.query["api-version"]):
+                raise WireError(400, "UnsupportedRequestVersion", "The specified version of the REST API is not "
+                                "supported.", QueryParameterName="api-version",
+                                QueryParameterValue=req.query["api-version"][:40])
             handler, ids = route(req.method, req.segments)
             return handler(self.ctx, req, ids)
         except WireError as exc:
             return Response(exc.status, exc.body(req.request_id))
         except Exception:
             log.exception("internal error on %s %s", req.method, req.raw_path)
-            err = WireError(500, "InternalServerError", "The server encountered an internal error.")
+            err = WireError(500, "InternalError", "An internal error occurred in the emulator.")
             return Response(500, err.body(req.request_id))
 
 

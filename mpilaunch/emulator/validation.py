@@ -112,6 +112,12 @@ def check_id(value: Any, name: str = "id") -> str:
     return value
 
 
+def check_priority(priority: int | None) -> None:
+    if priority is not None and not -1000 <= priority <= 1000:
+        raise WireError(400, "OutOfRangePriority", "The job priority is outside the permitted range of -1000 to 1000.",
+                        PropertyName="priority", PropertyValue=str(priority))
+
+
 def check_display_name(body: dict[str, Any]) -> None:
     name = body.get("displayName")
     if isinstance(name, str) and len(name) > 1024:
@@ -149,15 +155,21 @@ def task(raw: Any) -> dict[str, Any]:
                                 "must be at least 1")
     if body.get("requiredSlots") is not None and body["requiredSlots"] < 1:
         raise invalid_value("requiredSlots", body["requiredSlots"], "must be at least 1")
-    retries = (body.get("constraints") or {}).get("maxTaskRetryCount")
-    if retries is not None and retries < -1:
-        raise invalid_value("constraints.maxTaskRetryCount", retries, "must be -1 or more")
+    _check_constraints(body.get("constraints"))
     for path, files in lists.items():
         _check_resource_files(files, path)
     if len(json.dumps(list(lists.values()))) > MAX_RESOURCE_FILES_BYTES:
         raise WireError(413, "RequestEntityTooLarge", "The resource file list of the task exceeds the maximum "
                         "size.", MaxBytes=str(MAX_RESOURCE_FILES_BYTES))
     return body
+
+
+def _check_constraints(constraints: dict[str, Any] | None) -> None:
+    retries = (constraints or {}).get("maxTaskRetryCount")
+    if retries is not None and retries < -1:
+        raise WireError(400, "InvalidConstraintValue", "A value in a job or task constraint is out of range.",
+                        PropertyName="constraints.maxTaskRetryCount", PropertyValue=str(retries),
+                        Reason="must be -1 (no limit) or more")
 
 
 def pool(raw: Any) -> dict[str, Any]:
@@ -178,6 +190,8 @@ def job(raw: Any) -> dict[str, Any]:
     body = check(raw, "BatchJobCreateOptions")
     check_id(body["id"])
     check_display_name(body)
+    check_priority(body.get("priority"))
+    _check_constraints(body.get("constraints"))
     if body["poolInfo"].get("autoPoolSpecification") is not None:
         raise invalid_value("poolInfo.autoPoolSpecification", "{...}", "auto pools are not supported by the "
                             "emulator: create a pool and set poolInfo.poolId")

@@ -61,10 +61,10 @@ def bad_body(reason: str) -> WireError:
                      Reason=reason)
 
 
-def bad_query(name: str, value: str, reason: str) -> WireError:
-    return WireError(400, "InvalidQueryParameterValue", "Value for one of the query parameters specified in the "
-                     "request URI is invalid.", QueryParameterName=name, QueryParameterValue=_short(value),
-                     Reason=reason)
+def bad_query(name: str, value: str, reason: str, *, code: str = "InvalidQueryParameterValue") -> WireError:
+    """``InvalidQueryParameterValue`` (or ``OutOfRangeQueryParameterValue``) naming the parameter."""
+    return WireError(400, code, "Value for one of the query parameters specified in the request URI is invalid.",
+                     QueryParameterName=name, QueryParameterValue=_short(value), Reason=reason)
 
 
 def conflict_state(code: str, message: str) -> WireError:

@@ -99,6 +99,8 @@ def test_file_operations(emulator, ran):
     assert got.headers["Content-Type"] == "application/octet-stream"
     ranged = emulator.raw("GET", f"{base}/stdout.txt", headers={"ocp-range": "bytes=0-2"})
     assert ranged.content == b"pri"
+    beyond = emulator.raw("GET", f"{base}/stdout.txt", headers={"ocp-range": "bytes=100-200"})
+    assert beyond.status_code == 416 and beyond.json()["code"] == "InvalidRange"
     head = emulator.raw("HEAD", f"{base}/{encoded}")
     assert head.status_code == 200 and head.headers["Content-Length"] == "2"
     assert head.headers["ocp-batch-file-isdirectory"] == "false" and head.headers["ocp-creation-time"]
@@ -119,9 +121,9 @@ def test_file_operations(emulator, ran):
     sub = emulator.raw("GET", f"/jobs/{job}/tasks/mi/subtasksinfo").json()["value"][0]["nodeInfo"]
     rel = quote(f"{sub['taskRootDirectory'].strip('/')}/stdout.txt", safe="")
     assert emulator.raw("GET", f"/pools/{pool}/nodes/{sub['nodeId']}/files/{rel}").status_code == 200
-    delete = emulator.raw("DELETE", f"{base}/{encoded}")
-    assert delete.status_code == 200
-    assert emulator.raw("GET", f"{base}/{encoded}").status_code == 404
+    assert emulator.raw("DELETE", f"{base}/wd").status_code == 409  # not empty, not recursive
+    assert emulator.raw("DELETE", f"{base}/stderr.txt").status_code == 200
+    assert emulator.raw("GET", f"{base}/stderr.txt").status_code == 404
 
 
 @pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.json")))
@@ -165,7 +167,7 @@ def test_file_operations_through_the_sdk(emulator, ran):
     pool, job, _node = ran
     client = emulator.client()
     names = {f.name for f in client.list_task_files(job, "mi", recursive=True)}
-    assert {"stdout.txt", "stderr.txt", "wd/out/result.txt"} <= names
+    assert {"stdout.txt", "wd/out/result.txt"} <= names
     assert b"".join(client.download_task_file(job, "mi", "stdout.txt")) == b"primary\n"
     assert b"".join(client.download_task_file(job, "mi", "stdout.txt", ocp_range="bytes=2-4")) == b"ima"
     props = client.get_task_file_properties(job, "mi", "wd/out/result.txt")

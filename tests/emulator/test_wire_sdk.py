@@ -84,7 +84,7 @@ def test_pool_lifecycle(emu, client):
         client.begin_resize_pool(pool_id, m.BatchPoolResizeOptions(target_dedicated_nodes=1), polling_interval=0)
         assert resized.allocation_state == m.AllocationState.STEADY or emu.execute
     except HttpResponseError as err:
-        assert err.error.code == "PoolNotSteady"
+        assert err.error.code == "PoolBeingResized"
     with pytest.raises(ResourceExistsError) as exists:
         client.create_pool(pool_options(pool_id.upper()))
     assert exists.value.error.code == "PoolExists"

@@ -58,6 +58,8 @@ def test_malformed_json(wire_emulator, job):
     ({"id": "x", "commandLine": 5}, "InvalidPropertyValue", "commandLine"),
     ({"id": "x", "commandLine": "true", "constraints": {"maxWallClockTime": "1 hour"}},
      "InvalidPropertyValue", "constraints.maxWallClockTime"),
+    ({"id": "x", "commandLine": "true", "constraints": {"maxTaskRetryCount": -2}},
+     "InvalidConstraintValue", "constraints.maxTaskRetryCount"),
     ({"id": "x", "commandLine": "true", "environmentSettings": [{"value": "v"}]},
      "MissingRequiredProperty", "environmentSettings[0].name"),
     ({"id": "x", "commandLine": "true", "resourceFiles": [{"httpUrl": "http://a/b", "storageContainerUrl": "c"}]},
@@ -84,6 +86,8 @@ def test_oversized_resource_files_and_bodies(wire_emulator, job):
 
 def test_bad_queries_and_uris(wire_emulator, job):
     assert error(wire_emulator.raw("GET", f"/jobs/{job}/tasks", params={"maxresults": "0"}), 400,
+                 "OutOfRangeQueryParameterValue")["QueryParameterName"] == "maxresults"
+    assert error(wire_emulator.raw("GET", f"/jobs/{job}/tasks", params={"maxresults": "many"}), 400,
                  "InvalidQueryParameterValue")["QueryParameterName"] == "maxresults"
     assert error(wire_emulator.raw("GET", f"/jobs/{job}/tasks", params={"$filter": "state eq"}), 400,
                  "InvalidQueryParameterValue")["QueryParameterName"] == "$filter"
@@ -91,8 +95,9 @@ def test_bad_queries_and_uris(wire_emulator, job):
                  "InvalidQueryParameterValue")
     assert error(wire_emulator.raw("GET", "/nonsense"), 400, "InvalidUri")["UriPath"] == "/nonsense"
     error(wire_emulator.raw("PUT", "/jobs"), 405, "UnsupportedHttpVerb")
-    resp = wire_emulator.raw("GET", "/jobs", params={"api-version": ""})
-    assert resp.status_code in (200, 400)  # the SDK never does this; it must not be a 500
+    assert error(wire_emulator.raw("GET", "/jobs", params={"api-version": "latest"}), 400,
+                 "UnsupportedRequestVersion")["QueryParameterValue"] == "latest"
+    assert wire_emulator.raw("GET", "/jobs", params={"api-version": "2024-07-01.20.0"}).status_code == 200
 
 
 def test_pool_and_job_validation(wire_emulator):
@@ -103,6 +108,9 @@ def test_pool_and_job_validation(wire_emulator):
                  "InvalidPropertyValue")["PropertyName"] == "targetDedicatedNodes"
     assert error(wire_emulator.raw("POST", "/jobs", json_body={"id": "j"}), 400,
                  "MissingRequiredProperty")["PropertyName"] == "poolInfo"
+    assert error(wire_emulator.raw("POST", "/jobs", json_body={"id": "j", "poolInfo": {"poolId": "p"},
+                                                               "priority": 1001}), 400,
+                 "OutOfRangePriority")["PropertyName"] == "priority"
     error(wire_emulator.raw("POST", "/pools/nope/resize", json_body={"targetDedicatedNodes": 1}), 404,
           "PoolNotFound")
 
