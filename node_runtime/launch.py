@@ -111,9 +111,9 @@ def launch(env: NodeEnvironment, environ: Mapping[str, str], command: Sequence[s
                                                mpirun=mpirun)
             report.argv = argv
             mpirun_started = time.monotonic()
-            # own session: a terminal's Ctrl-C reaches mpirun once (forwarded by us), not twice (which would make
-            # Open MPI skip its orderly abort)
-            child = proc.spawn(argv, env=mpirun_env, cwd=env.working_dir, stdin=subprocess.DEVNULL, new_session=True)
+            # same process group: whoever kills our group kills mpirun too; a signal sent to us alone is forwarded
+            # (a terminal's Ctrl-C then reaches mpirun twice, which Open MPI takes as one abort)
+            child = proc.spawn(argv, env=mpirun_env, cwd=env.working_dir, stdin=subprocess.DEVNULL)
             forward.append(child)
             channels = {h: _open_stop_channel(svc, h) for h in remote}
             code = child.wait()
@@ -207,9 +207,10 @@ def _wait_one(host: str, port: int, deadline: float, cancel: threading.Event) ->
 
 
 def _open_stop_channel(svc: sshd.Service, host: str) -> subprocess.Popen[bytes]:
-    """An ssh session to ``host`` that stops its service when our end of stdin closes (EOF)."""
+    """An ssh session to ``host`` that stops its service when our end of stdin closes (EOF). In its own session,
+    so a Ctrl-C or a signal to our process group does not cut it short: it ends when we close it or die."""
     return proc.spawn(sshd.ssh_argv(svc, host, [REMOTE_STOP], extra=["-T"]), env=sshd.clean_environ(),
-                      stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                      stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, new_session=True)
 
 
 def stop_services(svc: sshd.Service, remote: Sequence[str], channels: dict[str, subprocess.Popen[bytes]],

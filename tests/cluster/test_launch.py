@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
@@ -96,21 +97,25 @@ def test_launch_refuses_to_run_on_a_secondary_node(netns_cluster: Cluster) -> No
     assert "primary node only" in done.stderr and cluster.addresses[0] in done.stderr
 
 
-def test_sigterm_is_forwarded_to_mpirun_and_services_stop(netns_cluster: Cluster) -> None:
+@pytest.mark.parametrize("to_group", [False, True], ids=["SIGTERM-to-launch", "SIGINT-to-group"])
+def test_signals_end_mpirun_and_services_stop(netns_cluster: Cluster, to_group: bool) -> None:
     cluster = netns_cluster(2)
     coordinate(cluster)
     node = cluster.nodes[0]
     argv = cluster.argv_on(0, [str(VENV_BIN / "node-runtime"), "launch", "--", *PROBE, "--sleep", "60"])
     child = subprocess.Popen(argv, env=node.env, cwd=node.working_dir, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         assert child.stdout is not None
         assert "sleeping" in child.stdout.readline()  # rank 0 is up: mpirun and its remote daemon run
-        child.send_signal(signal.SIGTERM)
+        if to_group:  # like a terminal's Ctrl-C
+            os.killpg(child.pid, signal.SIGINT)
+        else:  # like `kill PID`
+            child.send_signal(signal.SIGTERM)
         code = child.wait(30)
     finally:
         if child.poll() is None:
-            child.kill()
+            os.killpg(child.pid, signal.SIGKILL)
             child.wait()
     assert code != 0
     data = report(cluster)
