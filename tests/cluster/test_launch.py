@@ -7,6 +7,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -149,3 +150,26 @@ def test_sigterm_while_waiting_for_services_ends_the_launch_cleanly(netns_cluste
     data = report(cluster)
     assert data["exit_code"] == 128 + signal.SIGTERM and data["argv"] == []
     assert not sshd_running(cluster, 0)
+
+
+def test_remote_services_stop_even_if_launch_is_killed_outright(netns_cluster: Cluster) -> None:
+    cluster = netns_cluster(2)
+    coordinate(cluster)
+    node = cluster.nodes[0]
+    listener = int((cluster.nodes[1].task_dir / ".mpilaunch" / "sshd.pid").read_text())
+    argv = cluster.argv_on(0, [str(VENV_BIN / "node-runtime"), "launch", "--", *PROBE, "--sleep", "60"])
+    child = subprocess.Popen(argv, env=node.env, cwd=node.working_dir, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert child.stdout is not None
+        assert "sleeping" in child.stdout.readline()
+        time.sleep(1)  # the stop channels are open by now
+        child.kill()  # launch only: no cleanup code of ours runs
+        child.wait(10)
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{listener}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not Path(f"/proc/{listener}").exists(), "node 1's sshd outlived the killed launch"
+    finally:
+        os.killpg(child.pid, signal.SIGKILL)  # mpirun, left behind in the group
+        child.wait()
