@@ -167,10 +167,10 @@ class Engine:
             state = job.get("state")
             if state == "deleting":
                 self._delete_job(job)
-            elif state == "terminating":
+                continue
+            if state == "terminating":
                 self._terminate_job(job)
-            elif state == "active":
-                self._job_tasks(job)
+            self._job_tasks(job, schedule=state == "active")  # deletes happen in any job state
 
     def _cancel_where(self, match: Callable[[TaskRun], bool], kind: str) -> int:
         with self._lock:
@@ -210,12 +210,20 @@ class Engine:
             transition(doc, "completed")
         self.store.update("job", (), job_id, complete)
 
+    def _remove_task(self, job_id: str, task: Doc) -> None:
+        """Delete a task that is not running, with its (and its subtasks') directories on the nodes, as Batch does."""
+        for doc in [task, *self.store.list("subtask", (job_id, task["id"]))]:
+            if doc.get("_taskDir"):
+                wipe(Path(doc["_taskDir"]))
+        self.store.delete("task", (job_id,), task["id"])
+
     def _end_idle_task(self, job_id: str, task_id: str) -> None:
         records.finish(self.ctx, job_id, task_id, [], multi=False, outcome=Outcome(kind="terminated"), max_retries=0)
 
-    def _job_tasks(self, job: Doc) -> None:
+    def _job_tasks(self, job: Doc, *, schedule: bool) -> None:
+        """Carry out task deletes/terminations; with ``schedule``, also place active tasks and complete the job."""
         tasks = self.store.list("task", (job["id"],))
-        pool_id = str(job.get("poolInfo", {}).get("poolId") or "")
+        pool_id = str(job.get("poolInfo", {}).get("poolId") or "") if schedule else ""
         pool = self.store.get("pool", (), pool_id) if pool_id else None
         if pool is not None and pool.get("state") != "active":
             pool = None
@@ -227,7 +235,7 @@ class Engine:
                 if run is not None:
                     run.cancel("deleted")
                 else:
-                    self.store.delete("task", (job["id"],), task["id"])
+                    self._remove_task(job["id"], task)
             elif task.get("_terminating") and task.get("state") != "completed":
                 if run is not None:
                     run.cancel("terminated")
@@ -237,7 +245,7 @@ class Engine:
                 if candidates is None:
                     candidates = self.store.list("node", (pool["id"],), states=["idle", "running"])
                 self._schedule(job, pool, task, candidates)
-        if job.get("onAllTasksComplete") == "terminatejob" and tasks and all(
+        if schedule and job.get("onAllTasksComplete") == "terminatejob" and tasks and all(
                 t.get("state") == "completed" for t in self.store.list("task", (job["id"],))):
             self._complete_job(job["id"], "AllTasksComplete")
 
@@ -289,6 +297,9 @@ class Engine:
             if outcome.kind != "shutdown":
                 records.finish(self.ctx, job_id, task_id, run.nodes, multi=run.multi, outcome=outcome,
                                max_retries=self._max_retries(run))
+            if outcome.kind == "deleted":
+                for index in range(len(run.nodes)):
+                    wipe(run.task_dir(index))
         finally:
             with self._lock:
                 self._runs.pop(_key(job_id, task_id), None)

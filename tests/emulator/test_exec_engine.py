@@ -164,10 +164,15 @@ def test_delete_running_task_kills_it_and_removes_the_documents(tmp_path: Path) 
         wait_for(lambda: r.store.get("task", ("job",), "gone") is None, 30, "task deleted")
         assert r.store.list("subtask", ("job", "gone")) == []
         wait_for(lambda: not leftovers(r.node_ids()), 10, "processes gone")
+        assert not list(tmp_path.glob("nodes/pool/*/workitems/job/job-1/gone")), "task dirs go with the task"
         r.task("ok", py("pass"))
-        r.completed("ok")
+        done = r.completed("ok")
         wait_for(lambda: r.doc("job", (), "job")["state"] == "completed", 10, "job completed")
         assert r.doc("job", (), "job")["executionInfo"]["terminateReason"] == "AllTasksComplete"
+        r.store.update("task", ("job",), "ok", lambda d: d.update(_deleting=True))  # in a completed job
+        r.engine.wake()
+        wait_for(lambda: r.store.get("task", ("job",), "ok") is None, 10, "completed task deleted")
+        assert not Path(done["_taskDir"]).exists()
 
 
 def test_start_task_wait_for_success_retries_and_failure_states(tmp_path: Path) -> None:
