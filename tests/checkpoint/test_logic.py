@@ -65,11 +65,17 @@ def test_a_failed_item_keeps_the_finished_ones(tmp_path: Path) -> None:
 
 
 def test_corrupt_batch_is_reported_and_its_items_recomputed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    run_items({i: i for i in range(20)}, str, checkpoint=str(tmp_path), batch=5, comm=COMM)
+    def fails_at_15(x: int) -> str:
+        if x == 15:
+            raise RuntimeError("killed")
+        return str(x)
+
+    with pytest.raises(RuntimeError):  # an interrupted run: batches of 5, no snapshot
+        run_items({i: i for i in range(20)}, fails_at_15, checkpoint=str(tmp_path), batch=10, comm=COMM)
     batch = sorted((tmp_path / "work/items").iterdir())[1]
     batch.write_bytes(batch.read_bytes()[:-1])
     found = load_committed(open_store(str(tmp_path)), "items")
-    assert len(found.corrupt) == 1 and len(found.results) == 15
+    assert len(found.corrupt) == 1 and len(found.results) == 10 and found.snapshots == 0
     calls: list[int] = []
 
     def record(x: int) -> str:
@@ -77,13 +83,49 @@ def test_corrupt_batch_is_reported_and_its_items_recomputed(tmp_path: Path, caps
         return str(x)
 
     out = run_items({i: i for i in range(20)}, record, checkpoint=str(tmp_path), comm=COMM)
-    assert out == {i: str(i) for i in range(20)} and sorted(calls) == [5, 6, 7, 8, 9]
-    assert "skipping a corrupt batch" in capsys.readouterr().err
+    assert out == {i: str(i) for i in range(20)} and sorted(calls) == [5, 6, 7, 8, 9, 15, 16, 17, 18, 19]
+    assert "skipping a corrupt object" in capsys.readouterr().err
+    # the completed run wrote a snapshot that merges everything, the corrupt batch included: it is not read again
+    found = load_committed(open_store(str(tmp_path)), "items")
+    assert (found.snapshots, found.batches, found.corrupt, len(found.results)) == (1, 0, [], 20)
+
+
+class CountingStore(Store):
+    def __init__(self, inner: Store) -> None:
+        self.inner, self.location, self.reads = inner, inner.location, 0
+
+    def put(self, name: str, data: bytes) -> None:
+        self.inner.put(name, data)
+
+    def get(self, name: str) -> bytes | None:
+        self.reads += 1
+        return self.inner.get(name)
+
+    def names(self, prefix: str) -> list[str]:
+        return self.inner.names(prefix)
+
+    def delete(self, name: str) -> None:
+        self.inner.delete(name)
+
+
+def test_a_completed_run_leaves_a_snapshot_and_a_corrupt_one_falls_back(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    items = {i: i for i in range(100)}
+    run_items(items, str, checkpoint=str(tmp_path), batch=10, comm=COMM)
+    run_items({**items, 100: 100}, str, checkpoint=str(tmp_path), batch=10, comm=COMM)  # one more item
+    snapshots = sorted((tmp_path / "work/items").glob("snapshot-*"))
+    assert len(snapshots) == 1  # the older snapshot was superseded and deleted
+    counting = CountingStore(open_store(str(tmp_path)))
+    found = load_committed(counting, "items")
+    assert counting.reads == 1 and len(found.results) == 101 and found.duplicates == 0
+    snapshots[0].write_bytes(snapshots[0].read_bytes()[:-5])
+    found = load_committed(open_store(str(tmp_path)), "items")
+    assert found.corrupt and found.snapshots == 0 and len(found.results) == 101 and found.duplicates == 0
 
 
 def test_flush_by_time_and_no_checkpoint_mode(tmp_path: Path) -> None:
     run_items({i: i for i in range(6)}, str, checkpoint=str(tmp_path), batch=1000, flush_seconds=0, comm=COMM)
-    assert len(list((tmp_path / "work/items").iterdir())) == 6
+    assert len(list((tmp_path / "work/items").glob("*-r00000-*"))) == 6
     assert run_items({1: 1}, str, checkpoint=False, comm=COMM) == {1: "1"}
 
 
@@ -157,3 +199,37 @@ def test_corrupt_newest_step_falls_back(tmp_path: Path, capsys: pytest.CaptureFi
     part.write_bytes(bytes(data))
     assert StepCheckpoints(str(tmp_path), comm=COMM).restore() == (1, "one")
     assert "skipping checkpoint of step 2" in capsys.readouterr().err
+
+
+class SlowStore(FailingStore):
+    """Writes take a while; records how many results were finished but not yet durable at each moment."""
+
+    def __init__(self, inner: Store) -> None:
+        super().__init__(inner, "\0never")
+        self.durable = 0
+        self.finished = 0
+        self.worst = 0
+
+    def put(self, name: str, data: bytes) -> None:
+        import pickle
+        import time
+
+        from node_runtime.checkpoint.stores import unseal
+
+        time.sleep(0.01)
+        super().put(name, data)
+        if "snapshot-" not in name:
+            self.durable += len(pickle.loads(unseal(data, name)))
+
+
+def test_at_most_batch_results_are_ever_uncommitted(tmp_path: Path) -> None:
+    store = SlowStore(open_store(str(tmp_path)))
+
+    def work(x: int) -> int:
+        store.finished += 1
+        store.worst = max(store.worst, store.finished - store.durable)
+        return x
+
+    out = run_items({i: i for i in range(200)}, work, checkpoint=store, batch=8, comm=COMM)
+    assert out == {i: i for i in range(200)} and store.durable == 200
+    assert 4 < store.worst <= 8  # writes overlapped the work, and never more than `batch` results were at risk
