@@ -67,7 +67,7 @@ class NodeManager:
             for _ in range(want - len(have)):
                 self._add_node(pool, is_dedicated)
             if len(have) > want:
-                removable = [n for n in have if not self.is_busy(n["id"])]
+                removable = [n for n in have if self._removable(n)]
                 removable.sort(key=lambda n: n.get("state") == "idle")  # broken nodes go first
                 for node in removable[: len(have) - want]:
                     self._remove_node(pool["id"], node)
@@ -86,11 +86,15 @@ class NodeManager:
 
     def _delete_pool(self, pool: Doc, nodes: list[Doc]) -> None:
         for node in nodes:
-            if node.get("state") not in GONE and not self.is_busy(node["id"]):
+            if node.get("state") not in GONE and self._removable(node):
                 self._remove_node(pool["id"], node)
         if not nodes:
             self.ctx.store.delete("pool", (), pool["id"])
             wipe(self.ctx.data_dir / "nodes" / pool["id"])
+
+    def _removable(self, node: Doc) -> bool:
+        """Not running a task and not half-created (a node leaves once the provider has made it)."""
+        return node.get("state") != "creating" and not self.is_busy(node["id"])
 
     # -- node creation -------------------------------------------------------------------------------------------
     def _add_node(self, pool: Doc, dedicated: bool) -> None:
@@ -225,6 +229,7 @@ class NodeManager:
 
     def _destroy(self, pool_id: str, doc: Doc) -> None:
         try:
+            doc = self.ctx.store.get("node", (pool_id,), doc["id"]) or doc
             node = self.ctx.node_of(doc)
             if node is not None:
                 self.ctx.provider.destroy_node(node)

@@ -308,3 +308,19 @@ def test_graceful_stop_kills_everything_and_the_next_start_requeues(tmp_path: Pa
         assert sorted(second.node_ids()) == sorted(nodes)
         info = second.completed("t")["executionInfo"]
         assert (info["result"], info["retryCount"], info["requeueCount"]) == ("success", 0, 1)
+
+
+def test_pool_deleted_while_nodes_are_created_or_running_their_start_task(tmp_path: Path) -> None:
+    with rig(tmp_path) as r:
+        r.pool("fresh", nodes=3)
+        r.store.update("pool", (), "fresh", lambda d: d.update(state="deleting"))  # before the nodes exist
+        r.pool("busy", nodes=2, startTask={"commandLine": py("import time; time.sleep(300)"), "waitForSuccess": True})
+        wait_for(lambda: len(r.store.list("node", ("busy",), states=["waitingforstarttask"])) == 2, 30, "StartTasks")
+        busy_nodes = r.node_ids()
+        wait_for(lambda: leftovers(busy_nodes), 10, "StartTask processes")
+        r.store.update("pool", (), "busy", lambda d: d.update(state="deleting"))
+        r.engine.wake()
+        wait_for(lambda: r.store.list("pool") == [], 30, "both pools deleted")
+        assert r.store.list("node") == []
+        assert not leftovers(busy_nodes), "a node leaving the pool takes its StartTask processes with it"
+        assert not (tmp_path / "nodes" / "busy").exists()
