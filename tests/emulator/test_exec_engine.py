@@ -324,3 +324,19 @@ def test_pool_deleted_while_nodes_are_created_or_running_their_start_task(tmp_pa
         assert r.store.list("node") == []
         assert not leftovers(busy_nodes), "a node leaving the pool takes its StartTask processes with it"
         assert not (tmp_path / "nodes" / "busy").exists()
+
+
+@pytest.mark.skipif(not isolation_available(), reason="per-node namespaces need root and unshare")
+def test_isolated_node_sees_azure_paths_and_keeps_the_hosts_mnt_entries(tmp_path: Path) -> None:
+    host_mnt = sorted(p.name for p in Path("/mnt").iterdir())
+    provider = ProcessProvider(isolate=True)
+    node = provider.create_node({"id": "p"}, "tvmps_x_d", tmp_path / "root", [])
+    (tmp_path / "root" / "marker").write_text("here")
+    code = ("import os, socket; print(sorted(os.listdir('/mnt')), socket.gethostname(), "
+            "open('/mnt/batch/tasks/marker').read(), os.getcwd())")
+    execution = provider.run(node, [PY, "-c", code], env={}, cwd="/mnt/batch/tasks", stdout=tmp_path / "out",
+                             stderr=tmp_path / "err", tag="t")
+    assert execution.wait(30) == 0, (tmp_path / "err").read_text()
+    expected = sorted({*host_mnt, "batch"})
+    assert (tmp_path / "out").read_text().strip() == f"{expected} tvmps-x-d here /mnt/batch/tasks"
+    assert sorted(p.name for p in Path("/mnt").iterdir()) == host_mnt, "nothing is created on the host"

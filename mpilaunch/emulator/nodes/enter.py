@@ -2,8 +2,9 @@
 
 Run by :mod:`.process` as ``unshare --uts --mount -- python -I -S enter.py HOSTNAME ROOT NODE_ROOT CWD -- ARGV...``
 (a fresh UTS and private mount namespace per command). Standard library only and no package imports, so it starts
-in milliseconds. The mount goes on a small tmpfs over the parent of NODE_ROOT's top directory (``/mnt``) so nothing
-on the host changes; processes started here (sshd, orted, ...) keep the node's view.
+in milliseconds. NODE_ROOT (``/mnt/batch/tasks``) is made on a small tmpfs mounted over its top directory (``/mnt``),
+so nothing on the host changes; the top directory's other entries are bound back, so they stay visible. Processes
+started here (sshd, orted, ...) keep the node's view.
 """
 
 from __future__ import annotations
@@ -26,16 +27,42 @@ def _mount(source: str, target: str, fstype: str | None, flags: int, data: str |
         raise OSError(err, f"mount {source} on {target} failed: {os.strerror(err)}")
 
 
+def _cover(top: str, keep_out: str) -> None:
+    """Mount a tmpfs on ``top`` that still shows ``top``'s entries (bound back), except ``keep_out``."""
+    entries: list[tuple[str, str, int]] = []
+    for path in Path(top).iterdir():
+        if path.name == keep_out:
+            continue
+        if path.is_symlink():
+            entries.append((path.name, str(path.readlink()), -1))
+        else:
+            entries.append((path.name, "dir" if path.is_dir() else "file", os.open(path, os.O_PATH)))
+    _mount("tmpfs", top, "tmpfs", 0, "size=1m,mode=755")
+    for name, kind, fd in entries:
+        target = Path(top, name)
+        if fd < 0:
+            target.symlink_to(kind)
+            continue
+        if kind == "dir":
+            target.mkdir()
+        else:
+            target.touch()
+        _mount(f"/proc/self/fd/{fd}", str(target), None, MS_BIND | MS_REC, None)
+        os.close(fd)
+
+
 def main(args: list[str]) -> int:
     hostname, root, node_root, cwd, sep, *argv = args
     if sep != "--" or not argv:
         print("usage: enter.py HOSTNAME ROOT NODE_ROOT CWD -- ARGV...", file=sys.stderr)
         return 2
     socket.sethostname(hostname)
-    top = "/" + node_root.strip("/").split("/")[0]
-    _mount("tmpfs", top, "tmpfs", 0, "size=1m,mode=755")
+    parts = node_root.strip("/").split("/")
+    root_fd = os.open(root, os.O_PATH)  # root itself may live under the top directory about to be covered
+    _cover("/" + parts[0], keep_out=parts[1] if len(parts) > 1 else "")
     Path(node_root).mkdir(parents=True, exist_ok=True)
-    _mount(root, node_root, None, MS_BIND | MS_REC, None)
+    _mount(f"/proc/self/fd/{root_fd}", node_root, None, MS_BIND | MS_REC, None)
+    os.close(root_fd)
     os.chdir(cwd)
     try:
         os.execvp(argv[0], argv)  # noqa: S606 - replacing this process with the node's command is the point
