@@ -19,7 +19,6 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -97,12 +96,10 @@ def launch(env: NodeEnvironment, environ: Mapping[str, str], command: Sequence[s
     try:
         with _forwarding_signals(cancel) as forward:
             mpirun = _mpirun_path()
-            with ThreadPoolExecutor(max_workers=1) as pool:  # mpirun --version while we wait for the services
-                detected = pool.submit(_detect, mpirun, flavor)
-                report.unreachable = wait_for_services(env.hosts_primary_first, env.ssh_port, timeout, cancel)
-                report.timings["wait_services_s"] = round(time.monotonic() - started, 4)
-                chosen = detected.result()
+            chosen = _detect(mpirun, flavor)
             report.flavor = chosen.value
+            report.unreachable = wait_for_services(env.hosts_primary_first, env.ssh_port, timeout, cancel)
+            report.timings["wait_services_s"] = round(time.monotonic() - started, 4)
             if report.unreachable:
                 raise ServiceError(f"the coordination service did not answer within {timeout:g}s on "
                                    f"{len(report.unreachable)} host(s): {', '.join(report.unreachable)} (port "
@@ -187,9 +184,18 @@ def wait_for_services(hosts: Sequence[str], port: int, timeout: float,
     """Wait until every host's sshd sends its banner; returns the hosts that did not within ``timeout``."""
     deadline = time.monotonic() + timeout
     cancel = cancel or threading.Event()
-    with ThreadPoolExecutor(max_workers=min(64, len(hosts))) as pool:
-        answered = list(pool.map(lambda h: _wait_one(h, port, deadline, cancel), hosts))
-    return [h for h, ok in zip(hosts, answered, strict=True) if not ok]
+    answered: set[str] = set()
+
+    def wait(host: str) -> None:
+        if _wait_one(host, port, deadline, cancel):
+            answered.add(host)
+
+    threads = [threading.Thread(target=wait, args=(h,), daemon=True) for h in hosts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return [h for h in hosts if h not in answered]
 
 
 def _wait_one(host: str, port: int, deadline: float, cancel: threading.Event) -> bool:
