@@ -24,15 +24,15 @@ from pathlib import Path
 from mpilaunch import proc
 from mpilaunch.errors import ServiceError
 from node_runtime.env import SECRET_VARIABLE
-from node_runtime.keys import KeyFiles, ensure_private_dir
+from node_runtime.keys import KeyFiles, ensure_private_dir, write_private_file
 
 SSHD_SEARCH_PATH = ("/usr/sbin", "/usr/local/sbin", "/sbin")
 START_TIMEOUT = 10.0
 VERIFY_TIMEOUT = 10.0
-PRIVSEP_DIR = Path("/run/sshd")
+PRIVSEP_DIR = Path("/run/sshd")  # compiled into Debian's sshd; needed only when sshd runs as root
 PROBE_SUBSYSTEM = "mpilaunch-probe"
 SFTP_INIT = b"\x00\x00\x00\x05\x01\x00\x00\x00\x03"  # SSH_FXP_INIT, version 3
-SFTP_VERSION = 2  # compiled into Debian's sshd; needed only when sshd runs as root
+SFTP_VERSION = 2  # the type of the server's answer to SSH_FXP_INIT
 
 
 @dataclass(frozen=True)
@@ -197,8 +197,6 @@ def write_client_config(service: Service) -> None:
 
 
 def _write_if_changed(path: Path, text: str) -> bool:
-    from node_runtime.keys import write_private_file
-
     ensure_private_dir(path.parent)
     with contextlib.suppress(OSError):
         if path.read_text() == text:
@@ -222,8 +220,6 @@ def start(service: Service, sshd: Path) -> int:
 
     sshd runs in the foreground (``-D``) so a failed bind is seen as its exit, with the reason in its log.
     """
-    from node_runtime.keys import write_private_file
-
     if os.geteuid() == 0 and not PRIVSEP_DIR.is_dir():
         PRIVSEP_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
     service.pid_file.unlink(missing_ok=True)
