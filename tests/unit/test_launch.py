@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import secrets
+import shutil
 import socket
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -11,7 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from node_runtime.launch import REPORT_NAME, Report, wait_for_services
+from node_runtime.coordinate import prepare
+from node_runtime.env import NodeEnvironment
+from node_runtime.launch import REPORT_NAME, Report, _mpirun_command, wait_for_services
+from node_runtime.mpirun import MpiFlavor
 
 
 def serve(banner: bytes) -> Iterator[int]:
@@ -100,3 +106,33 @@ def test_report_never_contains_the_secret(tmp_path: Path) -> None:
     text = path.read_text()
     assert secret not in text and "<hidden>" in text
     assert json.loads(text)["hosts"] == ["10.0.0.1"]
+
+
+def hydra_node(tmp_path: Path) -> tuple[NodeEnvironment, dict[str, str]]:
+    task = tmp_path / "task"
+    environ = {
+        "AZ_BATCH_HOST_LIST": "10.0.0.5,10.0.0.4", "AZ_BATCH_MASTER_NODE": "10.0.0.4:6000",
+        "AZ_BATCH_IS_CURRENT_NODE_MASTER": "true", "AZ_BATCH_TASK_ID": "t", "AZ_BATCH_JOB_ID": "j",
+        "AZ_BATCH_NODE_ID": "n", "AZ_BATCH_TASK_DIR": str(task), "AZ_BATCH_TASK_SHARED_DIR": str(task),
+        "AZ_BATCH_TASK_WORKING_DIR": str(task / "wd"), "AZ_BATCH_NODE_ROOT_DIR": str(tmp_path),
+        "MPILAUNCH_TASK_SECRET": secrets.token_urlsafe(32), "PATH": "/usr/bin:/bin",
+    }
+    return NodeEnvironment.from_environ(environ, local_addresses=["10.0.0.4"]), environ
+
+
+@pytest.mark.parametrize("flavor", [MpiFlavor.MPICH, MpiFlavor.INTELMPI])
+def test_hydra_flavours_get_an_ssh_wrapper_and_a_hostfile(tmp_path: Path, flavor: MpiFlavor) -> None:
+    env, environ = hydra_node(tmp_path)
+    svc = prepare(env)
+    try:
+        argv, mpirun_env = _mpirun_command(env, environ, svc, flavor=flavor, ppn=2, command=["python3", "app.py"],
+                                           mpirun="/usr/bin/mpiexec")
+    finally:
+        shutil.rmtree(svc.tmp_dir, ignore_errors=True)
+    wrapper, hostfile = svc.files.directory / "ssh-wrapper", svc.files.directory / "hostfile"
+    assert stat.S_IMODE(wrapper.stat().st_mode) == 0o700
+    assert f"ssh -F {svc.client_config}" in wrapper.read_text()
+    assert hostfile.read_text() == "10.0.0.4:2\n10.0.0.5:2\n"  # the primary first: rank 0 runs there
+    assert str(wrapper) in argv and str(hostfile) in argv
+    assert argv[-2:] == [shutil.which("python3", path="/usr/bin:/bin"), "app.py"]  # resolved on PATH
+    assert "MPILAUNCH_TASK_SECRET" not in mpirun_env and mpirun_env["TMPDIR"] == str(svc.tmp_dir)
