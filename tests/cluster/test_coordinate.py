@@ -116,3 +116,11 @@ def test_an_unprivileged_user_can_run_the_service(netns_cluster: Cluster, task_u
     stopped = cluster.run_on(0, [*as_user, "--stop"], env=env)
     assert stopped.returncode == 0 and "stopped" in stopped.stdout
     assert not sshd_running(cluster, 0)
+
+
+def test_an_address_that_is_not_this_nodes_is_a_clear_error(netns_cluster: Cluster) -> None:
+    cluster = netns_cluster(3)
+    other = cluster.addresses[2]
+    done = cluster.node_runtime(1, "coordinate", env={"MPILAUNCH_NODE_ADDRESS": other})
+    assert done.returncode == 3
+    assert f"{other} is not an address of this node" in done.stderr
