@@ -130,6 +130,7 @@ def _lock_data_dir(data_dir: Path) -> IO[str]:
 
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 256  # listen() backlog: many clients connect at once (socketserver's default is 5)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """Clients hanging up mid-request are normal; anything else is logged, not printed."""
