@@ -36,7 +36,7 @@ def client(emu):
     return emu.client()
 
 
-def eventually(check, timeout: float = 30.0):
+def eventually(check, timeout: float = 60.0):
     """Poll ``check`` until it returns a truthy value (the engine finishes deletes/terminations asynchronously)."""
     deadline = time.monotonic() + timeout
     while True:
