@@ -7,6 +7,7 @@ it recorded (and checks they are still ours before signalling them).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -28,6 +29,7 @@ AZURITE_ACCOUNT = "devstoreaccount1"
 AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 30.0
+STOP_TIMEOUT = 10.0  # Azurite waits for idle keep-alive connections to close; then SIGKILL
 
 
 @dataclass(frozen=True)
@@ -169,11 +171,14 @@ def _stop(pid: int, name: str) -> bool:
     """Stop the process group ``pid`` leads if it is still our ``name`` service; whether it was running."""
     if not _alive(pid, name):
         return False
+    process = psutil.Process(pid)
     os.killpg(pid, signal.SIGTERM)
     try:
-        psutil.Process(pid).wait(15)
+        process.wait(STOP_TIMEOUT)
     except psutil.TimeoutExpired:
         os.killpg(pid, signal.SIGKILL)
+        with contextlib.suppress(psutil.Error):
+            process.wait(STOP_TIMEOUT)
     except psutil.NoSuchProcess:
         pass
     return True

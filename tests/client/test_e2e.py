@@ -20,6 +20,7 @@ from mpilaunch.clickutil import run_cli
 from mpilaunch.client.api import Launcher, TaskRef
 from mpilaunch.client.local import LocalState
 from mpilaunch.client.results import SCHEMA_PATH
+from tests.client.conftest import new_task_id
 
 pytestmark = [pytest.mark.slow, pytest.mark.azurite, pytest.mark.timeout(240)]
 
@@ -36,7 +37,7 @@ print("wrote", rank, flush=True)
 
 
 def tid(name: str) -> str:
-    return f"{name}-{uuid.uuid4().hex[:8]}"
+    return new_task_id(name)
 
 
 def cli_run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
