@@ -101,7 +101,9 @@ def _resolve(base: Path | None, rel: str) -> Path:
 
 def _file_headers(path: Path, req: Request, prefix: str, rel: str) -> dict[str, str]:
     st = path.stat()
+    tag = hash((st.st_ino, st.st_mtime_ns, st.st_size)) % 16**13
     return {"ocp-creation-time": http_date(_iso(st.st_ctime)), "Last-Modified": http_date(_iso(st.st_mtime)),
+            "ETag": f"0x8D{tag:013X}",
             "ocp-batch-file-isdirectory": "true" if path.is_dir() else "false",
             "ocp-batch-file-url": f"{req.base_url}/{prefix}/{quote(rel, safe='')}",
             "ocp-batch-file-mode": f"{stat.S_IMODE(st.st_mode) | stat.S_IFMT(st.st_mode):o}",

@@ -65,7 +65,7 @@ def patch(ctx: Context, req: Request, ids: list[str]) -> Response:
             doc["executionInfo"]["poolId"] = body["poolInfo"].get("poolId")
 
     doc = mutate(ctx, req, "job", (), ids[0], fn=apply)
-    return Response(200, None, {"DataServiceId": doc["url"]})
+    return accepted(doc, status=200)
 
 
 def delete(ctx: Context, req: Request, ids: list[str]) -> Response:

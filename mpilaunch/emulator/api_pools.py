@@ -13,6 +13,7 @@ from mpilaunch.emulator.wire import (
     accepted,
     body_object,
     entity,
+    entity_headers,
     fetch,
     insert_new,
     listing,
@@ -54,7 +55,7 @@ def get(ctx: Context, req: Request, ids: list[str]) -> Response:
 
 def exists_(ctx: Context, req: Request, ids: list[str]) -> Response:
     doc = ctx.store.get("pool", (), ids[0])
-    return Response(404 if doc is None else 200, None, {})
+    return Response(404, None, {}) if doc is None else Response(200, None, entity_headers(doc))
 
 
 def list_(ctx: Context, req: Request, _ids: list[str]) -> Response:
@@ -70,7 +71,7 @@ def patch(ctx: Context, req: Request, ids: list[str]) -> Response:
                 doc[key] = body[key]
 
     doc = mutate(ctx, req, "pool", (), ids[0], fn=apply)
-    return Response(200, None, {"DataServiceId": doc["url"]})
+    return accepted(doc, status=200)
 
 
 def delete(ctx: Context, req: Request, ids: list[str]) -> Response:

@@ -122,7 +122,7 @@ def replace(ctx: Context, req: Request, ids: list[str]) -> Response:
 
     get_task(ctx, ids[0], ids[1])
     doc = mutate(ctx, req, "task", (ids[0],), ids[1], fn=apply)
-    return Response(200, None, {"DataServiceId": doc["url"]})
+    return accepted(doc, status=200)
 
 
 def delete(ctx: Context, req: Request, ids: list[str]) -> Response:

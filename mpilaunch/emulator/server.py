@@ -11,6 +11,7 @@ import fcntl
 import json
 import logging
 import re
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -133,8 +134,12 @@ class _HTTPServer(ThreadingHTTPServer):
     request_queue_size = 256  # listen() backlog: many clients connect at once (socketserver's default is 5)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        """Clients hanging up mid-request are normal; anything else is logged, not printed."""
-        log.debug("connection from %s failed", client_address, exc_info=True)
+        """Clients hanging up mid-request are normal (debug); anything else is a bug, logged with its traceback."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ConnectionError | TimeoutError):
+            log.debug("connection from %s dropped: %s", client_address, exc)
+        else:
+            log.exception("error serving %s", client_address)
 
 
 class EmulatorServer:
@@ -292,6 +297,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def _copy(body: FileBody, out: Any) -> None:
+    if body.length <= 0:  # also a directory: headers only
+        return
     with body.path.open("rb") as f:
         f.seek(body.start)
         left = body.length

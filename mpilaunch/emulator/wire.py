@@ -83,7 +83,7 @@ def http_date(iso: str) -> str:
 
 
 def entity_headers(doc: Doc) -> dict[str, str]:
-    """``ETag``/``Last-Modified`` for a single-entity response."""
+    """``ETag``/``Last-Modified`` of an entity."""
     out = {}
     if doc.get("eTag"):
         out["ETag"] = doc["eTag"]
@@ -126,7 +126,8 @@ def entity(req: Request, doc: Doc, metadata: str) -> Response:
             return Response(304, None, entity_headers(doc))
         raise
     body = {"odata.metadata": f"{req.base_url}/$metadata#{metadata}/@Element", **public(doc)}
-    return Response(200, odata.select(body, req.query), entity_headers(doc))
+    headers = {**entity_headers(doc), "DataServiceId": doc["url"]} if "url" in doc else entity_headers(doc)
+    return Response(200, odata.select(body, req.query), headers)
 
 
 def created(req: Request, doc: Doc, location: str) -> Response:
@@ -181,7 +182,8 @@ def remove(ctx: Context, req: Request, kind: str, parent: Parent, doc: Doc, *, m
 
 
 def accepted(doc: Doc | None = None, status: int = 202) -> Response:
-    return Response(status, None, entity_headers(doc) if doc else {})
+    """A body-less success; for an entity, its ``ETag``/``Last-Modified``/``DataServiceId`` (as the spec declares)."""
+    return Response(status, None, {**entity_headers(doc), "DataServiceId": doc["url"]} if doc else {})
 
 
 def listing(req: Request, store: Store, kind: str, parent: Parent, metadata: str, *,

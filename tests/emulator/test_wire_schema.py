@@ -179,3 +179,57 @@ def test_file_operations_through_the_sdk(emulator, ran):
     node_props = client.get_node_file_properties(pool, sub.node_info.node_id, rel)
     assert int(node_props.content_length) == 0
     assert any(f.name == rel for f in client.list_node_files(pool, sub.node_info.node_id, recursive=True))
+
+
+def declared_headers(method: str, template: str, status: int) -> set[str]:
+    headers = SPEC["paths"][template][method.lower()]["responses"][str(status)].get("headers", {})
+    return set(headers) - {"client-request-id"}  # only echoed when the client asks for it
+
+
+def test_declared_response_headers(wire_emulator):
+    """Every header the spec declares for a served single-resource operation is sent."""
+    tag = uuid.uuid4().hex[:6]
+    pool, job = f"hp-{tag}", f"hj-{tag}"
+    calls = [
+        ("POST", "/pools", "/pools", {"id": pool, "vmSize": "s", "targetDedicatedNodes": 0}),
+        ("GET", f"/pools/{pool}", "/pools/{poolId}", None),
+        ("HEAD", f"/pools/{pool}", "/pools/{poolId}", None),
+        ("PATCH", f"/pools/{pool}", "/pools/{poolId}", {"metadata": [{"name": "a", "value": "b"}]}),
+        ("POST", f"/pools/{pool}/resize", "/pools/{poolId}/resize", {"targetDedicatedNodes": 0}),
+        ("POST", "/jobs", "/jobs", {"id": job, "poolInfo": {"poolId": pool}}),
+        ("GET", f"/jobs/{job}", "/jobs/{jobId}", None),
+        ("PATCH", f"/jobs/{job}", "/jobs/{jobId}", {"priority": 5}),
+        ("POST", f"/jobs/{job}/tasks", "/jobs/{jobId}/tasks", {"id": "t", "commandLine": "true"}),
+        ("GET", f"/jobs/{job}/tasks/t", "/jobs/{jobId}/tasks/{taskId}", None),
+        ("PUT", f"/jobs/{job}/tasks/t", "/jobs/{jobId}/tasks/{taskId}", {"constraints": {"maxTaskRetryCount": 1}}),
+        ("POST", f"/jobs/{job}/tasks/t/terminate", "/jobs/{jobId}/tasks/{taskId}/terminate", None),
+        ("DELETE", f"/jobs/{job}/tasks/t", "/jobs/{jobId}/tasks/{taskId}", None),
+        ("DELETE", f"/jobs/{job}", "/jobs/{jobId}", None),
+        ("DELETE", f"/pools/{pool}", "/pools/{poolId}", None),
+    ]
+    for method, path, template, body in calls:
+        resp = wire_emulator.raw(method, path, json_body=body)
+        assert resp.status_code < 300, (method, path, resp.text)
+        missing = declared_headers(method, template, resp.status_code) - set(resp.headers)
+        assert not missing, (method, path, missing)
+        validate(resp, method, template)
+
+
+def test_declared_file_headers(emulator, ran):
+    pool, job, node = ran
+    for method in ("GET", "HEAD"):
+        resp = emulator.raw(method, f"/jobs/{job}/tasks/mi/files/stdout.txt")
+        template = "/jobs/{jobId}/tasks/{taskId}/files/{filePath}"
+        assert not declared_headers(method, template, resp.status_code) - set(resp.headers)
+        resp = emulator.raw(method, f"/pools/{pool}/nodes/{node}/files/{quote('workitems', safe='')}")
+        template = "/pools/{poolId}/nodes/{nodeId}/files/{filePath}"
+        assert resp.status_code == 200 and resp.content == b""
+        assert resp.headers["ocp-batch-file-isdirectory"] == "true"
+        assert not declared_headers(method, template, resp.status_code) - set(resp.headers)
+
+
+def test_no_server_errors_logged(emulator, wire_emulator):
+    """Runs last in this module: no request so far made the HTTP layer of either emulator fail."""
+    for emu in (emulator, wire_emulator):
+        log = emu.log_text()
+        assert "error serving" not in log and "internal error on" not in log, log[-3000:]
