@@ -66,9 +66,12 @@ def _code(exc: Any) -> str:
 class Launcher:
     """A Batch account + storage account pair, and the operations on MPI tasks."""
 
-    def __init__(self, settings: cfg.Settings) -> None:
+    def __init__(self, settings: cfg.Settings, credential: Any = None) -> None:
+        """``credential``: an azure-identity ``TokenCredential`` used where no key is configured
+        (default ``DefaultAzureCredential``)."""
         self.settings = settings
-        self.batch = settings.batch.client()
+        self.credential = credential
+        self.batch = settings.batch.client(credential)
         self._store: Any = None
 
     @classmethod
@@ -95,7 +98,7 @@ class Launcher:
                                    "AZURE_STORAGE_ACCOUNT (inputs and outputs go through Blob storage)")
             from mpilaunch.client.storage import BlobStore
 
-            self._store = BlobStore(self.settings.storage)
+            self._store = BlobStore(self.settings.storage, self.credential)
         return self._store
 
     def pool_for(self, spec: TaskSpec, pool: str | None = None) -> str:

@@ -42,6 +42,13 @@ def home() -> Path:
     return Path(os.environ.get("MPILAUNCH_HOME") or Path.home() / ".mpilaunch")
 
 
+def default_credential() -> Any:
+    """Entra ID: ``DefaultAzureCredential`` (environment, managed identity, Azure CLI, ...)."""
+    from azure.identity import DefaultAzureCredential
+
+    return DefaultAzureCredential()
+
+
 @dataclass(frozen=True)
 class BatchConfig:
     """A Batch account: endpoint URL, account name, and a shared key (``None``: use Entra ID)."""
@@ -50,8 +57,8 @@ class BatchConfig:
     account: str | None = None
     key: str | None = field(default=None, repr=False)
 
-    def client(self) -> Any:
-        """A ``BatchClient`` for this account (shared key, else ``DefaultAzureCredential``)."""
+    def client(self, credential: Any = None) -> Any:
+        """A ``BatchClient``: shared key if there is one, else ``credential`` or ``DefaultAzureCredential``."""
         from azure.batch import BatchClient
         from azure.core.credentials import AzureNamedKeyCredential
 
@@ -59,9 +66,7 @@ class BatchConfig:
             if not self.account:
                 raise InvalidInput("a Batch access key needs the account name too (AZURE_BATCH_ACCOUNT)")
             return BatchClient(self.endpoint, AzureNamedKeyCredential(self.account, self.key))
-        from azure.identity import DefaultAzureCredential
-
-        return BatchClient(self.endpoint, DefaultAzureCredential())
+        return BatchClient(self.endpoint, credential or default_credential())
 
 
 @dataclass(frozen=True)

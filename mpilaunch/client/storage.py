@@ -17,9 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
-from mpilaunch.client.config import StorageConfig
+from mpilaunch.client.config import StorageConfig, default_credential
 from mpilaunch.client.taskbuild import StagedFile
 from mpilaunch.errors import InvalidInput
 
@@ -90,7 +91,7 @@ def walk_inputs(paths: Sequence[Path]) -> list[LocalFile]:
 class BlobStore:
     """One storage account and container, able to upload inputs and mint SAS URLs."""
 
-    def __init__(self, config: StorageConfig) -> None:
+    def __init__(self, config: StorageConfig, credential: Any = None) -> None:
         from azure.storage.blob import BlobServiceClient
 
         self.config = config
@@ -103,9 +104,7 @@ class BlobStore:
                 "account_name": config.account or "", "account_key": config.key})
             self._account_key = config.key
         else:
-            from azure.identity import DefaultAzureCredential
-
-            self.service = BlobServiceClient(config.account_url, credential=DefaultAzureCredential())
+            self.service = BlobServiceClient(config.account_url, credential=credential or default_credential())
         self.container = self.service.get_container_client(config.container)
 
     @property

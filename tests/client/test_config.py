@@ -75,3 +75,14 @@ def test_shared_key_or_entra_credential() -> None:
     assert isinstance(entra._config.credential, DefaultAzureCredential)
     with pytest.raises(InvalidInput, match="account name"):
         BatchConfig("https://b.example", None, KEY).client()
+
+
+def test_a_given_token_credential_replaces_the_default() -> None:
+    class Token:
+        def get_token(self, *scopes: str, **kwargs: object) -> None:
+            raise AssertionError("not called by construction")
+
+    cred = Token()
+    assert BatchConfig("https://b.example", "acct").client(cred)._config.credential is cred
+    keyed = BatchConfig("https://b.example", "acct", KEY).client(cred)
+    assert keyed._config.credential is not cred  # a configured key wins
