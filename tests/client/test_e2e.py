@@ -96,6 +96,8 @@ def test_outputs_are_collected_from_the_primary(local_services: LocalState, caps
     assert "out-0.txt" in outputs  # the primary's rank 0 file; other nodes' files stay on their nodes
     assert (tmp_path / "outs" / "outputs" / "out-0.txt").read_text() == "rank 0\n"
     assert "wrote 0" in (tmp_path / "outs" / "logs" / "stdout.txt").read_text()
+    code, _, err = cli_run(capsys, "submit", "--local", "-n", "2", "--task-id", task, "--", "python3", "writer.py")
+    assert code == 4 and "TaskExists" in err  # the service's refusal, as a BatchError
 
 
 def test_a_failing_instance_is_named_with_its_reason(local_services: LocalState,

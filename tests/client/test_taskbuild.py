@@ -31,7 +31,7 @@ def spec(**kw: object) -> TaskSpec:
     return TaskSpec(**base)  # type: ignore[arg-type]
 
 
-@given(st.lists(st.text(alphabet=st.characters(blacklist_characters="\0", blacklist_categories=("Cs",))),
+@given(st.lists(st.text(alphabet=st.characters(exclude_characters="\0", exclude_categories=["Cs"])),
                 min_size=1),
        st.one_of(st.none(), st.integers(1, 64)), st.sampled_from([None, "openmpi", "mpich"]))
 def test_command_line_round_trips_through_shlex(argv: list[str], ppn: int | None, mpi: str | None) -> None:
