@@ -4,10 +4,10 @@ Every grid point is one work item. Results are committed in batches to the check
 kills the task and runs it again (maybe on other nodes), finished points are not recomputed and none is lost.
 
     mpirun -np 3 python examples/sweep.py --checkpoint /shared/ckpt --out pendulum.json
-    mpilaunch run --nodes 2 --checkpoint 'https://ACCOUNT.blob.core.windows.net/ckpt/sweep?SAS' -- \
-        python examples/sweep.py --out pendulum.json
+    mpilaunch run -n 2 --retries 2 --checkpoint-url 'https://ACCOUNT.blob.core.windows.net/ckpt/sweep?SAS' \
+        -i examples/sweep.py --collect pendulum.json -- python3 sweep.py --out pendulum.json
 
-Without ``--checkpoint`` the location comes from ``$MPILAUNCH_CHECKPOINT_URL`` (set by ``mpilaunch run --checkpoint``).
+Without ``--checkpoint`` the location comes from ``$MPILAUNCH_CHECKPOINT_URL`` (``mpilaunch run --checkpoint-url``).
 """
 
 from __future__ import annotations

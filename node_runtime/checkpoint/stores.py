@@ -108,7 +108,7 @@ def open_store(url: str | None = None, *, environ: dict[str, str] | None = None)
         url = (environ if environ is not None else os.environ).get(ENV_URL, "").strip()
         if not url:
             raise CheckpointError(f"no checkpoint location: pass a URL or set {ENV_URL} "
-                                  "(mpilaunch run --checkpoint URL sets it for you)")
+                                  "(mpilaunch run --checkpoint-url URL sets it for you)")
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme in ("", "file"):

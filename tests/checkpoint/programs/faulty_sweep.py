@@ -29,12 +29,19 @@ def main() -> None:
     p.add_argument("--log", type=Path, required=True, help="directory: one line per computed item, per rank")
     p.add_argument("--kill-rank", type=int, default=-1)
     p.add_argument("--kill-after", type=int, default=0, help="SIGKILL --kill-rank after computing N items")
+    p.add_argument("--die-once", type=Path, help="kill only if this file does not exist yet (then create it)")
     p.add_argument("--fail-key", default="")
     p.add_argument("--all-ranks", action="store_true")
     p.add_argument("--rank-keys-differ", action="store_true")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
     rank = MPI.COMM_WORLD.Get_rank()
+    if a.die_once:  # the first attempt dies, a retry of the task does not
+        if a.die_once.exists():
+            a.kill_rank = -1
+        MPI.COMM_WORLD.Barrier()
+        if rank == 0:
+            a.die_once.touch()
     a.log.mkdir(parents=True, exist_ok=True)
     log = os.open(a.log / f"{os.getpid()}-r{rank}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     computed = 0
