@@ -16,6 +16,7 @@ from mpilaunch.client.spec import (
     MPI_FLAVOURS,
     BindMount,
     ContainerSpec,
+    HostMount,
     Registry,
     TaskSpec,
     parse_duration,
@@ -41,6 +42,8 @@ task_options = cliopts._stack(
     click.option("--image", help="Run in this container image (the pool needs a container configuration)."),
     click.option("--bind-mount", multiple=True, help="Batch host path mounted in the container: SOURCE[:ro] "
                                                      "(Shared, Startup, VfsMounts, Task, JobPrep, Applications)."),
+    click.option("--mount", "mounts", multiple=True, help="Host path into the container: HOST:CONTAINER[:ro] "
+                                                         "(repeatable)."),
     click.option("--registry", help="Private registry server of --image."),
     click.option("--registry-user", help="Registry user; the password comes from MPILAUNCH_REGISTRY_PASSWORD."),
     click.option("--registry-identity", help="ARM id of the pool's managed identity for the registry."),
@@ -69,9 +72,9 @@ def spec_from(opts: dict[str, Any]) -> TaskSpec:
             registry = Registry(opts["registry"], opts["registry_user"],
                                 os.environ.get("MPILAUNCH_REGISTRY_PASSWORD"), opts["registry_identity"])
         container = ContainerSpec(opts["image"], tuple(BindMount.parse(b) for b in opts["bind_mount"]), registry,
-                                  opts["container_run_options"])
-    elif opts["bind_mount"] or opts["registry"]:
-        raise click.UsageError("--bind-mount and --registry need --image")
+                                  opts["container_run_options"], tuple(HostMount.parse(m) for m in opts["mounts"]))
+    elif opts["bind_mount"] or opts["registry"] or opts["mounts"]:
+        raise click.UsageError("--bind-mount, --mount and --registry need --image")
     return TaskSpec(
         job_id=opts["job"], task_id=opts["task_id"] or new_task_id(), nodes=opts["nodes"], argv=tuple(opts["argv"]),
         ppn=opts["ppn"], mpi=opts["mpi"], inputs=tuple(opts["inputs"]), primary_inputs=tuple(opts["primary_inputs"]),

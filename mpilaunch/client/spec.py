@@ -8,6 +8,7 @@ spec fails fast with a message naming the offending value. Everything else about
 from __future__ import annotations
 
 import re
+import shlex
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -50,6 +51,30 @@ class BindMount:
 
 
 @dataclass(frozen=True)
+class HostMount:
+    """Any host path mounted into the task container (a docker ``--mount`` in the container run options)."""
+
+    source: str
+    target: str
+    read_only: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> HostMount:
+        """Parse ``HOST:CONTAINER[:ro|:rw]`` (absolute paths, no commas)."""
+        parts = text.split(":")
+        mode = parts.pop() if len(parts) == 3 else ""
+        if len(parts) != 2 or mode not in ("", "ro", "rw") or not all(p.startswith("/") for p in parts) or \
+                any("," in p for p in parts):
+            raise InvalidInput(f"invalid mount {text!r}: expected HOST:CONTAINER[:ro|:rw] with absolute paths "
+                               f"and no commas")
+        return cls(parts[0], parts[1], mode == "ro")
+
+    def option(self) -> str:
+        """The docker option: ``--mount type=bind,source=S,target=T[,readonly]``."""
+        return f"--mount=type=bind,source={self.source},target={self.target}{',readonly' if self.read_only else ''}"
+
+
+@dataclass(frozen=True)
 class Registry:
     """A private container registry; either a username/password or a node identity (ARM resource id)."""
 
@@ -67,6 +92,12 @@ class ContainerSpec:
     bind_mounts: tuple[BindMount, ...] = ()
     registry: Registry | None = None
     run_options: str = ""
+    host_mounts: tuple[HostMount, ...] = ()
+
+    @property
+    def all_run_options(self) -> str:
+        """``run_options`` followed by one quoted ``--mount`` per host mount."""
+        return " ".join([self.run_options, *(shlex.quote(m.option()) for m in self.host_mounts)]).strip()
 
 
 @dataclass(frozen=True)

@@ -94,7 +94,7 @@ def container_settings(container: ContainerSpec) -> bm.BatchTaskContainerSetting
                                                  password=reg.password, identity_reference=identity)
     return bm.BatchTaskContainerSettings(
         image_name=container.image,
-        container_run_options=container.run_options or None,
+        container_run_options=container.all_run_options or None,
         registry=registry,
         working_directory="taskWorkingDirectory",
         container_host_batch_bind_mounts=[bind_mount(m) for m in container.bind_mounts] or None,

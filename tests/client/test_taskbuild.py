@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 import shlex
 from datetime import timedelta
 from pathlib import Path
@@ -15,6 +16,7 @@ from mpilaunch.client import taskbuild
 from mpilaunch.client.spec import (
     BindMount,
     ContainerSpec,
+    HostMount,
     Registry,
     TaskSpec,
     check_id,
@@ -109,6 +111,17 @@ def test_container_settings_with_registry_and_bind_mounts() -> None:
         "containerHostBatchBindMounts": [{"source": "Shared", "isReadOnly": True},
                                          {"source": "Task", "isReadOnly": False}]}
     assert body["userIdentity"]["autoUser"]["elevationLevel"] == "admin"
+
+
+def test_host_mounts_become_quoted_docker_mount_options() -> None:
+    c = ContainerSpec("img", run_options="--shm-size=1g",
+                      host_mounts=(HostMount.parse("/data:/in:ro"), HostMount.parse("/scratch dir:/scratch")))
+    opts = build_task(spec(container=c)).as_dict()["containerSettings"]["containerRunOptions"]
+    assert shlex.split(opts) == ["--shm-size=1g", "--mount=type=bind,source=/data,target=/in,readonly",
+                                 "--mount=type=bind,source=/scratch dir,target=/scratch"]
+    for bad in ["/a", "rel:/b", "/a:/b:rx", "/a,b:/c", "/a:/b:ro:x"]:
+        with pytest.raises(InvalidInput, match=re.escape(repr(bad))):
+            HostMount.parse(bad)
 
 
 @pytest.mark.parametrize("text", ["nowhere", "Shared:rx", ""])
