@@ -123,10 +123,12 @@ class Launcher:
 
     def preflight(self, spec: TaskSpec, pool: str | None = None) -> list[str]:
         """Raise :class:`PreflightError` if the pool cannot run ``spec``; return warnings."""
+        spec.validate()
+        return self._preflight(spec, self.pool_for(spec, pool))
+
+    def _preflight(self, spec: TaskSpec, pool_id: str) -> list[str]:
         from mpilaunch.client.preflight import preflight
 
-        spec.validate()
-        pool_id = self.pool_for(spec, pool)
         with self.errors():
             return preflight(self.batch, pool_id, spec)
 
@@ -156,8 +158,9 @@ class Launcher:
     def submit(self, spec: TaskSpec, *, pool: str | None = None, progress: bool = False,
                warn: Callable[[str], None] | None = None) -> TaskRef:
         """Pre-flight, upload, create the job if needed, add the task."""
+        spec.validate()
         pool_id = self.pool_for(spec, pool)
-        for warning in self.preflight(spec, pool_id):
+        for warning in self._preflight(spec, pool_id):
             if warn:
                 warn(warning)
         task = self.build(spec, progress=progress)

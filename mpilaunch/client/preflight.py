@@ -69,8 +69,27 @@ def _check_container(pool: Any, spec: TaskSpec) -> None:
                 f"{', '.join(config.container_image_names or []) or 'none prefetched'})")
 
 
+# Node states in which a node will not run tasks until someone acts (reboot, reimage, enable scheduling, remove).
+STUCK_STATES = ("unusable", "starttaskfailed", "offline", "unknown")
+
+
+def check_nodes(pool: Any, states: list[str], spec: TaskSpec) -> None:
+    """Refuse if too few of the pool's nodes can ever run the task (the others are stuck in :data:`STUCK_STATES`)."""
+    if pool.enable_auto_scale:
+        return
+    stuck = [s for s in states if s in STUCK_STATES]
+    target = (pool.target_dedicated_nodes or 0) + (pool.target_low_priority_nodes or 0)
+    if stuck and target - len(stuck) < spec.nodes:
+        counts = ", ".join(f"{stuck.count(s)} {s}" for s in STUCK_STATES if s in stuck)
+        raise PreflightError(
+            f"pool {pool.id!r} has only {target - len(stuck)} usable node(s) for a task that needs {spec.nodes} "
+            f"({counts})",
+            fix="look at the nodes' errors (start task output, `az batch node show`), then reboot/reimage or remove "
+                "them, or enable scheduling on offline nodes")
+
+
 def preflight(client: Any, pool_id: str, spec: TaskSpec) -> list[str]:
-    """Fetch pool ``pool_id`` and :func:`check_pool` it."""
+    """Fetch pool ``pool_id`` and its nodes' states, and check them (:func:`check_pool`, :func:`check_nodes`)."""
     from azure.core.exceptions import ResourceNotFoundError
 
     try:
@@ -78,4 +97,7 @@ def preflight(client: Any, pool_id: str, spec: TaskSpec) -> list[str]:
     except ResourceNotFoundError:
         raise PreflightError(f"pool {pool_id!r} does not exist",
                              fix=f"create it: `mpilaunch pool create {pool_id} --nodes {spec.nodes}`") from None
-    return check_pool(pool, spec)
+    warnings = check_pool(pool, spec)
+    states = [str(getattr(n.state, "value", n.state)) for n in client.list_nodes(pool_id, select=["id", "state"])]
+    check_nodes(pool, states, spec)
+    return warnings

@@ -243,3 +243,23 @@ def test_local_up_is_idempotent_and_down_stops_everything(tmp_path: Path, monkey
     for pid in (first.emulator_pid, first.azurite_pid):
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     assert local.status() == {"running": False, "directory": str(tmp_path / "local")}
+
+
+def test_preflight_refuses_a_pool_whose_nodes_failed_their_start_task(local_services: LocalState,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    pool = f"broken-{uuid.uuid4().hex[:6]}"
+    code, _, err = cli_run(capsys, "pool", "create", pool, "-n", "1", "--local", "--start-task", "false")
+    assert code == 0, err
+    launcher = Launcher.local()
+    deadline = time.monotonic() + 90
+    states: list[str] = []
+    while time.monotonic() < deadline:
+        states = [str(getattr(n.state, "value", n.state)) for n in launcher.batch.list_nodes(pool)]
+        if states == ["starttaskfailed"]:
+            break
+        time.sleep(0.5)
+    assert states == ["starttaskfailed"]
+    code, _, err = cli_run(capsys, "submit", "--local", "-n", "1", "--pool", pool, "--job", f"j-{pool}",
+                           "--", "true")
+    assert code == 2, err
+    assert f"pool '{pool}' has only 0 usable node(s) for a task that needs 1 (1 starttaskfailed)" in err

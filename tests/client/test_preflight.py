@@ -6,7 +6,7 @@ import pytest
 from azure.batch import models as bm
 
 from mpilaunch.client.pools import PoolSpec, build_pool, runtime_start_task_command
-from mpilaunch.client.preflight import check_pool
+from mpilaunch.client.preflight import check_nodes, check_pool
 from mpilaunch.client.spec import ContainerSpec, TaskSpec
 from mpilaunch.errors import InvalidInput, InvalidRequest, PreflightError
 
@@ -71,3 +71,13 @@ def test_build_pool_is_mpi_ready() -> None:
         build_pool(PoolSpec("bad id", nodes=1))
     with pytest.raises(InvalidInput, match="at least one node"):
         build_pool(PoolSpec("p", nodes=0))
+
+
+def test_stuck_nodes_count_against_the_task() -> None:
+    check_nodes(pool(), ["idle", "running", "starting"], SPEC)
+    check_nodes(pool(targetDedicatedNodes=4), ["idle", "idle", "idle", "unusable"], SPEC)
+    with pytest.raises(PreflightError) as err:
+        check_nodes(pool(), ["idle", "starttaskfailed", "unusable"], SPEC)
+    assert "only 1 usable node(s) for a task that needs 3 (1 unusable, 1 starttaskfailed)" in err.value.message
+    assert "reimage" in err.value.fix
+    check_nodes(pool(enableAutoScale=True), ["unusable"] * 3, SPEC)  # autoscale: only the size warning applies
