@@ -167,7 +167,7 @@ def test_container_settings_are_honoured(provider: DockerProvider, make_nodes: o
             run(provider, node, ["true"], tag="t3", container={"containerRunOptions": "--env 'unclosed"})
         # containerHostBatchBindMounts: only the listed data paths, read-only where asked.
         mounts = [{"source": "Shared", "isReadOnly": True}, {"source": "Task"}]
-        code, out = run(provider, node, ["bash", "-c", f"ls {NODE_ROOT}; touch {NODE_ROOT}/workitems/w && "
+        code, out = run(provider, node, ["bash", "-c", f"exec 2>&1; ls {NODE_ROOT}; touch {NODE_ROOT}/workitems/w && "
                                          f"touch {NODE_ROOT}/shared/s"], tag="t4",
                         container={"containerHostBatchBindMounts": mounts})
         assert code != 0 and "Read-only file system" in out

@@ -122,6 +122,7 @@ class DockerProvider(NodeProvider):
         self.shm_size = shm_size
         self.fallback = fallback if fallback is not None else ProcessProvider()
         self._lock = threading.Lock()
+        self._node_locks: dict[str, threading.Lock] = {}
 
     # -- nodes ----------------------------------------------------------------------------------------------------
     def create_node(self, pool: Mapping[str, Any], node_id: str, root: Path, taken: Sequence[str]) -> Node:
@@ -239,12 +240,16 @@ class DockerProvider(NodeProvider):
 
     @staticmethod
     def _task_name(node: Node, tag: str) -> str:
-        return _name(node.data["container"][4:30], tag, key=f"{node.data['container']}/{tag}")
+        return _name(node.pool_id, node.id, tag, key=f"{node.data['container']}/{tag}")
+
+    def _node_lock(self, node: Node) -> threading.Lock:
+        with self._lock:
+            return self._node_locks.setdefault(node.data["container"], threading.Lock())
 
     def _task_container(self, node: Node, tag: str, settings: Mapping[str, Any]) -> str:
         """The attempt's task container on ``node``, created and started on first use."""
         name = self._task_name(node, tag)
-        with self._lock:
+        with self._node_lock(node):  # nodes in parallel, one task container per node and tag
             if proc.run(["docker", "inspect", "-f", "{{.Id}}", name], timeout=60, check=False).returncode == 0:
                 return name
             running = proc.run(["docker", "inspect", "-f", "{{.State.Running}}", node.data["container"]],
