@@ -74,7 +74,12 @@ def logs(**opts: Any) -> int:
     name = "stderr.txt" if opts["show_stderr"] else "stdout.txt"
     with launch.errors():
         data = b"".join(launch.batch.download_node_file(row.pool, row.node, node_file_path(row.task_root, name)))
-    click.echo(data.decode(errors="replace"), nl=False)
+    text = data.decode(errors="replace")
+    if opts["output"] == "json":
+        cliopts.emit_json({"job_id": res.job_id, "task_id": res.task_id, "instance": row.instance,
+                           "node": row.node, "file": name, "text": text})
+    else:
+        click.echo(text, nl=False)
     return 0
 
 

@@ -71,6 +71,8 @@ def test_run_hello_on_three_nodes(local_services: LocalState, capsys: pytest.Cap
     assert code == 0 and out == primary_log, err
     code, out, err = cli_run(capsys, "logs", "--local", task, "--instance", "2", "--stderr")
     assert code == 0 and out == (tmp_path / "logs" / "instance-2" / "stderr.txt").read_text()
+    code, out, err = cli_run(capsys, "logs", "--local", task, "--output", "json")
+    assert code == 0 and json.loads(out)["text"] == primary_log and json.loads(out)["file"] == "stdout.txt"
     code, out, err = cli_run(capsys, "logs", "--local", task, "--instance", "7")
     assert code == 2 and "instance 7" in err and "[0, 1, 2]" in err
 
