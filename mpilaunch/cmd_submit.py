@@ -23,7 +23,7 @@ from mpilaunch.client.spec import (
     parse_env,
 )
 
-task_options = cliopts._stack(
+task_options = cliopts.stack(
     click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED),
     click.option("-n", "--nodes", type=int, default=2, show_default=True, help="Number of nodes (instances)."),
     click.option("--ppn", type=int, help="MPI processes per node (default: what the runtime detects)."),

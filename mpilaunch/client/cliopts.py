@@ -17,7 +17,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 DEFAULT_JOB = "mpilaunch"
 
 
-def _stack(*decorators: Callable[[F], F]) -> Callable[[F], F]:
+def stack(*decorators: Callable[[F], F]) -> Callable[[F], F]:
     def apply(f: F) -> F:
         for d in reversed(decorators):
             f = d(f)
@@ -25,7 +25,7 @@ def _stack(*decorators: Callable[[F], F]) -> Callable[[F], F]:
     return apply
 
 
-connection_options = _stack(
+connection_options = stack(
     click.option("--local", is_flag=True, help="Use the local emulator + Azurite (`mpilaunch local up`)."),
     click.option("--profile", help="Profile of the profile file (MPILAUNCH_PROFILE; file: MPILAUNCH_CONFIG)."),
     click.option("--endpoint", help="Batch account URL [AZURE_BATCH_ENDPOINT]."),
@@ -38,7 +38,7 @@ connection_options = _stack(
                  help="Output format."),
 )
 
-task_ref_options = _stack(
+task_ref_options = stack(
     click.argument("task_id"),
     click.option("--job", default=DEFAULT_JOB, show_default=True, envvar="MPILAUNCH_JOB", help="Job id."),
 )
@@ -140,7 +140,7 @@ def wait_and_report(launch: Launcher, task: TaskRef, opts: dict[str, Any]) -> in
     return exit_for(results)
 
 
-wait_options = _stack(
+wait_options = stack(
     click.option("--timeout", type=float, help="Give up waiting after this many seconds (the task keeps running)."),
     click.option("--interval", type=float, default=1.0, show_default=True, help="Seconds between polls."),
     click.option("--terminate-on-interrupt", is_flag=True, help="On Ctrl-C, terminate the task instead of leaving "
