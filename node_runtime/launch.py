@@ -221,7 +221,8 @@ def _open_stop_channel(svc: sshd.Service, host: str) -> subprocess.Popen[bytes]:
 
 def stop_services(svc: sshd.Service, remote: Sequence[str], channels: dict[str, subprocess.Popen[bytes]],
                   skip: Sequence[str] = ()) -> dict[str, bool]:
-    """Stop every node's service: remote ones through their stop channels (opened now if not yet), then ours."""
+    """Stop every node's service: remote ones through their stop channels (opened now if not yet), and ours
+    while they work."""
     for host in remote:
         if host not in channels and host not in skip:
             channels[host] = _open_stop_channel(svc, host)
@@ -231,13 +232,13 @@ def stop_services(svc: sshd.Service, remote: Sequence[str], channels: dict[str, 
                 channel.stdin.close()
     deadline = time.monotonic() + STOP_TIMEOUT
     stopped: dict[str, bool] = {h: False for h in remote}
+    stopped[svc.address] = sshd.stop(svc)
     for host, channel in channels.items():
         try:
             stopped[host] = channel.wait(max(0.1, deadline - time.monotonic())) == 0
         except subprocess.TimeoutExpired:
             channel.kill()
             channel.wait()
-    stopped[svc.address] = sshd.stop(svc)
     return stopped
 
 
