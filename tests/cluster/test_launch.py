@@ -128,6 +128,18 @@ def test_signals_end_mpirun_and_services_stop(netns_cluster: Cluster, to_group: 
     assert not [p for i in range(2) for p in cluster.pids(i)]
 
 
+def wait_for_handler(pid: int, sig: int, timeout: float = 30) -> None:
+    """Wait until process ``pid`` catches ``sig`` (its /proc status lists a handler)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        caught = next(line.split()[1] for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                      if line.startswith("SigCgt:"))
+        if int(caught, 16) & (1 << (sig - 1)):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"process {pid} never installed a handler for signal {sig}")
+
+
 def test_sigterm_while_waiting_for_services_ends_the_launch_cleanly(netns_cluster: Cluster) -> None:
     cluster = netns_cluster(2)
     coordinate(cluster, 0)  # node 1 never answers: launch waits
@@ -136,7 +148,8 @@ def test_sigterm_while_waiting_for_services_ends_the_launch_cleanly(netns_cluste
     child = subprocess.Popen(argv, env=node.env, cwd=node.working_dir, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(1.5)
+        wait_for_handler(child.pid, signal.SIGTERM)  # launch is past its start-up, now waiting for node 1
+        time.sleep(0.5)
         started = time.monotonic()
         child.send_signal(signal.SIGTERM)
         _, stderr = child.communicate(timeout=30)
