@@ -177,9 +177,14 @@ class Launcher:
         return build_results(ref.job_id, task, subtasks)
 
     def wait(self, ref: TaskRef, *, timeout: float | None = None, interval: float = 1.0,
-             on_update: Callable[[TaskResults], None] | None = None) -> TaskResults:
-        """Poll until the task completes; ``on_update`` sees every poll. Raises on ``timeout`` (task keeps running)."""
+             max_interval: float = 15.0, on_update: Callable[[TaskResults], None] | None = None) -> TaskResults:
+        """Poll until the task completes; ``on_update`` sees every poll. Raises on ``timeout`` (task keeps running).
+
+        Polls every ``interval`` seconds at first, backing off (x1.5) to ``max_interval`` while nothing changes, so a
+        long task does not spend the account's request quota; any state change polls quickly again.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
+        delay, last = interval, None
         while True:
             res = self.results(ref)
             if on_update:
@@ -188,7 +193,10 @@ class Launcher:
                 return res
             if deadline is not None and time.monotonic() >= deadline:
                 raise MpilaunchError(f"task {ref} still {res.state} after {timeout:g}s (it keeps running)")
-            time.sleep(interval)
+            seen = (res.state, tuple(r.state for r in res.instances), res.retry_count)
+            delay = interval if seen != last else min(delay * 1.5, max(interval, max_interval))
+            last = seen
+            time.sleep(delay if deadline is None else max(0.0, min(delay, deadline - time.monotonic())))
 
     def terminate(self, ref: TaskRef) -> None:
         with self.errors():
