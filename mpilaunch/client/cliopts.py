@@ -142,7 +142,8 @@ def wait_and_report(launch: Launcher, task: TaskRef, opts: dict[str, Any]) -> in
 
 wait_options = stack(
     click.option("--timeout", type=float, help="Give up waiting after this many seconds (the task keeps running)."),
-    click.option("--interval", type=float, default=1.0, show_default=True, help="Seconds between polls."),
+    click.option("--interval", type=float, default=1.0, show_default=True,
+                 help="Seconds between polls at first (backs off to 15 s while nothing changes)."),
     click.option("--terminate-on-interrupt", is_flag=True, help="On Ctrl-C, terminate the task instead of leaving "
                                                                "it running."),
     click.option("--logs", type=click.Path(file_okay=False), help="Download every instance's stdout/stderr here."),
