@@ -100,6 +100,28 @@ class ConcurrentGetStore(Store):
             return list(pool.map(self.get, names))
 
 
+class DelegatingStore(Store):
+    """Forwards every operation to ``inner``: the base of store wrappers (instrumentation, fault injection)."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner, self.location = inner, inner.location
+
+    def put(self, name: str, data: bytes) -> None:
+        self.inner.put(name, data)
+
+    def get(self, name: str) -> bytes | None:
+        return self.inner.get(name)
+
+    def names(self, prefix: str) -> list[str]:
+        return self.inner.names(prefix)
+
+    def delete(self, name: str) -> None:
+        self.inner.delete(name)
+
+    def get_many(self, names: Iterable[str]) -> list[bytes | None]:
+        return self.inner.get_many(names)
+
+
 def open_store(url: str | None = None, *, environ: dict[str, str] | None = None) -> Store:
     """Open the store a URL names; without a URL, the one in ``MPILAUNCH_CHECKPOINT_URL``."""
     if url is None:

@@ -61,37 +61,36 @@ def _is_snapshot(obj: str) -> bool:
     return obj.rpartition("/")[2].startswith(SNAPSHOT)
 
 
+def _verified(found: Committed, obj: str, data: bytes | None, what: str) -> Any:
+    """The unpickled payload of ``obj``, or None (missing, or corrupt: then recorded in ``found.corrupt``)."""
+    if data is None:
+        return None
+    try:
+        return pickle.loads(unseal(data, f"{what} {obj!r}"))  # noqa: S301 - our own store, checksummed
+    except CheckpointError as e:
+        found.corrupt.append(f"{obj}: {e}")
+        return None
+
+
 def load_committed(store: Store, name: str) -> Committed:
     """Read and verify what collection ``name`` committed; corrupt objects are reported and skipped.
 
     The newest valid snapshot (written when a run completes) is read first; the batches it merged are not read again.
     """
     found = Committed(objects=store.names(batch_prefix(name)))
-    snapshots = sorted((o for o in found.objects if _is_snapshot(o)), reverse=True)
     merged: set[str] = set()
-    for obj in snapshots:
-        data = None if obj in merged else store.get(obj)
-        if data is None:
-            continue
-        try:
-            doc = pickle.loads(unseal(data, f"snapshot {obj!r}"))  # noqa: S301 - our own store, checksummed
-        except CheckpointError as e:
-            found.corrupt.append(f"{obj}: {e}")
-            continue
-        found.snapshots += 1
-        merged.update(doc["merged"])
-        found.add(doc["results"])
+    for obj in sorted((o for o in found.objects if _is_snapshot(o)), reverse=True):
+        doc = None if obj in merged else _verified(found, obj, store.get(obj), "snapshot")
+        if doc is not None:
+            found.snapshots += 1
+            merged.update(doc["merged"])
+            found.add(doc["results"])
     batches = [o for o in found.objects if o not in merged and not _is_snapshot(o)]
     for obj, data in zip(batches, store.get_many(batches), strict=True):
-        if data is None:
-            continue
-        try:
-            pairs = pickle.loads(unseal(data, f"batch {obj!r}"))  # noqa: S301 - our own store, checksummed
-        except CheckpointError as e:
-            found.corrupt.append(f"{obj}: {e}")
-            continue
-        found.batches += 1
-        found.add(pairs)
+        pairs = _verified(found, obj, data, "batch")
+        if pairs is not None:
+            found.batches += 1
+            found.add(pairs)
     return found
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import pytest
 
 from mpilaunch.errors import CheckpointError, InvalidInput
 from node_runtime.checkpoint import StepCheckpoints, Store, load_committed, open_store, run_items
+from node_runtime.checkpoint.stores import DelegatingStore
 from node_runtime.checkpoint.workitems import _chunk
 
 
@@ -90,22 +92,15 @@ def test_corrupt_batch_is_reported_and_its_items_recomputed(tmp_path: Path, caps
     assert (found.snapshots, found.batches, found.corrupt, len(found.results)) == (1, 0, [], 20)
 
 
-class CountingStore(Store):
-    def __init__(self, inner: Store) -> None:
-        self.inner, self.location, self.reads = inner, inner.location, 0
-
-    def put(self, name: str, data: bytes) -> None:
-        self.inner.put(name, data)
+class CountingStore(DelegatingStore):
+    reads = 0
 
     def get(self, name: str) -> bytes | None:
         self.reads += 1
         return self.inner.get(name)
 
-    def names(self, prefix: str) -> list[str]:
-        return self.inner.names(prefix)
-
-    def delete(self, name: str) -> None:
-        self.inner.delete(name)
+    def get_many(self, names: Iterable[str]) -> list[bytes | None]:
+        return [self.get(n) for n in names]
 
 
 def test_a_completed_run_leaves_a_snapshot_and_a_corrupt_one_falls_back(tmp_path: Path,
@@ -160,23 +155,15 @@ def test_steps_save_restore_and_keep(tmp_path: Path) -> None:
         ck.save(-1, None)
 
 
-class FailingStore(Store):
+class FailingStore(DelegatingStore):
     def __init__(self, inner: Store, fail_suffix: str) -> None:
-        self.inner, self.fail_suffix, self.location = inner, fail_suffix, inner.location
+        super().__init__(inner)
+        self.fail_suffix = fail_suffix
 
     def put(self, name: str, data: bytes) -> None:
         if name.endswith(self.fail_suffix):
             raise CheckpointError("disk full (simulated)")
         self.inner.put(name, data)
-
-    def get(self, name: str) -> bytes | None:
-        return self.inner.get(name)
-
-    def names(self, prefix: str) -> list[str]:
-        return self.inner.names(prefix)
-
-    def delete(self, name: str) -> None:
-        self.inner.delete(name)
 
 
 @pytest.mark.parametrize("failing", ["part-00000", "COMPLETE"])
@@ -201,11 +188,11 @@ def test_corrupt_newest_step_falls_back(tmp_path: Path, capsys: pytest.CaptureFi
     assert "skipping checkpoint of step 2" in capsys.readouterr().err
 
 
-class SlowStore(FailingStore):
+class SlowStore(DelegatingStore):
     """Writes take a while; records how many results were finished but not yet durable at each moment."""
 
     def __init__(self, inner: Store) -> None:
-        super().__init__(inner, "\0never")
+        super().__init__(inner)
         self.durable = 0
         self.finished = 0
         self.worst = 0

@@ -13,6 +13,7 @@ from types import ModuleType
 from mpi4py import MPI
 
 from node_runtime.checkpoint import Store, open_store
+from node_runtime.checkpoint.stores import DelegatingStore
 
 
 def _load_example(name: str) -> ModuleType:
@@ -27,12 +28,12 @@ def _load_example(name: str) -> ModuleType:
 solve = _load_example("solver").solve
 
 
-class KillingStore(Store):
-    """Delegates to ``inner``; rank ``rank`` dies just before or just after writing ``obj`` of step ``step``."""
+class KillingStore(DelegatingStore):
+    """Rank ``rank`` dies just before or just after writing ``obj`` of step ``step``."""
 
     def __init__(self, inner: Store, rank: int, step: int, obj: str, before: bool) -> None:
-        self.inner, self.rank, self.step, self.obj, self.before = inner, rank, step, obj, before
-        self.location = inner.location
+        super().__init__(inner)
+        self.rank, self.step, self.obj, self.before = rank, step, obj, before
 
     def put(self, name: str, data: bytes) -> None:
         hit = (MPI.COMM_WORLD.Get_rank() == self.rank and f"/{self.step:012d}." in name
@@ -42,15 +43,6 @@ class KillingStore(Store):
         self.inner.put(name, data)
         if hit:
             os.kill(os.getpid(), signal.SIGKILL)
-
-    def get(self, name: str) -> bytes | None:
-        return self.inner.get(name)
-
-    def names(self, prefix: str) -> list[str]:
-        return self.inner.names(prefix)
-
-    def delete(self, name: str) -> None:
-        self.inner.delete(name)
 
 
 def main() -> None:
