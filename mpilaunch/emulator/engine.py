@@ -20,6 +20,7 @@ import secrets
 import socket
 import threading
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 from mpilaunch.emulator import defaults, records
@@ -50,6 +51,24 @@ def reserve_port(address: str) -> int:
             return int(s.getsockname()[1])
     except OSError:
         return MASTER_PORT
+
+
+def _expired(job: Doc) -> bool:
+    """Whether the job has outlived its ``constraints.maxWallClockTime`` (measured from its creation)."""
+    try:
+        limit = mi.parse_duration((job.get("constraints") or {}).get("maxWallClockTime"))
+        created = datetime.fromisoformat(str(job.get("creationTime")))
+    except ValueError:
+        return False
+    return limit is not None and (datetime.now(UTC) - created).total_seconds() >= limit
+
+
+def _expire(job: Doc) -> None:
+    """Terminate a job whose wall clock ran out, as Batch does (``terminateReason = MaxWallClockTimeExpiry``)."""
+    if job.get("state") == "active":
+        transition(job, "terminating")
+        job.setdefault("executionInfo", {"startTime": job.get("creationTime", now_iso())})
+        job["executionInfo"]["terminateReason"] = "MaxWallClockTimeExpiry"
 
 
 class Engine:
@@ -167,6 +186,10 @@ class Engine:
             state = job.get("state")
             if state == "deleting":
                 self._delete_job(job)
+                continue
+            if state == "active" and _expired(job):
+                self.store.update("job", (), job["id"], _expire)
+                self.wake()
                 continue
             if state == "terminating":
                 self._terminate_job(job)
@@ -294,12 +317,12 @@ class Engine:
         """Called on the run's thread when the attempt has ended and its processes are gone."""
         job_id, task_id = run.job["id"], run.task["id"]
         try:
+            if outcome.kind == "deleted":  # the directories go first: once the doc is gone, the task is gone
+                for index in range(len(run.nodes)):
+                    wipe(run.task_dir(index))
             if outcome.kind != "shutdown":
                 records.finish(self.ctx, job_id, task_id, run.nodes, multi=run.multi, outcome=outcome,
                                max_retries=self._max_retries(run))
-            if outcome.kind == "deleted":
-                for index in range(len(run.nodes)):
-                    wipe(run.task_dir(index))
         finally:
             with self._lock:
                 self._runs.pop(_key(job_id, task_id), None)

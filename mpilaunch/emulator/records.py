@@ -71,11 +71,11 @@ def _occupy(doc: Doc) -> None:
 
 
 def _release(ctx: Context, node: Node, job_id: str, task_id: str, *, index: int | None, task: Doc | None,
-             ok: bool) -> None:
+             ok: bool, ran: bool) -> None:
     def fn(doc: Doc) -> None:
         doc["runningTasksCount"] = max(doc.get("runningTasksCount", 1) - 1, 0)
         doc["runningTaskSlotsCount"] = max(doc.get("runningTaskSlotsCount", 1) - 1, 0)
-        doc["totalTasksRun"] = doc.get("totalTasksRun", 0) + 1
+        doc["totalTasksRun"] = doc.get("totalTasksRun", 0) + (1 if ran else 0)
         doc["totalTasksSucceeded"] = doc.get("totalTasksSucceeded", 0) + (1 if ok else 0)
         if doc["runningTasksCount"] == 0 and doc.get("state") == "running":
             transition(doc, "idle")
@@ -110,7 +110,7 @@ def finish(ctx: Context, job_id: str, task_id: str, nodes: Sequence[Node], *, mu
                                      lambda d, i=index: _finish_subtask(d, i, outcome, now))  # type: ignore[misc]
         for index, node in enumerate(nodes):
             _release(ctx, node, job_id, task_id, index=index if multi else None, task=task,
-                     ok=outcome.kind == "success")
+                     ok=outcome.kind == "success", ran=outcome.kind not in ("requeue", "deleted"))
     return task
 
 

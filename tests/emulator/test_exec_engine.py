@@ -340,3 +340,16 @@ def test_isolated_node_sees_azure_paths_and_keeps_the_hosts_mnt_entries(tmp_path
     expected = sorted({*host_mnt, "batch"})
     assert (tmp_path / "out").read_text().strip() == f"{expected} tvmps-x-d here /mnt/batch/tasks"
     assert sorted(p.name for p in Path("/mnt").iterdir()) == host_mnt, "nothing is created on the host"
+
+
+def test_job_wall_clock_expiry_terminates_the_job_and_its_tasks(tmp_path: Path) -> None:
+    with rig(tmp_path) as r:
+        r.pool(nodes=2)
+        r.job(constraints={"maxWallClockTime": "PT2S"})
+        r.task("long", py("import time; time.sleep(300)"), instances=2, coordination=py("pass"))
+        r.task("queued", py("pass"), instances=3, coordination=py("pass"))  # can never run on 2 nodes
+        wait_for(lambda: r.doc("job", (), "job")["state"] == "completed", 30, "job completed")
+        assert r.doc("job", (), "job")["executionInfo"]["terminateReason"] == "MaxWallClockTimeExpiry"
+        for task_id in ("long", "queued"):
+            task = r.get(task_id)
+            assert (task["state"], task["executionInfo"]["failureInfo"]["code"]) == ("completed", "TaskEnded")
