@@ -14,7 +14,7 @@ import pytest
 
 from mpilaunch.emulator.nodes.process import ProcessProvider, isolation_available
 from mpilaunch.emulator.store import Store
-from tests.support.exec_engine import PY, leftovers, py, rig, wait_for
+from tests.support.exec_engine import PY, hang_first_attempt, leftovers, py, rig, wait_for
 
 ENV_DUMP = ("import json, os, socket; print(json.dumps({'host': socket.gethostname(), 'cwd': os.getcwd(), "
             "'env': {k: v for k, v in os.environ.items() "
@@ -233,8 +233,7 @@ time.sleep(600)
 
 def test_restart_mid_run_requeues_without_counting_a_retry(tmp_path: Path) -> None:
     marker = tmp_path / "attempts"
-    command = py(f"import time; open({str(marker)!r}, 'a').write('x'); time.sleep(1 if len(open({str(marker)!r})"
-                 ".read()) > 1 else 300)")
+    command = hang_first_attempt(marker)
     data = tmp_path / "data"
     data.mkdir()
     crashed = subprocess.Popen([sys.executable, "-c", RUNNER, str(data), command, py("pass")])
@@ -288,8 +287,7 @@ def test_plain_processes_without_namespaces_and_low_priority_nodes(tmp_path: Pat
 
 def test_graceful_stop_kills_everything_and_the_next_start_requeues(tmp_path: Path) -> None:
     marker = tmp_path / "attempts"
-    command = py(f"import time; open({str(marker)!r}, 'a').write('x'); time.sleep(0.2 if len(open({str(marker)!r})"
-                 ".read()) > 1 else 300)")
+    command = hang_first_attempt(marker)
     data = tmp_path / "data"
     data.mkdir()
     with rig(data) as first:

@@ -11,7 +11,7 @@ import pytest
 from azure.batch import models as m
 
 from tests.support.emulator import start_emulator
-from tests.support.exec_engine import leftovers, py, wait_for
+from tests.support.exec_engine import hang_first_attempt, leftovers, py, wait_for
 from tests.support.exec_sdk import Batch, add_mi_task, completed, make_job, make_pool, text
 
 pytestmark = pytest.mark.timeout(180)
@@ -99,8 +99,7 @@ def test_task_without_enough_nodes_stays_active(batch: Batch) -> None:
 
 def test_restart_mid_run_requeues_and_keeps_state(tmp_path: Path) -> None:
     marker = tmp_path / "attempts"
-    command = py(f"import time; open({str(marker)!r}, 'a').write('x'); "
-                 f"time.sleep(0.5 if len(open({str(marker)!r}).read()) > 1 else 300); print('finished')")
+    command = hang_first_attempt(marker)
     with start_emulator(tmp_path / "data") as emu:
         client = emu.client()
         pool_id = make_pool(client, 2)

@@ -25,6 +25,12 @@ def py(code: str) -> str:
     return shlex.join([PY, "-c", code])
 
 
+def hang_first_attempt(marker: Path) -> str:
+    """A command line that appends ``x`` to ``marker`` on every attempt, hangs on the first, prints ``finished``."""
+    return py(f"import time; open({str(marker)!r}, 'a').write('x'); "
+              f"time.sleep(0.2 if len(open({str(marker)!r}).read()) > 1 else 300); print('finished')")
+
+
 def leftovers(node_ids: list[str]) -> list[psutil.Process]:
     """Processes still carrying the emulator tag of one of ``node_ids``."""
     found = []
