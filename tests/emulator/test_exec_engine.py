@@ -351,3 +351,19 @@ def test_job_wall_clock_expiry_terminates_the_job_and_its_tasks(tmp_path: Path) 
         for task_id in ("long", "queued"):
             task = r.get(task_id)
             assert (task["state"], task["executionInfo"]["failureInfo"]["code"]) == ("completed", "TaskEnded")
+
+
+def test_plain_tasks_share_a_node_up_to_its_task_slots(tmp_path: Path) -> None:
+    with rig(tmp_path) as r:
+        r.pool(nodes=1, taskSlotsPerNode=2, enableInterNodeCommunication=False)
+        r.job()
+        (node,) = r.idle(1)
+        for name in ("a", "b", "c"):
+            r.task(name, py("import time; time.sleep(1.5)"))
+        wait_for(lambda: sum(r.get(t)["state"] == "running" for t in "abc") == 2, 30, "two tasks running")
+        assert r.doc("node", ("pool",), node["id"])["runningTaskSlotsCount"] == 2
+        for name in "abc":
+            assert r.completed(name)["executionInfo"]["result"] == "success"
+        done = wait_for(lambda: (d := r.doc("node", ("pool",), node["id"]))["state"] == "idle" and d, 10, "idle")
+        assert (done["totalTasksRun"], done["totalTasksSucceeded"], done["runningTaskSlotsCount"]) == (3, 3, 0)
+        assert sorted(t["taskId"] for t in done["recentTasks"]) == ["a", "b", "c"]

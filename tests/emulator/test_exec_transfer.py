@@ -130,3 +130,19 @@ def test_output_upload_failure_fails_the_task(blobs: Blobs, tmp_path: Path) -> N
              "uploadOptions": {"uploadCondition": "taskcompletion"}}])
         info = r.completed("t")["executionInfo"]
     assert (info["result"], info["failureInfo"]["code"]) == ("failure", "FileUploadAccessDenied")
+
+
+def test_failure_uploads_only_the_failure_outputs(blobs: Blobs, tmp_path: Path) -> None:
+    url = blobs.container_sas("rwl")
+    with rig(tmp_path) as r:
+        r.pool(nodes=1)
+        r.job()
+        r.task("t", py("import sys; print('oops'); sys.exit(3)"), outputFiles=[
+            {"filePattern": "../std*.txt", "destination": {"container": {"containerUrl": url, "path": "fail"}},
+             "uploadOptions": {"uploadCondition": "taskfailure"}},
+            {"filePattern": "../stdout.txt", "destination": {"container": {"containerUrl": url, "path": "ok.txt"}},
+             "uploadOptions": {"uploadCondition": "tasksuccess"}}])
+        info = r.completed("t")["executionInfo"]
+    assert (info["result"], info["exitCode"]) == ("failure", 3)
+    assert blobs.names() == ["fail/stderr.txt", "fail/stdout.txt"]
+    assert blobs.get("fail/stdout.txt") == b"oops\n"
