@@ -123,6 +123,7 @@ class NodeManager:
     def _spawn(self, key: str, target: Callable[..., None], *args: Any) -> None:
         with self._lock:
             thread = threading.Thread(target=target, args=args, name=f"node-{key}", daemon=True)
+            self._threads = {k: t for k, t in self._threads.items() if t.is_alive()}
             self._threads[key] = thread
         thread.start()
 

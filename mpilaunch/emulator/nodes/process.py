@@ -81,18 +81,20 @@ class ProcessProvider(NodeProvider):
         if self.isolate and not isolation_available():
             raise NodeError("per-node namespaces need root and 'unshare' (util-linux); use isolate=False")
         self._lock = threading.Lock()
+        self._given: set[str] = set()  # addresses handed out, not yet in the engine's store
 
     def create_node(self, pool: Mapping[str, Any], node_id: str, root: Path, taken: Sequence[str]) -> Node:
         root.mkdir(parents=True, exist_ok=True)
         (root / "tmp").mkdir(exist_ok=True)
         with self._lock:
-            used = set(taken)
+            used = set(taken) | self._given
             for _ in range(1000):
                 address = f"127.0.{random.randint(1, 254)}.{random.randint(1, 254)}"  # noqa: S311 - not crypto
                 if address not in used:
                     break
             else:
                 raise NodeError(f"no free loopback address for node {node_id!r}")
+            self._given.add(address)
         hostname = node_id.lower().replace("_", "-")[:63]
         node_root = AZURE_NODE_ROOT if self.isolate else str(root)
         return Node(id=node_id, pool_id=str(pool["id"]), address=address, hostname=hostname, root=root,
