@@ -82,11 +82,17 @@ def test_nodes_are_containers_with_own_address_hostname_and_batch_root(
         assert f"{node.address}/24" in ipline
         assert marker == node.id
         assert shm.split()[1] == "256"
-    # Nodes survive a JSON round trip and an emulator restart (restore_node starts a stopped container).
+    # Nodes survive a JSON round trip and an emulator restart: close() stops the node containers, a new provider's
+    # restore_node starts them again, with the same address and host name.
     again = Node.from_json(json.loads(json.dumps(nodes[0].to_json())))
-    docker("stop", "-t", "0", again.data["container"])
-    assert provider.restore_node(again) == nodes[0]
-    assert run(provider, again, ["hostname"], tag="t2")[1].strip() == again.hostname
+    provider.close()
+    running = docker("inspect", "-f", "{{.State.Running}}", *(n.data["container"] for n in nodes)).stdout.split()
+    assert running == ["false"] * 3
+    restarted = DockerProvider(scope=provider.scope, shm_size="256m")
+    assert restarted.restore_node(again) == nodes[0]
+    assert run(restarted, again, ["hostname", "-I"], tag="t2")[1].split() == [again.address]
+    for node in nodes[1:]:
+        restarted.restore_node(node)
     # A pool without a container configuration goes to the fallback (process) provider.
     plain = provider.create_node({"id": "plain"}, "tvm-p", tmp_path / "plain", [])
     assert plain.data.get("provider") != "docker" and plain.address.startswith("127.")

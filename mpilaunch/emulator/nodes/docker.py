@@ -123,6 +123,7 @@ class DockerProvider(NodeProvider):
         self.fallback = fallback if fallback is not None else ProcessProvider()
         self._lock = threading.Lock()
         self._node_locks: dict[str, threading.Lock] = {}
+        self._live: set[str] = set()  # node containers created or restored by this provider, for close()
 
     # -- nodes ----------------------------------------------------------------------------------------------------
     def create_node(self, pool: Mapping[str, Any], node_id: str, root: Path, taken: Sequence[str]) -> Node:
@@ -148,6 +149,7 @@ class DockerProvider(NodeProvider):
             except CommandFailed as exc:
                 proc.run(["docker", "rm", "-f", name], timeout=60, check=False)
                 raise NodeError(f"node {node_id!r}: its container could not be started: {exc}") from exc
+            self._live.add(name)
         return Node(id=node_id, pool_id=pool_id, address=address, hostname=hostname, root=root,
                     node_root=NODE_ROOT,
                     data={"provider": self.name, "container": name, "network": network, "image": images[0]})
@@ -161,6 +163,8 @@ class DockerProvider(NodeProvider):
             raise NodeError(f"node {node.id!r}: its container {name!r} no longer exists")
         if state.stdout.decode().strip() != "true":
             self._start(node)
+        with self._lock:
+            self._live.add(name)
         return node
 
     def destroy_node(self, node: Node) -> None:
@@ -170,6 +174,8 @@ class DockerProvider(NodeProvider):
         ids = docker("ps", "-aq", "--filter", f"label={LABEL_NODE}={node.data['container']}").split()
         if ids:
             proc.run(["docker", "rm", "-f", "-v", *ids], timeout=120, check=False)
+        with self._lock:
+            self._live.discard(node.data["container"])
         # The pool's network goes with its last node (docker refuses while other containers use it).
         proc.run(["docker", "network", "rm", node.data["network"]], timeout=60, check=False)
 
@@ -197,6 +203,12 @@ class DockerProvider(NodeProvider):
         proc.run(["docker", "rm", "-f", "-v", self._task_name(node, tag)], timeout=120, check=False)
 
     def close(self) -> None:
+        """Stop this provider's node containers (VMs deallocated while the emulator is down; ``restore_node``
+        starts them again) and close the fallback provider."""
+        with self._lock:
+            live, self._live = sorted(self._live), set()
+        if live:
+            proc.run(["docker", "stop", "-t", "0", *live], timeout=120, check=False)
         self.fallback.close()
 
     # -- fault injection ------------------------------------------------------------------------------------------
