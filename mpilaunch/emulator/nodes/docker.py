@@ -18,7 +18,8 @@ Fault injection (tests): :meth:`DockerProvider.kill_node` (the VM dies: node and
 :meth:`restart_node`, :meth:`disconnect_node` and :meth:`reconnect_node` (network partition).
 
 Everything is labelled ``org.mpilaunch.emulator=<scope>``; :func:`remove_scope` removes all of a scope's resources.
-Container and network names derive from the nodes' host root paths, so they are stable across emulator restarts.
+Container and network names derive from the nodes' host root paths, so they are stable across emulator restarts;
+:meth:`DockerProvider.close` stops the node containers and :meth:`DockerProvider.restore_node` starts them again.
 """
 
 from __future__ import annotations
