@@ -19,6 +19,7 @@ from mpilaunch.emulator.nodes.base import Execution, Node, NodeError
 from mpilaunch.emulator.nodes.docker import NODE_ROOT, DockerProvider
 from mpilaunch.errors import CommandFailed
 from tests.support.docker import REPO, DockerScope, docker
+from tests.support.exec_engine import wait_for
 
 pytestmark = pytest.mark.slow
 PROBE = REPO / "tests" / "programs" / "mpi_probe.py"
@@ -190,15 +191,21 @@ def test_container_settings_are_honoured(provider: DockerProvider, make_nodes: o
 def test_kill_kill_tag_and_node_faults(provider: DockerProvider, make_nodes: object) -> None:
     a, b = make_nodes(2)  # type: ignore[operator]
     out = b.root / "sleep.txt"
-    sleeping = provider.run(b, ["sleep", "300"], env={}, cwd=NODE_ROOT, stdout=out, stderr=out, tag="t1")
-    time.sleep(0.5)
-    sleeping.kill()
+    duration = f"300.{os.getpid()}"  # a command line no other process on this machine has
+
+    def sleepers() -> list[psutil.Process]:
+        return [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == ["sleep", duration]]
+
+    sleeping = provider.run(b, ["sleep", duration], env={}, cwd=NODE_ROOT, stdout=out, stderr=out, tag="t1")
+    wait_for(lambda: len(sleepers()) == 1, 30, "the command to start in the container")
+    sleeping.kill()  # kills the command inside the container, not just the docker CLI
     assert wait(sleeping, 20) != 0
+    assert not sleepers()
     # A daemon that outlives its command dies with the attempt's task container.
-    code, _ = run(provider, b, ["bash", "-c", "setsid sleep 300 >/dev/null 2>&1 < /dev/null &"], tag="t1")
-    assert code == 0
+    code, _ = run(provider, b, ["bash", "-c", f"setsid sleep {duration} >/dev/null 2>&1 < /dev/null &"], tag="t1")
+    assert code == 0 and len(sleepers()) == 1
     provider.kill_tag(b, "t1")
-    assert not [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == ["sleep", "300"]]
+    assert not sleepers()
 
     listener = ["python", "-c", "import socket, time; s = socket.create_server(('', 7000)); time.sleep(300)"]
     probe = ["python", "-c", f"import socket; socket.create_connection(({b.address!r}, 7000), timeout=2)"]
