@@ -3,7 +3,8 @@
 A container pool (``containerConfiguration`` with the task image) gets three node containers; a multi-instance task
 with ``containerSettings`` runs ``node-runtime coordinate`` on each and ``node-runtime launch`` on the primary, whose
 mpi4py ranks must land on the three containers. Killing a node container mid-task fails the attempt, and Batch's
-whole-task retry fails too while the node is down; once it is back, a new task succeeds.
+whole-task retry fails too while the node is down; once it is back, a new task succeeds. And the `mpilaunch` CLI
+(`pool create --container-image`, `run --image` with inputs through Azurite) runs its example on the docker nodes.
 """
 
 from __future__ import annotations
@@ -187,3 +188,43 @@ def test_killed_node_container_fails_the_task_and_its_retry(docker_emulator: Doc
     emu.provider.restart_node(victim)  # the node comes back: the same pool runs the next task
     again = completed(emu, job_id, add_mpi_task(emu, job_id))
     assert again.execution_info.result == m.BatchTaskExecutionResult.SUCCESS
+
+
+@pytest.mark.azurite
+def test_mpilaunch_cli_runs_a_container_task_on_docker_nodes(
+        docker_emulator: DockerEmulator, azurite: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`mpilaunch pool create --container-image` + `mpilaunch run --image`: inputs via Azurite, ranks in containers."""
+    from mpilaunch.cli import cli
+    from mpilaunch.clickutil import run_cli
+
+    for name, value in {"AZURE_BATCH_ENDPOINT": docker_emulator.server.endpoint,
+                        "AZURE_BATCH_ACCOUNT": defaults.ACCOUNT, "AZURE_BATCH_ACCESS_KEY": defaults.KEY,
+                        "AZURE_STORAGE_CONNECTION_STRING": azurite.connection_string,
+                        "MPILAUNCH_CONFIG": str(tmp_path / "no-profile.toml"),
+                        "MPILAUNCH_HOME": str(tmp_path / "home")}.items():
+        monkeypatch.setenv(name, value)
+    for name in ("MPILAUNCH_PROFILE", "MPILAUNCH_POOL", "AZURE_STORAGE_ACCOUNT", "AZURE_STORAGE_KEY"):
+        monkeypatch.delenv(name, raising=False)
+
+    def mpilaunch(*args: str) -> tuple[int, str, str]:
+        code = run_cli(cli, "mpilaunch", list(args))
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    pool_id, image = f"dcli-{uuid.uuid4().hex[:6]}", docker_emulator.image
+    code, _, err = mpilaunch("pool", "create", pool_id, "--nodes", "3", "--container-image", image)
+    assert code == 0, err
+    wait_for(lambda: [n.state for n in docker_emulator.client().list_nodes(pool_id)] == ["idle"] * 3, 120,
+             "3 idle docker nodes")
+    hello = Path(__file__).resolve().parents[2] / "examples" / "hello_mpi.py"
+    code, out, err = mpilaunch("run", "--pool", pool_id, "-n", "3", "--image", image, "-i", str(hello),
+                               "--timeout", "150", "--logs", str(tmp_path / "logs"), "--", "python3", "hello_mpi.py")
+    assert code == 0, out + err
+    primary = (tmp_path / "logs" / "instance-0" / "stdout.txt").read_text()
+    nodes = [docker_emulator.node(pool_id, d.id) for d in docker_emulator.client().list_nodes(pool_id)]
+    assert {n.data["provider"] for n in nodes} == {"docker"}
+    assert f"3 distinct host(s): {', '.join(sorted(n.hostname for n in nodes))}" in primary
+    # Each instance's coordination command started sshd on its container's own address.
+    logs = "".join((tmp_path / "logs" / f"instance-{i}" / "stdout.txt").read_text() for i in range(3))
+    assert all(f"sshd on {n.address}:" in logs for n in nodes), logs
