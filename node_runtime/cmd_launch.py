@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 
-@click.command("launch", context_settings={"ignore_unknown_options": False})
+@click.command("launch", context_settings={"allow_interspersed_args": False})
 @click.option("--ppn", type=click.IntRange(min=1), default=1, show_default=True, help="MPI processes per node.")
 @click.option("--mpi", "flavor", type=click.Choice(["openmpi", "mpich", "intelmpi"]), default=None,
               help="The MPI implementation of mpirun (default: detected from 'mpirun --version').")

@@ -55,7 +55,8 @@ def test_ranks_run_on_distinct_nodes_and_collectives_agree(netns_cluster: Cluste
 def test_processes_per_node_and_exit_code_propagate(netns_cluster: Cluster) -> None:
     cluster = netns_cluster(2)
     coordinate(cluster)
-    done = cluster.node_runtime(0, "launch", "--ppn", "2", "--", *PROBE, "--exit", "3", timeout=120)
+    # no "--": everything from the program on is the command, its options included
+    done = cluster.node_runtime(0, "launch", "--ppn", "2", *PROBE, "--exit", "3", timeout=120)
     assert done.returncode == 3, done.stderr
     records = ranks(done.stdout)
     assert [r["hostname"] for r in records] == ["node0", "node0", "node1", "node1"]
