@@ -31,8 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.docsection import DOC, write_section  # noqa: E402
-from node_runtime.keys import KeyFiles  # noqa: E402
-from node_runtime.sshd import node_tmp_dir  # noqa: E402
+from node_runtime.sshd import service_for  # noqa: E402
 from tests.support.netns import VENV_BIN, NetnsCluster  # noqa: E402
 
 PROBE = [str(VENV_BIN / "python"), str(REPO / "tests" / "programs" / "mpi_probe.py")]
@@ -67,7 +66,8 @@ def coordinate_all(cluster: NetnsCluster) -> list[float]:
 
 def bare_mpirun(cluster: NetnsCluster, argv: Sequence[str]) -> Callable[[], subprocess.CompletedProcess[str]]:
     """mpirun exactly as launch runs it: its argv and its environment (no secret, node-local TMPDIR)."""
-    tmpdir = node_tmp_dir(KeyFiles.under(cluster.nodes[0].task_dir).directory)
+    node = cluster.nodes[0]
+    tmpdir = service_for(node.task_dir, node.address, int(node.env["MPILAUNCH_SSH_PORT"])).tmp_dir
     return lambda: cluster.run_on(0, argv, env={"TMPDIR": str(tmpdir)}, drop=["MPILAUNCH_TASK_SECRET"], timeout=120)
 
 

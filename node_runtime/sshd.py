@@ -69,7 +69,7 @@ class Service:
 def service_for(task_shared_dir: str | Path, address: str, port: int) -> Service:
     """The service of the task whose shared dir is ``task_shared_dir``, on ``address``:``port``."""
     files = KeyFiles.under(task_shared_dir)
-    return Service(address, port, files, current_user(), node_tmp_dir(files.directory))
+    return Service(address, port, files, current_user(), node_tmp_dir(files.directory, address, port))
 
 
 def clean_environ() -> dict[str, str]:
@@ -81,13 +81,14 @@ def current_user() -> str:
     return pwd.getpwuid(os.getuid()).pw_name
 
 
-def node_tmp_dir(service_dir: Path) -> Path:
+def node_tmp_dir(service_dir: Path, address: str, port: int) -> Path:
     """A short node-local TMPDIR for the ranks and Open MPI's session files, unique per node and task.
 
-    Short because Open MPI puts Unix sockets there (108-byte limit); unique so nodes that share one machine
-    (the emulator) and one hostname don't collide in their session directories.
+    Short because Open MPI puts Unix sockets there (108-byte limit); unique (the node's address is part of it, as
+    nodes of one machine may see their task directory at the same path) so nodes that share a machine don't share
+    their session directories, nor remove each other's.
     """
-    digest = hashlib.sha256(str(service_dir.resolve()).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(f"{service_dir.resolve()}\0{address}\0{port}".encode()).hexdigest()[:12]
     return Path(tempfile.gettempdir()) / f"mpl-{os.getuid()}-{digest}"
 
 

@@ -22,8 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from node_runtime.keys import KeyFiles
-from node_runtime.sshd import node_tmp_dir
+from node_runtime.sshd import service_for
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = REPO / ".venv" / "bin"
@@ -165,7 +164,8 @@ class NetnsCluster:
         """Kill every process of every node, delete the namespaces and the node roots. Safe to call twice."""
         for i, node in enumerate(self.nodes):
             self.kill_processes(i)
-            shutil.rmtree(node_tmp_dir(KeyFiles.under(node.task_dir).directory), ignore_errors=True)
+            service = service_for(node.task_dir, node.address, int(node.env["MPILAUNCH_SSH_PORT"]))
+            shutil.rmtree(service.tmp_dir, ignore_errors=True)
         existing = _ip("netns", "list", check=False).stdout.split()
         for netns in [n.netns for n in self.nodes] + [self.bridge_netns]:
             if netns in existing:
