@@ -367,3 +367,17 @@ def test_plain_tasks_share_a_node_up_to_its_task_slots(tmp_path: Path) -> None:
         done = wait_for(lambda: (d := r.doc("node", ("pool",), node["id"]))["state"] == "idle" and d, 10, "idle")
         assert (done["totalTasksRun"], done["totalTasksSucceeded"], done["runningTaskSlotsCount"]) == (3, 3, 0)
         assert sorted(t["taskId"] for t in done["recentTasks"]) == ["a", "b", "c"]
+
+
+def test_daemons_forked_while_an_attempt_is_killed_do_not_survive(tmp_path: Path) -> None:
+    spawner = ("import os, subprocess, sys, time\n"
+               "if os.environ['AZ_BATCH_IS_CURRENT_NODE_MASTER'] == 'false': time.sleep(0.5); sys.exit(1)\n"
+               "while True:\n"
+               f"    subprocess.Popen([{PY!r}, '-c', 'import time; time.sleep(300)'], start_new_session=True)\n")
+    with rig(tmp_path) as r:
+        r.pool(nodes=2)
+        r.job()
+        for name in ("f1", "f2", "f3"):
+            r.task(name, py("pass"), instances=2, coordination=py(spawner))
+            assert r.completed(name)["executionInfo"]["result"] == "failure"
+            assert not leftovers(r.node_ids()), "a daemon forked during the kill survived"

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -138,26 +138,37 @@ class ProcessProvider(NodeProvider):
         self._kill_marked(lambda value: value.startswith(f"{node.id}/"))
 
     @staticmethod
-    def _kill_marked(match: Any) -> None:
-        """SIGKILL every process whose tag matches, and all their descendants (collected before killing)."""
-        victims: dict[int, psutil.Process] = {}
-        for p in psutil.process_iter():
-            try:
-                value = p.environ().get(TAG_VAR)
-                if value is not None and match(value):
-                    victims[p.pid] = p
-                    for child in p.children(recursive=True):
-                        victims[child.pid] = child
-            except (psutil.Error, OSError):
-                continue
-        for p in victims.values():
-            with contextlib.suppress(psutil.Error):
-                p.kill()
-        pending = list(victims.values())
+    def _kill_marked(match: Callable[[str], bool]) -> None:
+        """SIGKILL every process whose tag matches and all their descendants, scanning again until none is left
+        (a process can fork between a scan and its death; the child inherits the tag)."""
         deadline = time.monotonic() + KILL_TIMEOUT
-        while pending and time.monotonic() < deadline:
-            pending = [p for p in pending if _alive(p)]
-            time.sleep(0.005 if pending else 0)
+        while (victims := _marked(match)) and time.monotonic() < deadline:
+            for p in victims:
+                with contextlib.suppress(psutil.Error):
+                    p.kill()
+            while victims and time.monotonic() < deadline:
+                victims = [p for p in victims if _alive(p)]
+                time.sleep(0.005 if victims else 0)
+
+
+def _marked(match: Callable[[str], bool]) -> list[psutil.Process]:
+    """Live processes whose tag matches, with all their descendants, from one pass over the process table."""
+    procs: dict[int, psutil.Process] = {}
+    children: dict[int, list[int]] = {}
+    stack: list[int] = []
+    for p in psutil.process_iter(["ppid", "environ"]):
+        procs[p.pid] = p
+        children.setdefault(p.info["ppid"] or 0, []).append(p.pid)
+        value = (p.info["environ"] or {}).get(TAG_VAR)
+        if value is not None and match(value):
+            stack.append(p.pid)
+    found: set[int] = set()
+    while stack:
+        pid = stack.pop()
+        if pid not in found:
+            found.add(pid)
+            stack.extend(children.get(pid, ()))
+    return [procs[pid] for pid in found]
 
 
 def _alive(p: psutil.Process) -> bool:
