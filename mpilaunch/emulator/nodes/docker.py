@@ -60,7 +60,7 @@ def container_configuration(pool: Mapping[str, Any]) -> Mapping[str, Any] | None
     return config
 
 
-def _name(*parts: str, key: Path | str) -> str:
+def docker_name(*parts: str, key: Path | str) -> str:
     """A docker-safe, readable name, made unique by a hash of ``key``."""
     slug = "-".join(re.sub(r"[^a-zA-Z0-9_.-]+", "-", p).strip("-.")[:24] for p in parts)
     return f"mpl-{slug}-{hashlib.sha256(str(key).encode()).hexdigest()[:10]}"
@@ -138,7 +138,7 @@ class DockerProvider(NodeProvider):
         self._ensure_image(images[0])
         root.mkdir(parents=True, exist_ok=True)
         hostname = re.sub(r"[^a-z0-9-]+", "-", node_id.lower()).strip("-")[:63] or "node"
-        name = _name(pool_id, node_id, key=root)
+        name = docker_name(pool_id, node_id, key=root)
         with self._lock:
             network, subnet = self._network(pool_id, root.parent)
             address = self._free_address(network, subnet, taken)
@@ -253,7 +253,7 @@ class DockerProvider(NodeProvider):
 
     @staticmethod
     def _task_name(node: Node, tag: str) -> str:
-        return _name(node.pool_id, node.id, tag, key=f"{node.data['container']}/{tag}")
+        return docker_name(node.pool_id, node.id, tag, key=f"{node.data['container']}/{tag}")
 
     def _node_lock(self, node: Node) -> threading.Lock:
         with self._lock:
@@ -293,7 +293,7 @@ class DockerProvider(NodeProvider):
 
     def _network(self, pool_id: str, pool_dir: Path) -> tuple[str, ipaddress.IPv4Network]:
         """The pool's network (created with a free /24 on first use); its name and subnet."""
-        name = _name(pool_id, key=pool_dir)
+        name = docker_name(pool_id, key=pool_dir)
         for _ in range(20):
             found = proc.run(["docker", "network", "inspect", "-f", "{{(index .IPAM.Config 0).Subnet}}", name],
                              timeout=60, check=False)
