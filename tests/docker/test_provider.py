@@ -7,6 +7,7 @@ import json
 import os
 import secrets
 import shutil
+import subprocess
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -105,8 +106,11 @@ def test_nodes_are_containers_with_own_address_hostname_and_batch_root(
                   f"label=org.mpilaunch.emulator={provider.scope}").stdout.strip() == ""
 
 
-def test_multi_instance_mpi_task_with_the_node_runtime(provider: DockerProvider, make_nodes: object) -> None:
-    """Coordination command on every node, then `node-runtime launch` on the primary, as the engine runs them."""
+@pytest.mark.parametrize("user", [None, "1000:1000"], ids=["emulator-user", "image-user"])
+def test_multi_instance_mpi_task_with_the_node_runtime(provider: DockerProvider, make_nodes: object,
+                                                      user: str | None) -> None:
+    """Coordination command on every node, then `node-runtime launch` on the primary, as the engine runs them;
+    as the emulator's own user (root here), and as the image's non-root user (who owns the task dirs, as on Azure)."""
     nodes: list[Node] = make_nodes(3)  # type: ignore[operator]
     secret = secrets.token_urlsafe(32)
     instances = [mi.Instance(i, n.id, n.address) for i, n in enumerate(nodes)]
@@ -117,6 +121,10 @@ def test_multi_instance_mpi_task_with_the_node_runtime(provider: DockerProvider,
         (task_dir / "wd").mkdir(parents=True)
         shutil.copy(PROBE, task_dir / "mpi_probe.py")  # a common resource file
         task_dirs.append(task_dir)
+        if user is not None:
+            subprocess.run(["chown", "-R", user, str(node.root)], check=True)
+    container = None if user is None else {"containerRunOptions": f"--user {user}"}
+    uid = os.getuid() if user is None else int(user.split(":")[0])
 
     def start(index: int, argv: list[str]) -> Execution:
         env = mi.instance_env(account="acct", account_url="http://127.0.0.1:1", pool_id="dpool", job_id=JOB,
@@ -125,7 +133,7 @@ def test_multi_instance_mpi_task_with_the_node_runtime(provider: DockerProvider,
         node = nodes[index]
         return provider.run(node, argv, env=env, cwd=node.node_path(task_dirs[index] / "wd"),
                             stdout=task_dirs[index] / "stdout.txt", stderr=task_dirs[index] / "stderr.txt",
-                            tag="attempt-1")
+                            tag="attempt-1", container=container)
 
     coordination = [start(i, ["node-runtime", "coordinate"]) for i in range(3)]
     for i, execution in enumerate(coordination):
@@ -142,6 +150,7 @@ def test_multi_instance_mpi_task_with_the_node_runtime(provider: DockerProvider,
     assert [r["hostname"] for r in ranks] == [n.hostname for n in nodes]
     assert all(n.address in r["addresses"] for r, n in zip(ranks, nodes, strict=True))
     assert {r["allreduce"] for r in ranks} == {6}
+    assert (task_dirs[0] / "wd" / "launch-report.json").stat().st_uid == uid  # written by the task's user
     # The attempt's task containers (and the sshd daemons in them) go with kill_tag.
     for node in nodes:
         provider.kill_tag(node, "attempt-1")
