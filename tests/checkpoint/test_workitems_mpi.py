@@ -98,6 +98,13 @@ def test_failing_item_aborts_the_job_with_its_key_and_keeps_finished_work(tmp_pa
     assert json.loads((tmp_path / "out.json").read_text()) == expected(300)
 
 
+@pytest.mark.parametrize("rank", [0, 2])
+def test_failure_on_the_dispatcher_or_a_worker_ends_the_job_without_hanging(tmp_path: Path, rank: int) -> None:
+    run = sweep(tmp_path, str(tmp_path / "ck"), "--fail-rank", str(rank), "--kill-after", "30", timeout=60)
+    assert run.returncode != 0
+    assert f"[mpilaunch checkpoint] rank {rank}: work item 'k" in run.stderr and "raised ValueError" in run.stderr
+
+
 def test_ranks_with_different_items_fail_clearly(tmp_path: Path) -> None:
     run = sweep(tmp_path, str(tmp_path / "ck"), "--rank-keys-differ", timeout=60)
     assert run.returncode != 0

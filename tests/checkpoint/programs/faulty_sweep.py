@@ -31,6 +31,7 @@ def main() -> None:
     p.add_argument("--kill-after", type=int, default=0, help="SIGKILL --kill-rank after computing N items")
     p.add_argument("--die-once", type=Path, help="kill only if this file does not exist yet (then create it)")
     p.add_argument("--fail-key", default="")
+    p.add_argument("--fail-rank", type=int, default=-1, help="raise on this rank's --kill-after'th item")
     p.add_argument("--all-ranks", action="store_true")
     p.add_argument("--rank-keys-differ", action="store_true")
     p.add_argument("--out", type=Path, required=True)
@@ -49,7 +50,7 @@ def main() -> None:
     def work(item: tuple[str, int]) -> str:
         nonlocal computed
         key, x = item
-        if key == a.fail_key:
+        if key == a.fail_key or (rank == a.fail_rank and computed + 1 == a.kill_after):
             raise ValueError(f"cannot handle {x}")
         deadline = time.perf_counter() + a.ms / 1000
         while time.perf_counter() < deadline:
