@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,8 +31,9 @@ class Run:
 
 
 def mpirun(script: Path, *args: str, np: int = 3, timeout: float = 120, kill_after: float | None = None,
-           env: dict[str, str] | None = None) -> Run:
-    """Run ``python script args`` on ``np`` ranks; with ``kill_after``, SIGKILL mpirun and every rank then."""
+           kill_when: Callable[[], bool] | None = None, env: dict[str, str] | None = None) -> Run:
+    """Run ``python script args`` on ``np`` ranks; SIGKILL mpirun and every rank ``kill_after`` seconds after the
+    start, or as soon as ``kill_when()`` is true (polled every 10 ms)."""
     argv = ["mpirun", "-np", str(np), sys.executable, str(script), *args]
     full_env = {**os.environ, **MPI_ENV, **(env or {})}
     proc = subprocess.Popen(argv, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -44,6 +46,13 @@ def mpirun(script: Path, *args: str, np: int = 3, timeout: float = 120, kill_aft
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 killed = True
+        deadline = time.monotonic() + timeout
+        while kill_when is not None and proc.poll() is None and time.monotonic() < deadline:
+            if kill_when():
+                os.killpg(proc.pid, signal.SIGKILL)
+                killed = True
+                break
+            time.sleep(0.01)
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)

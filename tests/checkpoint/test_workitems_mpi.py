@@ -11,7 +11,7 @@ import pytest
 
 from node_runtime.checkpoint import load_committed, open_store
 from tests.checkpoint.conftest import blob_container_url
-from tests.checkpoint.mpirun import PROGRAMS, Run, mpirun
+from tests.checkpoint.mpirun import EXAMPLES, PROGRAMS, Run, mpirun
 from tests.checkpoint.programs.faulty_sweep import value
 
 SWEEP = PROGRAMS / "faulty_sweep.py"
@@ -122,3 +122,21 @@ def test_blob_store_survives_a_killed_rank(tmp_path: Path, azurite: object, seed
     second = sweep(tmp_path, ckpt, n=n, batch=batch)
     assert second.returncode == 0, second.stderr
     assert_exactly_once(tmp_path, ckpt, n, batch)
+
+
+def test_sweep_example_killed_and_rerun_matches_a_clean_run(tmp_path: Path) -> None:
+    """examples/sweep.py as documented: a whole-job kill part-way, a re-run, the same results file as a clean run."""
+    args = ["--grid", "12", "--steps", "1500", "--batch", "8"]
+    clean = mpirun(EXAMPLES / "sweep.py", *args, "--checkpoint", str(tmp_path / "clean"), "--out",
+                   str(tmp_path / "clean.json"))
+    assert clean.returncode == 0, clean.stderr
+    ckpt = str(tmp_path / "ck")
+    batches = tmp_path / "ck" / "work" / "pendulum"
+    first = mpirun(EXAMPLES / "sweep.py", *args, "--checkpoint", ckpt, "--out", str(tmp_path / "out.json"),
+                   kill_when=lambda: batches.is_dir() and len(list(batches.iterdir())) >= 6)
+    assert first.killed and not (tmp_path / "out.json").exists()
+    rerun = mpirun(EXAMPLES / "sweep.py", *args, "--checkpoint", ckpt, "--out", str(tmp_path / "out.json"))
+    assert rerun.returncode == 0, rerun.stderr
+    assert "144 points" in rerun.stdout and "items already committed" in rerun.stderr
+    assert (tmp_path / "out.json").read_text() == (tmp_path / "clean.json").read_text()
+    assert load_committed(open_store(ckpt), "pendulum").duplicates == 0
