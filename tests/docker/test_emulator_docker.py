@@ -59,6 +59,12 @@ class DockerEmulator:
     def client(self) -> Any:
         return BatchClient(self.server.endpoint, AzureNamedKeyCredential(defaults.ACCOUNT, defaults.KEY))
 
+    def restart(self) -> None:
+        """Stop the emulator (its provider stops the node containers) and start it again on its data and port."""
+        port = int(self.server.endpoint.rsplit(":", 1)[1])
+        self.server.stop()
+        self.server, self.provider = start_docker_emulator(self.server.data_dir, self.provider.scope, port)
+
     def node(self, pool_id: str, node_id: str) -> Node:
         engine: Any = self.server.engine
         node: Node | None = engine.ctx.node_of(self.server.store.get("node", (pool_id,), node_id))
@@ -66,19 +72,24 @@ class DockerEmulator:
         return node
 
 
-@pytest.fixture
-def docker_emulator(docker_image: str, docker_scope: DockerScope, tmp_path: Path) -> Iterator[DockerEmulator]:
-    """An emulator (HTTP on 127.0.0.1) whose engine runs container pools on docker nodes of this test's scope."""
-    provider = DockerProvider(scope=docker_scope.prefix, shm_size="256m")
-    server = EmulatorServer(tmp_path / "emulator", host="127.0.0.1", port=0, execute=False)
+def start_docker_emulator(data_dir: Path, scope: str, port: int = 0) -> tuple[EmulatorServer, DockerProvider]:
+    """An emulator (HTTP on 127.0.0.1) whose engine runs container pools on docker nodes labelled ``scope``."""
+    provider = DockerProvider(scope=scope, shm_size="256m")
+    server = EmulatorServer(data_dir, host="127.0.0.1", port=port, execute=False)
     engine = engine_module.Engine(server.store, server.data_dir, provider, account=defaults.ACCOUNT,
                                   account_url=server.endpoint, poll=0.1)
     server.engine = server.ctx.engine = engine  # the same engine the server builds, with the docker provider
     server.start()
+    return server, provider
+
+
+@pytest.fixture
+def docker_emulator(docker_image: str, docker_scope: DockerScope, tmp_path: Path) -> Iterator[DockerEmulator]:
+    emu = DockerEmulator(*start_docker_emulator(tmp_path / "emulator", docker_scope.prefix), docker_image)
     try:
-        yield DockerEmulator(server, provider, docker_image)
+        yield emu
     finally:
-        server.stop()
+        emu.server.stop()
 
 
 def container_pool(emu: DockerEmulator, nodes: int) -> str:
@@ -228,3 +239,21 @@ def test_mpilaunch_cli_runs_a_container_task_on_docker_nodes(
     # Each instance's coordination command started sshd on its container's own address.
     logs = "".join((tmp_path / "logs" / f"instance-{i}" / "stdout.txt").read_text() for i in range(3))
     assert all(f"sshd on {n.address}:" in logs for n in nodes), logs
+
+
+def test_docker_nodes_survive_an_emulator_restart(docker_emulator: DockerEmulator) -> None:
+    emu = docker_emulator
+    job_id = container_pool(emu, 3)
+    first = completed(emu, job_id, add_mpi_task(emu, job_id))
+    assert first.execution_info.result == m.BatchTaskExecutionResult.SUCCESS
+    pool_id = first.node_info.pool_id
+    before = {n.id: n.ip_address for n in emu.client().list_nodes(pool_id)}
+    containers = [emu.node(pool_id, n).data["container"] for n in before]
+
+    emu.restart()  # the node containers are stopped while the emulator is down, and started again by its recovery
+    wait_for(lambda: [n.state for n in emu.client().list_nodes(pool_id)] == [m.BatchNodeState.IDLE] * 3, 60,
+             "3 idle nodes after the restart")
+    assert docker("inspect", "-f", "{{.State.Running}}", *containers).stdout.split() == ["true"] * 3
+    assert {n.id: n.ip_address for n in emu.client().list_nodes(pool_id)} == before
+    again = completed(emu, job_id, add_mpi_task(emu, job_id))
+    assert again.execution_info.result == m.BatchTaskExecutionResult.SUCCESS
