@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -30,44 +31,56 @@ class Run:
     killed: bool  # we SIGKILLed the whole job (as a node loss would)
 
 
-def mpirun(script: Path, *args: str, np: int = 3, timeout: float = 120, kill_after: float | None = None,
-           kill_when: Callable[[], bool] | None = None, env: dict[str, str] | None = None) -> Run:
-    """Run ``python script args`` on ``np`` ranks; SIGKILL mpirun and every rank ``kill_after`` seconds after the
-    start, or as soon as ``kill_when()`` is true (polled every 10 ms)."""
+def mpirun(script: Path, *args: str, np: int = 3, timeout: float = 120, kill_when: Callable[[], bool] | None = None,
+           env: dict[str, str] | None = None) -> Run:
+    """Run ``python script args`` on ``np`` ranks; SIGKILL mpirun and every rank as soon as ``kill_when()`` is true
+    (polled every 10 ms)."""
     argv = ["mpirun", "-np", str(np), sys.executable, str(script), *args]
     full_env = {**os.environ, **MPI_ENV, **(env or {})}
     proc = subprocess.Popen(argv, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     killed = False
     try:
-        if kill_after is not None:
-            try:
-                proc.wait(kill_after)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                killed = True
         deadline = time.monotonic() + timeout
         while kill_when is not None and proc.poll() is None and time.monotonic() < deadline:
             if kill_when():
-                os.killpg(proc.pid, signal.SIGKILL)
-                killed = True
+                killed = _kill_session(proc.pid)
                 break
             time.sleep(0.01)
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        _kill_session(proc.pid)
         out, err = proc.communicate()
         raise AssertionError(f"mpirun hung for {timeout} s: {' '.join(argv)}\n{err[-3000:]}") from None
     finally:
-        _reap_group(proc.pid)
+        _kill_session(proc.pid)  # no rank may outlive its job (an orphan would keep committing)
     return Run(proc.returncode, out, err, killed)
 
 
-def _reap_group(pgid: int) -> None:
-    """Make sure no rank of the job outlives it (ranks of a killed mpirun would keep writing)."""
-    for _ in range(50):
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            return
-        time.sleep(0.02)
+def _session(sid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                zombie = Path(f"/proc/{entry}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
+                if os.getsid(int(entry)) == sid and not zombie:
+                    found.append(int(entry))
+            except OSError:
+                pass  # exited meanwhile
+    return found
+
+
+def _kill_session(sid: int) -> bool:
+    """SIGKILL every process of the job's session at once, as a node loss would: mpirun and the ranks, which
+    Open MPI puts in process groups of their own. True if anything was alive."""
+    hit = False
+    for _ in range(100):
+        pids = _session(sid)
+        if not pids:
+            return hit
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+                hit = True
+        time.sleep(0.01)
+    raise AssertionError(f"processes of session {sid} survive SIGKILL: {_session(sid)}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pickle
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,9 +21,9 @@ CELLS, STEPS, EVERY = 240, 600, 50
 
 
 def solver(tmp: Path, ckpt: str, *extra: str, steps: int = STEPS, out: str = "out.json",
-           kill_after: float | None = None) -> Run:
+           kill_when: Callable[[], bool] | None = None) -> Run:
     return mpirun(SOLVER, "--checkpoint", ckpt, "--cells", str(CELLS), "--steps", str(steps), "--every",
-                  str(EVERY), "--out", str(tmp / out), *extra, kill_after=kill_after)
+                  str(EVERY), "--out", str(tmp / out), *extra, kill_when=kill_when)
 
 
 @pytest.fixture(scope="module")
@@ -93,11 +94,15 @@ def test_corrupt_newest_checkpoint_is_skipped(tmp_path: Path, clean: dict[int, l
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_job_killed_at_random_time_resumes_exactly(tmp_path: Path, clean: dict[int, list[float]], seed: int) -> None:
+def test_job_killed_at_random_point_resumes_exactly(tmp_path: Path, clean: dict[int, list[float]], seed: int) -> None:
+    """The whole job SIGKILLed as soon as the first object of a seeded step appears: usually mid-save (torn)."""
     rng = random.Random(3000 + seed)
     ckpt = str(tmp_path / "ck")
-    solver(tmp_path, ckpt, kill_after=rng.uniform(0.6, 1.4))
-    (tmp_path / "out.json").unlink(missing_ok=True)
+    at = rng.randrange(EVERY, STEPS, EVERY)
+    steps = tmp_path / "ck" / f"steps/heat-{CELLS}"
+    first = solver(tmp_path, ckpt, kill_when=lambda: steps.is_dir() and any(
+        int(d.name.split(".")[0]) >= at for d in steps.iterdir()))
+    assert first.killed and not (tmp_path / "out.json").exists()
     second = solver(tmp_path, ckpt)
     assert second.returncode == 0, second.stderr
     assert json.loads((tmp_path / "out.json").read_text()) == clean[STEPS]
