@@ -24,7 +24,7 @@ import pytest
 from tests.checkpoint.mpirun import PROGRAMS, mpirun
 from tests.checkpoint.programs.faulty_sweep import value
 from tests.cluster.helpers import coordinate
-from tests.support.azurite import ACCOUNT, AZURITE_BIN, KEY
+from tests.support.azurite import ACCOUNT, KEY, running_azurite
 from tests.support.netns import SUBNET, VENV_BIN, NetnsCluster
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -56,26 +56,11 @@ def computed(log: Path) -> list[str]:
 @contextlib.contextmanager
 def azurite_on_bridge(cluster: NetnsCluster, location: Path) -> Iterator[str]:
     """Azurite inside the cluster's bridge namespace (reachable from every node), storing in ``location``."""
-    if not AZURITE_BIN.exists():
-        pytest.skip("Azurite is not installed (run scripts/setup)")
     host = f"{SUBNET}.254"
-    proc = subprocess.Popen(["ip", "netns", "exec", cluster.bridge_netns, str(AZURITE_BIN), "--blobHost", host,
-                             "--blobPort", "10000", "--location", str(location), "--silent", "--skipApiVersionCheck",
-                             "--loose"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        probe = [sys.executable, "-c", f"import socket; socket.create_connection(({host!r}, 10000), 0.5)"]
-        deadline = time.monotonic() + 30
-        while cluster.run_on(0, probe, timeout=10).returncode != 0:
-            assert proc.poll() is None and time.monotonic() < deadline, "Azurite did not start on the bridge"
-            time.sleep(0.1)
-        yield f"http://{host}:10000/{ACCOUNT}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    probe = [sys.executable, "-c", f"import socket; socket.create_connection(({host!r}, 10000), 0.5)"]
+    with running_azurite(location, host, port=10000, prefix=["ip", "netns", "exec", cluster.bridge_netns],
+                         ready=lambda: cluster.run_on(0, probe, timeout=10).returncode == 0) as server:
+        yield server.blob_endpoint
 
 
 def blob_checkpoint(cluster: NetnsCluster, endpoint: str) -> str:

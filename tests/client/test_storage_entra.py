@@ -11,8 +11,6 @@ import base64
 import datetime as dt
 import ipaddress
 import json
-import socket
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -30,7 +28,7 @@ from cryptography.x509.oid import NameOID
 
 from mpilaunch.client.config import StorageConfig
 from mpilaunch.client.storage import BlobStore, walk_inputs
-from tests.support.azurite import ACCOUNT, AZURITE_BIN, free_port
+from tests.support.azurite import ACCOUNT, running_azurite
 
 pytestmark = pytest.mark.azurite
 
@@ -75,34 +73,11 @@ def _self_signed(directory: Path) -> tuple[Path, Path]:
 @pytest.fixture
 def oauth_azurite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """An HTTPS Azurite with --oauth basic; yields its blob endpoint (the certificate is trusted via env)."""
-    if not AZURITE_BIN.exists():
-        pytest.skip("Azurite is not installed (run scripts/setup)")
     cert, key = _self_signed(tmp_path)
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(cert))
-    port = free_port()
-    proc = subprocess.Popen(
-        [str(AZURITE_BIN), "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location", str(tmp_path / "data"),
-         "--silent", "--skipApiVersionCheck", "--loose", "--oauth", "basic", "--cert", str(cert), "--key", str(key)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    why = proc.stderr.read() if proc.stderr else b""
-                    raise RuntimeError(f"azurite did not start: {why!r}") from None
-                time.sleep(0.05)
-        yield f"https://127.0.0.1:{port}/{ACCOUNT}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+    args = ["--oauth", "basic", "--cert", str(cert), "--key", str(key)]
+    with running_azurite(tmp_path / "data", extra_args=args) as server:
+        yield f"https://127.0.0.1:{server.port}/{ACCOUNT}"
 
 
 def test_entra_upload_and_user_delegation_sas(oauth_azurite: str, tmp_path: Path) -> None:
