@@ -117,21 +117,20 @@ class _Parser:
         self.pos += 1
         return tok[1]
 
-    def disjunction(self) -> Predicate:
-        left = self.conjunction()
-        while self._peek() == ("word", "or"):
+    def _chain(self, operator: str, operand: Callable[[], Predicate],
+               combine: Callable[[Predicate, Predicate], Predicate]) -> Predicate:
+        """``operand (operator operand)*``, combined left to right."""
+        left = operand()
+        while self._peek() == ("word", operator):
             self.pos += 1
-            right = self.conjunction()
-            left = _either(left, right)
+            left = combine(left, operand())
         return left
 
+    def disjunction(self) -> Predicate:
+        return self._chain("or", self.conjunction, _either)
+
     def conjunction(self) -> Predicate:
-        left = self.unary()
-        while self._peek() == ("word", "and"):
-            self.pos += 1
-            right = self.unary()
-            left = _both(left, right)
-        return left
+        return self._chain("and", self.unary, _both)
 
     def unary(self) -> Predicate:
         tok = self._peek()
