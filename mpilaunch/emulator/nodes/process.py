@@ -7,8 +7,13 @@ its root at ``/mnt/batch/tasks`` (a private mount namespace), so every node has 
 Without root, commands see the host paths (different per node) and share the host name; ``TMPDIR`` is set per node
 so Open MPI's session directories do not collide.
 
-Every process gets ``MPILAUNCH_EMULATOR_TAG=<node id>/<tag>`` in its environment; :meth:`ProcessProvider.kill_tag`
-kills the processes carrying it plus their descendants, which catches daemons (sshd) that left the process group.
+Every command runs under a *keeper* (:mod:`.enter`): a child subreaper that runs the command as its child, reports
+its exit code on a pipe, and stays alive, reaping, while any process the command left behind lives, so daemons
+(sshd) are re-parented to it rather than to init however they detach. The keeper carries
+``MPILAUNCH_EMULATOR_TAG=<node id>/<tag>`` in its environment; :meth:`ProcessProvider.kill_tag` freezes (SIGSTOP)
+the processes carrying it plus all their descendants until no new one appears, then SIGKILLs them all. This holds
+with or without namespaces, and whatever a daemon does to its session or environ (sshd's process title overwrites
+the environment that carries the tag).
 ``MPILAUNCH_NODE_ADDRESS`` is set to the node's address (several nodes share this machine's interfaces).
 """
 
@@ -17,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import select
 import shutil
 import signal
 import subprocess
@@ -46,24 +52,45 @@ def isolation_available() -> bool:
 
 
 class ProcessExecution(Execution):
-    """A command running as a local process group."""
+    """A command running as a local process group: under its keeper (:mod:`.enter`), which reports the command's
+    exit code on the pipe ``status``, or (``status=None``) a plain process whose exit is the command's.
 
-    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+    With a keeper, the command ends when the keeper reports (the keeper itself may live on, holding the command's
+    daemons until :meth:`ProcessProvider.kill_tag`); a keeper that died without reporting (killed) gives its own
+    exit status.
+    """
+
+    def __init__(self, popen: subprocess.Popen[bytes], status: int | None = None) -> None:
         self._popen = popen
+        self._status = status
+        self._code: int | None = None
+        self._lock = threading.Lock()
         self.pid = popen.pid
 
     @staticmethod
-    def _code(rc: int | None) -> int | None:
-        return None if rc is None else (128 - rc if rc < 0 else rc)
+    def _signal_code(rc: int) -> int:
+        return 128 - rc if rc < 0 else rc
+
+    def _collect(self, timeout: float | None) -> int | None:
+        with self._lock:
+            status = self._status
+            if self._code is None and status is None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self._code = self._signal_code(self._popen.wait(timeout))
+            elif self._code is None and status is not None:
+                ready, _, _ = select.select([status], [], [], timeout)
+                if ready:
+                    data = os.read(status, 64)
+                    self._code = int(data) if data.strip() else self._signal_code(self._popen.wait())
+                    os.close(status)
+            self._popen.poll()  # reap the keeper once it is gone
+            return self._code
 
     def poll(self) -> int | None:
-        return self._code(self._popen.poll())
+        return self._collect(0)
 
     def wait(self, timeout: float | None = None) -> int | None:
-        try:
-            return self._code(self._popen.wait(timeout))
-        except subprocess.TimeoutExpired:
-            return None
+        return self._collect(timeout)
 
     def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -119,17 +146,24 @@ class ProcessProvider(NodeProvider):
         full = self.base_env(node) | dict(env)
         full["MPILAUNCH_NODE_ADDRESS"] = node.address
         full[TAG_VAR] = f"{node.id}/{tag}"
+        keeper = [sys.executable, "-I", "-S", str(_ENTER)]
+        read_end, write_end = os.pipe()
         if node.data.get("isolated"):
-            command = ["unshare", "--uts", "--mount", "--propagation", "private", "--",
-                       sys.executable, "-I", "-S", str(_ENTER), node.hostname, str(node.root), node.node_root,
-                       cwd, "--", *argv]
+            command = ["unshare", "--uts", "--mount", "--propagation", "private", "--", *keeper,
+                       "--node", node.hostname, str(node.root), node.node_root, str(write_end), cwd, "--", *argv]
             workdir: str | None = None
         else:
-            command, workdir = list(argv), cwd
-        with stdout.open("ab") as out, stderr.open("ab") as err:
-            popen = proc.spawn(command, env=full, cwd=workdir, stdout=out.fileno(), stderr=err.fileno(),
-                               new_session=True)
-        return ProcessExecution(popen)
+            command, workdir = [*keeper, str(write_end), cwd, "--", *argv], cwd
+        try:
+            with stdout.open("ab") as out, stderr.open("ab") as err:
+                popen = proc.spawn(command, env=full, cwd=workdir, stdout=out.fileno(), stderr=err.fileno(),
+                                   new_session=True, pass_fds=[write_end])
+        except BaseException:
+            os.close(read_end)
+            raise
+        finally:
+            os.close(write_end)
+        return ProcessExecution(popen, read_end)
 
     def kill_tag(self, node: Node, tag: str) -> None:
         self._kill_marked(lambda value: value == f"{node.id}/{tag}")
@@ -139,16 +173,48 @@ class ProcessProvider(NodeProvider):
 
     @staticmethod
     def _kill_marked(match: Callable[[str], bool]) -> None:
-        """SIGKILL every process whose tag matches and all their descendants, scanning again until none is left
-        (a process can fork between a scan and its death; the child inherits the tag)."""
+        """SIGKILL every process whose tag matches and all their descendants.
+
+        They are first frozen (SIGSTOP), rescanning until no new one appears: a stopped process cannot fork, and a
+        process forked just before stays a descendant of its stopped parent, so nothing escapes between a scan and
+        the kill. The keepers die last, after reaping the others (PID 1 may not reap: no zombies pile up).
+        """
         deadline = time.monotonic() + KILL_TIMEOUT
-        while (victims := _marked(match)) and time.monotonic() < deadline:
-            for p in victims:
+        while (victims := _frozen(match, deadline)) and time.monotonic() < deadline:
+            keepers = [p for p in victims if str(_ENTER) in (p.info.get("cmdline") or ())]
+            others = [p for p in victims if p not in keepers]
+            _kill(others, deadline)
+            for p in keepers:
                 with contextlib.suppress(psutil.Error):
-                    p.kill()
-            while victims and time.monotonic() < deadline:
-                victims = [p for p in victims if _alive(p)]
-                time.sleep(0.005 if victims else 0)
+                    p.resume()
+            reaped = min(deadline, time.monotonic() + 1.0)
+            while any(p.is_running() for p in others) and time.monotonic() < reaped:  # zombies too
+                time.sleep(0.005)
+            _kill(keepers, deadline)
+
+
+def _kill(victims: list[psutil.Process], deadline: float) -> None:
+    """SIGKILL ``victims`` and wait (until ``deadline``) until they are dead."""
+    for p in victims:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    while victims and time.monotonic() < deadline:
+        victims = [p for p in victims if _alive(p)]
+        time.sleep(0.005 if victims else 0)
+
+
+def _frozen(match: Callable[[str], bool], deadline: float) -> list[psutil.Process]:
+    """The marked processes, each stopped with SIGSTOP, after a scan that found no new one (or at ``deadline``)."""
+    frozen: dict[int, psutil.Process] = {}
+    while time.monotonic() < deadline:
+        new = [p for p in _marked(match) if p.pid not in frozen]
+        if not new:
+            break
+        for p in new:
+            with contextlib.suppress(psutil.Error):
+                p.suspend()
+            frozen[p.pid] = p
+    return list(frozen.values())
 
 
 def _marked(match: Callable[[str], bool]) -> list[psutil.Process]:
@@ -156,7 +222,7 @@ def _marked(match: Callable[[str], bool]) -> list[psutil.Process]:
     procs: dict[int, psutil.Process] = {}
     children: dict[int, list[int]] = {}
     stack: list[int] = []
-    for p in psutil.process_iter(["ppid", "environ"]):
+    for p in psutil.process_iter(["ppid", "environ", "cmdline"]):
         procs[p.pid] = p
         children.setdefault(p.info["ppid"] or 0, []).append(p.pid)
         value = (p.info["environ"] or {}).get(TAG_VAR)

@@ -1,0 +1,199 @@
+"""No process of a multi-instance task survives it, the coordination sshd included, and the next task on the same
+nodes gets the task port: after a terminate, and after a coordination failure on one node.
+
+sshd overwrites its argv/environ with its process title (so the emulator's tag is gone from /proc/PID/environ) and
+runs in its own session after ``node-runtime coordinate`` exits: these tests check by the pids the node runtime
+recorded (``.mpilaunch/sshd.pid`` on each node), their descendants (orted, ranks), and the port's listeners — never
+by the tag. Through the engine with and without per-node namespaces, and over HTTP with the real emulator.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+import shlex
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from azure.batch import models as m
+
+from mpilaunch.emulator.nodes.process import ProcessProvider, isolation_available
+from tests.support.azurite import free_port
+from tests.support.exec_engine import Rig, py, rig, wait_for
+from tests.support.exec_sdk import Batch, add_mi_task, completed, text
+
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
+COORDINATE = "node-runtime coordinate"
+FAIL_OFF_PRIMARY = shlex.join(["/bin/sh", "-c", f'{COORDINATE} && test "$AZ_BATCH_IS_CURRENT_NODE_MASTER" = true'])
+"""Coordination that starts sshd everywhere, then fails on every node but the primary."""
+SLEEP = py("import time; open('running', 'w').close(); time.sleep(300)")
+"""A command line that marks its start in the working dir, then sleeps."""
+
+
+@pytest.fixture(autouse=True)
+def _needs_sshd() -> None:
+    if shutil.which("ssh") is None or not (shutil.which("sshd") or Path("/usr/sbin/sshd").exists()):
+        pytest.skip("ssh/sshd missing: run scripts/setup")
+
+
+def task_env(nodes: int, port: int) -> dict[str, str]:
+    secret = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=")
+    return {"AZ_BATCH_NODE_COUNT": str(nodes), "MPILAUNCH_TASK_SECRET": secret, "MPILAUNCH_SSH_PORT": str(port)}
+
+
+def recorded_sshds(roots: list[Path], job_id: str, task_id: str) -> list[int]:
+    """The sshd pids the node runtime recorded on each node for the task."""
+    pids = []
+    for root in roots:
+        pid_file = root / "workitems" / job_id / "job-1" / task_id / ".mpilaunch" / "sshd.pid"
+        if pid_file.exists():
+            pids.append(int(pid_file.read_text().split()[0]))
+    return pids
+
+
+def with_descendants(pids: list[int]) -> list[psutil.Process]:
+    found = []
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            found += [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+def listeners(addresses: list[str], port: int) -> list[int | None]:
+    return [c.pid for c in psutil.net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.laddr.ip in addresses]
+
+
+def _dead(p: psutil.Process) -> bool:
+    try:
+        return not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def assert_nothing_survives(processes: list[psutil.Process], addresses: list[str], port: int) -> None:
+    assert processes, "the task started no sshd to check"
+    deadline = time.monotonic() + 5
+    while (alive := [p for p in processes if not _dead(p)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for p in alive:
+        p.kill()
+    assert not alive, f"processes of the task survived it: {[(p.pid, p.name()) for p in alive]}"
+    assert not listeners(addresses, port), f"port {port} is still listened on"
+
+
+# -- through the engine, with and without per-node namespaces ------------------------------------------------------
+
+@pytest.fixture(params=["isolated", "plain"])
+def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Rig]:
+    if request.param == "isolated" and not isolation_available():
+        pytest.skip("per-node namespaces need root and unshare")
+    with rig(tmp_path, ProcessProvider(isolate=request.param == "isolated")) as r:
+        r.pool(nodes=2)
+        r.job()
+        r.idle(2)
+        yield r
+
+
+def _nodes(r: Rig) -> tuple[list[Path], list[str]]:
+    docs = r.store.list("node", ("pool",))
+    return [Path(d["_root"]) for d in docs], [d["ipAddress"] for d in docs]
+
+
+def _env(env: dict[str, str]) -> list[dict[str, str]]:
+    return [{"name": k, "value": v} for k, v in env.items()]
+
+
+def _next_task_succeeds(r: Rig, port: int) -> None:
+    r.task("next", py("print('next')"), instances=2, coordination=COORDINATE,
+           environmentSettings=_env(task_env(2, port)))
+    info = r.completed("next", 60)["executionInfo"]
+    stderr = (Path(r.get("next")["_taskDir"]) / "stderr.txt").read_text()
+    assert info["result"] == "success", stderr
+
+
+def test_terminated_task_leaves_no_sshd_and_the_next_task_gets_the_port(engine: Rig) -> None:
+    r, port = engine, free_port()
+    roots, addresses = _nodes(r)
+    r.task("t1", SLEEP, instances=2, coordination=COORDINATE, environmentSettings=_env(task_env(2, port)))
+    pids = wait_for(lambda: len(p := recorded_sshds(roots, "job", "t1")) == 2 and p, 60, "sshd on both nodes")
+    wait_for(lambda: any((root / "workitems/job/job-1/t1/wd/running").exists() for root in roots), 60,
+             "the command line running (coordination done)")
+    processes = with_descendants(pids)
+    r.store.update("task", ("job",), "t1", lambda d: d.update(_terminating=True))
+    r.engine.wake()
+    assert r.completed("t1", 30)["executionInfo"]["failureInfo"]["code"] == "TaskEnded"
+    assert_nothing_survives(processes, addresses, port)
+    _next_task_succeeds(r, port)
+
+
+def test_coordination_failure_on_one_node_leaves_no_sshd(engine: Rig) -> None:
+    r, port = engine, free_port()
+    roots, addresses = _nodes(r)
+    r.task("t1", SLEEP, instances=2, coordination=FAIL_OFF_PRIMARY, environmentSettings=_env(task_env(2, port)))
+    info = r.completed("t1", 60)["executionInfo"]
+    assert info["result"] == "failure" and info["failureInfo"]["code"] == "FailureExitCode", info
+    pids = recorded_sshds(roots, "job", "t1")
+    assert pids, "no node recorded its sshd"
+    _check_recorded(pids, addresses, port)
+    _next_task_succeeds(r, port)
+
+
+def _check_recorded(pids: list[int], addresses: list[str], port: int) -> None:
+    """The recorded sshds are gone (checked after the fact: they may already be)."""
+    alive = [pid for pid in pids if psutil.pid_exists(pid) and not _dead(psutil.Process(pid))]
+    assert not alive, f"sshd of the failed task survived: {alive}"
+    assert not listeners(addresses, port), f"port {port} is still listened on"
+
+
+# -- over HTTP: the real emulator, the real node runtime (coordinate + launch of mpirun) ------------------------------
+
+def _pool_nodes(batch: Batch, emulator: Any, pool_id: str) -> tuple[list[Path], list[str]]:
+    nodes = list(batch.client.list_nodes(pool_id))
+    return [emulator.data_dir / "nodes" / pool_id / n.id for n in nodes], [n.ip_address for n in nodes]
+
+
+def test_terminated_launch_over_http_leaves_nothing_and_the_next_task_succeeds(batch: Batch, emulator: Any) -> None:
+    if not isolation_available() or shutil.which("mpirun") is None:
+        pytest.skip("mpirun across emulated nodes needs root, unshare and Open MPI")
+    client, port = batch.client, free_port()
+    pool_id = batch.pool(2)
+    job_id = batch.job(pool_id)
+    roots, addresses = _pool_nodes(batch, emulator, pool_id)
+    launch = shlex.join(["node-runtime", "launch", "--ppn", "1", "--", "sleep", "300"])
+    task_id = add_mi_task(client, job_id, launch, COORDINATE, instances=2, env=task_env(2, port))
+    pids = wait_for(lambda: len(p := recorded_sshds(roots, job_id, task_id)) == 2 and p, 60, "sshd on both nodes")
+    processes = wait_for(lambda: len(ps := with_descendants(pids)) > 2 and any(p.name() == "sleep" for p in ps)
+                         and ps, 60, "the ranks running under sshd")
+    client.terminate_task(job_id, task_id)
+    assert completed(client, job_id, task_id, 30).execution_info.failure_info.code == "TaskEnded"
+    assert_nothing_survives(processes, addresses, port)
+
+    again = add_mi_task(client, job_id, shlex.join(["node-runtime", "launch", "--ppn", "1", "--", "hostname"]),
+                        COORDINATE, instances=2, env=task_env(2, port))
+    task = completed(client, job_id, again, 120)
+    assert task.execution_info.result == m.BatchTaskExecutionResult.SUCCESS, text(
+        client.download_task_file(job_id, again, "stderr.txt"))
+
+
+def test_coordination_failure_over_http_leaves_nothing_and_the_next_task_succeeds(batch: Batch,
+                                                                                   emulator: Any) -> None:
+    client, port = batch.client, free_port()
+    pool_id = batch.pool(2)
+    job_id = batch.job(pool_id)
+    roots, addresses = _pool_nodes(batch, emulator, pool_id)
+    task_id = add_mi_task(client, job_id, SLEEP, FAIL_OFF_PRIMARY, instances=2, env=task_env(2, port))
+    task = completed(client, job_id, task_id, 60)
+    assert task.execution_info.failure_info.code == "FailureExitCode"
+    _check_recorded(recorded_sshds(roots, job_id, task_id), addresses, port)
+    again = add_mi_task(client, job_id, py("print('next')"), COORDINATE, instances=2, env=task_env(2, port))
+    assert completed(client, job_id, again, 60).execution_info.result == m.BatchTaskExecutionResult.SUCCESS, text(
+        client.download_task_file(job_id, again, "stderr.txt"))
