@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import stat
+from collections.abc import Callable
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -19,7 +20,7 @@ from mpilaunch.emulator import odata
 from mpilaunch.emulator.api_pools import get_pool
 from mpilaunch.emulator.api_tasks import get_task
 from mpilaunch.emulator.store import Doc
-from mpilaunch.emulator.wire import Context, FileBody, Request, Response, http_date
+from mpilaunch.emulator.wire import Context, FileBody, Handler, Request, Response, http_date
 from mpilaunch.emulator.wire_errors import WireError, bad_query, invalid_value, not_found
 
 OCTET = "application/octet-stream"
@@ -165,28 +166,27 @@ def _delete(req: Request, base: Path | None, rel: str) -> Response:
     return Response(200, None, {})
 
 
-def list_task_files(ctx: Context, req: Request, ids: list[str]) -> Response:
-    return _listing(req, *task_dir(ctx, ids[0], ids[1]))
+_Locate = Callable[[Context, str, str], tuple[Path | None, str]]
+"""From the URL's first two ids (job and task, or pool and node): the host directory and the files' URL prefix."""
 
 
-def get_task_file(ctx: Context, req: Request, ids: list[str]) -> Response:
-    return _get(req, *task_dir(ctx, ids[0], ids[1]), ids[2], head=req.method == "HEAD")
+def _file_handlers(locate: _Locate) -> tuple[Handler, Handler, Handler]:
+    """The list, get (also HEAD) and delete handlers of the files under the directory ``locate`` finds."""
+
+    def list_files(ctx: Context, req: Request, ids: list[str]) -> Response:
+        return _listing(req, *locate(ctx, ids[0], ids[1]))
+
+    def get_file(ctx: Context, req: Request, ids: list[str]) -> Response:
+        return _get(req, *locate(ctx, ids[0], ids[1]), ids[2], head=req.method == "HEAD")
+
+    def delete_file(ctx: Context, req: Request, ids: list[str]) -> Response:
+        return _delete(req, locate(ctx, ids[0], ids[1])[0], ids[2])
+
+    return list_files, get_file, delete_file
 
 
-def delete_task_file(ctx: Context, req: Request, ids: list[str]) -> Response:
-    return _delete(req, task_dir(ctx, ids[0], ids[1])[0], ids[2])
-
-
-def list_node_files(ctx: Context, req: Request, ids: list[str]) -> Response:
-    return _listing(req, *node_dir(ctx, ids[0], ids[1]))
-
-
-def get_node_file(ctx: Context, req: Request, ids: list[str]) -> Response:
-    return _get(req, *node_dir(ctx, ids[0], ids[1]), ids[2], head=req.method == "HEAD")
-
-
-def delete_node_file(ctx: Context, req: Request, ids: list[str]) -> Response:
-    return _delete(req, node_dir(ctx, ids[0], ids[1])[0], ids[2])
+list_task_files, get_task_file, delete_task_file = _file_handlers(task_dir)
+list_node_files, get_node_file, delete_node_file = _file_handlers(node_dir)
 
 
 def _iso(ts: float) -> str:
