@@ -85,6 +85,13 @@ def test_download_failures_carry_batch_codes_without_secrets(blobs: Blobs, tmp_p
     assert err.value.code == "BlobDownloadAccessDenied"
 
 
+def output_file(pattern: str, container_url: str, condition: str, path: str | None = None) -> dict[str, Any]:
+    """A task's ``outputFiles`` entry: upload ``pattern`` to the container (as ``path``) on ``condition``."""
+    container = {"containerUrl": container_url, **({"path": path} if path is not None else {})}
+    return {"filePattern": pattern, "destination": {"container": container},
+            "uploadOptions": {"uploadCondition": condition}}
+
+
 def test_multi_instance_resource_files_and_output_files(blobs: Blobs, tmp_path: Path) -> None:
     blobs.put("common/setup.txt", b"common")
     blobs.put("task-input.txt", b"primary only")
@@ -95,15 +102,9 @@ def test_multi_instance_resource_files_and_output_files(blobs: Blobs, tmp_path: 
     main = ("import os; assert open('task-input.txt').read() == 'primary only'; os.makedirs('out/deep'); "
             "open('out/r1.txt', 'w').write('1'); open('out/deep/r2.txt', 'w').write('2'); print('done')")
     out_url = blobs.container_sas("rwl")
-    outputs = [
-        {"filePattern": "out/**/*.txt", "destination": {"container": {"containerUrl": out_url, "path": "results"}},
-         "uploadOptions": {"uploadCondition": "tasksuccess"}},
-        {"filePattern": "../stdout.txt", "destination": {"container": {"containerUrl": out_url,
-                                                                       "path": "logs/stdout.txt"}},
-         "uploadOptions": {"uploadCondition": "taskcompletion"}},
-        {"filePattern": "out/r1.txt", "destination": {"container": {"containerUrl": out_url, "path": "never"}},
-         "uploadOptions": {"uploadCondition": "taskfailure"}},
-    ]
+    outputs = [output_file("out/**/*.txt", out_url, "tasksuccess", "results"),
+               output_file("../stdout.txt", out_url, "taskcompletion", "logs/stdout.txt"),
+               output_file("out/r1.txt", out_url, "taskfailure", "never")]
     with rig(tmp_path) as r:
         r.pool(nodes=2)
         r.job()
@@ -125,9 +126,8 @@ def test_output_upload_failure_fails_the_task(blobs: Blobs, tmp_path: Path) -> N
     with rig(tmp_path) as r:
         r.pool(nodes=1)
         r.job()
-        r.task("t", py("open('x.txt', 'w').write('x')"), outputFiles=[
-            {"filePattern": "x.txt", "destination": {"container": {"containerUrl": read_only}},
-             "uploadOptions": {"uploadCondition": "taskcompletion"}}])
+        r.task("t", py("open('x.txt', 'w').write('x')"),
+               outputFiles=[output_file("x.txt", read_only, "taskcompletion")])
         info = r.completed("t")["executionInfo"]
     assert (info["result"], info["failureInfo"]["code"]) == ("failure", "FileUploadAccessDenied")
 
@@ -137,11 +137,9 @@ def test_failure_uploads_only_the_failure_outputs(blobs: Blobs, tmp_path: Path) 
     with rig(tmp_path) as r:
         r.pool(nodes=1)
         r.job()
-        r.task("t", py("import sys; print('oops'); sys.exit(3)"), outputFiles=[
-            {"filePattern": "../std*.txt", "destination": {"container": {"containerUrl": url, "path": "fail"}},
-             "uploadOptions": {"uploadCondition": "taskfailure"}},
-            {"filePattern": "../stdout.txt", "destination": {"container": {"containerUrl": url, "path": "ok.txt"}},
-             "uploadOptions": {"uploadCondition": "tasksuccess"}}])
+        r.task("t", py("import sys; print('oops'); sys.exit(3)"),
+               outputFiles=[output_file("../std*.txt", url, "taskfailure", "fail"),
+                            output_file("../stdout.txt", url, "tasksuccess", "ok.txt")])
         info = r.completed("t")["executionInfo"]
     assert (info["result"], info["exitCode"]) == ("failure", 3)
     assert blobs.names() == ["fail/stderr.txt", "fail/stdout.txt"]
