@@ -53,7 +53,10 @@ task_options = cliopts.stack(
     click.option("--elevated", is_flag=True, help="Run as the pool's admin auto-user."),
     click.option("--display-name", help="Task display name."),
     click.option("--ssh-port", type=int, default=2222, show_default=True, help="Coordination (sshd) port."),
-    click.option("--checkpoint-url", help="MPILAUNCH_CHECKPOINT_URL for the checkpointed work API."),
+    click.option("--checkpoint", "--checkpoint-url", "checkpoint", metavar="LOCATION",
+                 help="Checkpoint location for node_runtime.checkpoint (MPILAUNCH_CHECKPOINT_URL): /abs/dir, "
+                      "file:///dir, a Blob container[/prefix] URL (the client adds a least-privilege SAS) or "
+                      "blob:PREFIX (the storage container, under checkpoints/PREFIX)."),
     click.option("--no-logs", is_flag=True, help="Do not upload ../std*.txt to Blob storage."),
     cliopts.connection_options,
 )
@@ -81,7 +84,7 @@ def spec_from(opts: dict[str, Any]) -> TaskSpec:
         outputs=tuple(opts["collect"]), env=parse_env(opts["env"]), container=container,
         wall_time=parse_duration(opts["wall_time"]) if opts["wall_time"] else None, retries=opts["retries"],
         elevated=opts["elevated"], display_name=opts["display_name"], ssh_port=opts["ssh_port"],
-        checkpoint_url=opts["checkpoint_url"], upload_logs=not opts["no_logs"],
+        checkpoint_url=opts["checkpoint"], upload_logs=not opts["no_logs"],
     ).validate()
 
 

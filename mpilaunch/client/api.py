@@ -19,6 +19,7 @@ Every error is an :mod:`mpilaunch.errors` exception; Azure SDK errors become :cl
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -136,7 +137,7 @@ class Launcher:
         """Upload inputs (skipping unchanged ones) and return the ``BatchTaskCreateOptions`` for ``spec``."""
         from mpilaunch.client import storage, taskbuild
 
-        spec.validate()
+        spec = self.with_checkpoint_sas(spec.validate())
         if not spec.inputs and not spec.primary_inputs and not spec.outputs and not spec.upload_logs:
             return taskbuild.build_task(spec, secret=secret)
         store = self.store
@@ -147,6 +148,25 @@ class Launcher:
         outputs = taskbuild.OutputTarget(store.container_sas_url("cw", expiry), f"outputs/{spec.job_id}/{spec.task_id}")
         return taskbuild.build_task(spec, common_files=store.staged(common, read_url),
                                     primary_files=store.staged(primary, read_url), outputs=outputs, secret=secret)
+
+    def with_checkpoint_sas(self, spec: TaskSpec) -> TaskSpec:
+        """``spec`` with a usable checkpoint location: a Blob one gets its container created and a SAS appended."""
+        if not spec.checkpoint_url:
+            return spec
+        from mpilaunch.client import checkpoint, storage
+
+        expiry = storage.sas_expiry(spec.wall_time, spec.retries)
+        url = checkpoint.resolve(spec.checkpoint_url, self.settings.storage, expiry, self.credential)
+        return dataclasses.replace(spec, checkpoint_url=url)
+
+    def checkpoint_warnings(self, spec: TaskSpec) -> list[str]:
+        """Warnings about a SAS the user put in the checkpoint location (more rights than needed, early expiry)."""
+        if not spec.checkpoint_url:
+            return []
+        from mpilaunch.client import checkpoint, storage
+
+        location = checkpoint.parse_location(spec.checkpoint_url)
+        return checkpoint.sas_warnings(location, storage.sas_expiry(spec.wall_time, spec.retries))
 
     def ensure_job(self, job_id: str, pool_id: str) -> None:
         from azure.batch import models as bm
@@ -160,7 +180,7 @@ class Launcher:
         """Pre-flight, upload, create the job if needed, add the task."""
         spec.validate()
         pool_id = self.pool_for(spec, pool)
-        for warning in self._preflight(spec, pool_id):
+        for warning in self._preflight(spec, pool_id) + self.checkpoint_warnings(spec):
             if warn:
                 warn(warning)
         task = self.build(spec, progress=progress)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
+from mpilaunch.client.checkpoint import parse_location
 from mpilaunch.errors import InvalidInput, InvalidRequest
 
 ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -107,7 +108,8 @@ class TaskSpec:
     ``argv`` is what rank processes execute (e.g. ``("python3", "app.py")``). ``inputs`` are local files or
     directories every node receives in its task directory; ``primary_inputs`` go to the primary only. ``outputs``
     are file patterns (relative to the working directory) uploaded from the primary when the task ends. ``env``
-    holds the user's variables, exported to every rank.
+    holds the user's variables, exported to every rank. ``checkpoint_url`` is the ``--checkpoint`` location
+    (see :mod:`mpilaunch.client.checkpoint`); :meth:`Launcher.build` adds the SAS a Blob location needs.
     """
 
     job_id: str
@@ -156,6 +158,7 @@ class TaskSpec:
             problems.append(f"wall time must be positive, got {self.wall_time}")
         if not 1 <= self.ssh_port <= 65535:
             problems.append(f"ssh port must be in 1..65535, got {self.ssh_port}")
+        problems += _checkpoint_problems(self.checkpoint_url)
         problems += _env_problems(self.env)
         problems += _path_problems(self.inputs + self.primary_inputs)
         problems += [f"output pattern {p!r} must be a relative path" for p in self.outputs
@@ -163,6 +166,15 @@ class TaskSpec:
         if problems:
             raise InvalidInput(f"invalid task spec ({len(problems)} problem(s))", details=problems)
         return self
+
+
+def _checkpoint_problems(location: str | None) -> list[str]:
+    try:
+        if location is not None:
+            parse_location(location)
+    except InvalidInput as exc:
+        return [exc.message]
+    return []
 
 
 def _env_problems(env: tuple[tuple[str, str], ...]) -> list[str]:

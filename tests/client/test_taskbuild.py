@@ -53,7 +53,7 @@ def test_command_line_with_shell_metacharacters_is_quoted() -> None:
 
 def test_build_task_is_a_correct_multi_instance_task(tmp_path: Path) -> None:
     s = spec(env=(("OMP_NUM_THREADS", "2"), ("MY_FLAG", "a b")), wall_time=timedelta(minutes=30), retries=2,
-             outputs=("result-*.json",), mpi="openmpi", ppn=2, checkpoint_url="https://ckpt")
+             outputs=("result-*.json",), mpi="openmpi", ppn=2, checkpoint_url="/shared/ckpt")
     common = [StagedFile("https://acct/c/app.py?sig=x", "app.py", "0755")]
     primary = [StagedFile("https://acct/c/only.txt?sig=x", "only.txt")]
     task = build_task(s, common_files=common, primary_files=primary,
@@ -69,7 +69,7 @@ def test_build_task_is_a_correct_multi_instance_task(tmp_path: Path) -> None:
                                                 "python3", "app.py"]
     env = {e["name"]: e["value"] for e in body["environmentSettings"]}
     assert env == {"AZ_BATCH_NODE_COUNT": "3", "MPILAUNCH_TASK_SECRET": "s" * 43, "MPILAUNCH_SSH_PORT": "2222",
-                   "MPILAUNCH_EXPORT_ENV": "OMP_NUM_THREADS,MY_FLAG", "MPILAUNCH_CHECKPOINT_URL": "https://ckpt",
+                   "MPILAUNCH_EXPORT_ENV": "OMP_NUM_THREADS,MY_FLAG", "MPILAUNCH_CHECKPOINT_URL": "/shared/ckpt",
                    "OMP_NUM_THREADS": "2", "MY_FLAG": "a b"}
     assert body["constraints"]["maxTaskRetryCount"] == 2
     assert task.constraints is not None and task.constraints.max_wall_clock_time == timedelta(minutes=30)
