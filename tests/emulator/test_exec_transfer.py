@@ -92,6 +92,16 @@ def output_file(pattern: str, container_url: str, condition: str, path: str | No
             "uploadOptions": {"uploadCondition": condition}}
 
 
+def run_alone(tmp_path: Path, command: str, **task: Any) -> dict[str, Any]:
+    """Run one task on a one-node pool; its ``executionInfo`` once it completed (the engine is stopped by then)."""
+    with rig(tmp_path) as r:
+        r.pool(nodes=1)
+        r.job()
+        r.task("t", command, **task)
+        info: dict[str, Any] = r.completed("t")["executionInfo"]
+    return info
+
+
 def test_multi_instance_resource_files_and_output_files(blobs: Blobs, tmp_path: Path) -> None:
     blobs.put("common/setup.txt", b"common")
     blobs.put("task-input.txt", b"primary only")
@@ -123,24 +133,16 @@ def test_multi_instance_resource_files_and_output_files(blobs: Blobs, tmp_path: 
 
 def test_output_upload_failure_fails_the_task(blobs: Blobs, tmp_path: Path) -> None:
     read_only = blobs.container_sas("rl")
-    with rig(tmp_path) as r:
-        r.pool(nodes=1)
-        r.job()
-        r.task("t", py("open('x.txt', 'w').write('x')"),
-               outputFiles=[output_file("x.txt", read_only, "taskcompletion")])
-        info = r.completed("t")["executionInfo"]
+    info = run_alone(tmp_path, py("open('x.txt', 'w').write('x')"),
+                     outputFiles=[output_file("x.txt", read_only, "taskcompletion")])
     assert (info["result"], info["failureInfo"]["code"]) == ("failure", "FileUploadAccessDenied")
 
 
 def test_failure_uploads_only_the_failure_outputs(blobs: Blobs, tmp_path: Path) -> None:
     url = blobs.container_sas("rwl")
-    with rig(tmp_path) as r:
-        r.pool(nodes=1)
-        r.job()
-        r.task("t", py("import sys; print('oops'); sys.exit(3)"),
-               outputFiles=[output_file("../std*.txt", url, "taskfailure", "fail"),
-                            output_file("../stdout.txt", url, "tasksuccess", "ok.txt")])
-        info = r.completed("t")["executionInfo"]
+    info = run_alone(tmp_path, py("import sys; print('oops'); sys.exit(3)"),
+                     outputFiles=[output_file("../std*.txt", url, "taskfailure", "fail"),
+                                  output_file("../stdout.txt", url, "tasksuccess", "ok.txt")])
     assert (info["result"], info["exitCode"]) == ("failure", 3)
     assert blobs.names() == ["fail/stderr.txt", "fail/stdout.txt"]
     assert blobs.get("fail/stdout.txt") == b"oops\n"
