@@ -3,6 +3,10 @@
 Everything lives in the task's private service directory (``$AZ_BATCH_TASK_SHARED_DIR/.mpilaunch``): keys,
 ``sshd_config``, the pid file and the log; nothing global except the privilege-separation directory sshd itself
 requires when run as root. Works as root and as an unprivileged user (then sshd can only log in that user).
+
+A node runs one task at a time (``taskSlotsPerNode=1``), so an mpilaunch sshd of this user found listening on our
+address and port belongs to a task that ended without stopping its service (killed, timed out, failed before its
+launch stopped the services): :func:`start` replaces it. Any other listener on the port is a clear error.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import contextlib
 import hashlib
 import os
 import pwd
+import re
 import select
 import shutil
 import signal
@@ -24,7 +29,7 @@ from pathlib import Path
 from mpilaunch import proc
 from mpilaunch.errors import ServiceError
 from node_runtime.env import SECRET_VARIABLE
-from node_runtime.keys import KeyFiles, ensure_private_dir, write_private_file
+from node_runtime.keys import SERVICE_DIR_NAME, KeyFiles, ensure_private_dir, write_private_file
 
 SSHD_SEARCH_PATH = ("/usr/sbin", "/usr/local/sbin", "/sbin")
 START_TIMEOUT = 10.0
@@ -33,6 +38,8 @@ PRIVSEP_DIR = Path("/run/sshd")  # compiled into Debian's sshd; needed only when
 PROBE_SUBSYSTEM = "mpilaunch-probe"
 SFTP_INIT = b"\x00\x00\x00\x05\x01\x00\x00\x00\x03"  # SSH_FXP_INIT, version 3
 SFTP_VERSION = 2  # the type of the server's answer to SSH_FXP_INIT
+OUR_SSHD = re.compile(rf"\bsshd:? .* -f \S+/{re.escape(SERVICE_DIR_NAME)}/sshd_config ")
+"""The command line (or process title) of an sshd this module started, for any task."""
 
 
 @dataclass(frozen=True)
@@ -216,8 +223,9 @@ def running_pid(service: Service) -> int | None:
     return pid if f" {service.config} ".encode() in cmdline else None  # sshd rewrites its title: a substring
 
 
-def start(service: Service, sshd: Path) -> int:
+def start(service: Service, sshd: Path) -> tuple[int, bool]:
     """Start sshd in its own session (it outlives this process); wait until it listens, then write its pid file.
+    Returns its pid and whether a leftover service of an earlier task had to be stopped to free the port.
 
     sshd runs in the foreground (``-D``) so a failed bind is seen as its exit, with the reason in its log.
     """
@@ -225,6 +233,15 @@ def start(service: Service, sshd: Path) -> int:
         PRIVSEP_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
     service.pid_file.unlink(missing_ok=True)
     service.tmp_dir.mkdir(mode=0o700, exist_ok=True)
+    try:
+        return _start_once(service, sshd), False
+    except ServiceError:
+        if not any(_terminate(pid) for pid in leftover_pids(service)):
+            raise
+    return _start_once(service, sshd), True
+
+
+def _start_once(service: Service, sshd: Path) -> int:
     with service.log.open("wb") as log:
         child = proc.spawn([str(sshd), "-D", "-f", str(service.config), "-E", str(service.log)],
                            env=clean_environ(), stdout=log.fileno(), stderr=subprocess.STDOUT, new_session=True)
@@ -241,6 +258,28 @@ def start(service: Service, sshd: Path) -> int:
     child.kill()
     raise ServiceError(f"sshd for {service.listen} did not start within {START_TIMEOUT:.0f}s",
                        details=_log_tail(service))
+
+
+def leftover_pids(service: Service) -> list[int]:
+    """The pids of mpilaunch sshds (any task's, this user's unless we are root) listening on the service's address
+    and port: what a task that did not stop its service left behind. Other listeners are never returned."""
+    import psutil
+
+    pids = set()
+    for conn in psutil.net_connections(kind="tcp"):
+        if (conn.status == psutil.CONN_LISTEN and conn.pid is not None and conn.laddr
+                and (conn.laddr.ip, conn.laddr.port) == (service.address, service.port)):
+            pids.add(conn.pid)
+    found = []
+    for pid in sorted(pids):
+        try:
+            process = psutil.Process(pid)
+            title, uid = " ".join(process.cmdline()) + " ", process.uids().real
+        except psutil.Error:
+            continue
+        if OUR_SSHD.search(title) and (uid == os.getuid() or os.geteuid() == 0):
+            found.append(pid)
+    return found
 
 
 def _log_tail(service: Service, lines: int = 8) -> list[str]:
@@ -303,9 +342,9 @@ def ensure(service: Service, sshd: Path) -> str:
         except ServiceError:
             pass
     replaced = stop(service)
-    start(service, sshd)
+    _, evicted = start(service, sshd)
     verify(service)
-    return "replaced" if replaced or pid is not None else "started"
+    return "replaced" if replaced or evicted or pid is not None else "started"
 
 
 def stop(service: Service, timeout: float = 5.0) -> bool:
@@ -313,18 +352,22 @@ def stop(service: Service, timeout: float = 5.0) -> bool:
     one was running."""
     shutil.rmtree(service.tmp_dir, ignore_errors=True)
     pid = running_pid(service)
-    if pid is None:
-        service.pid_file.unlink(missing_ok=True)
-        return False
-    with contextlib.suppress(ProcessLookupError):
+    service.pid_file.unlink(missing_ok=True)
+    return pid is not None and _terminate(pid, timeout)
+
+
+def _terminate(pid: int, timeout: float = 5.0) -> bool:
+    """TERM ``pid``, KILL it if still alive after ``timeout``; returns whether it was alive."""
+    try:
         os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
     deadline = time.monotonic() + timeout
     while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.005)
     if _alive(pid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-    service.pid_file.unlink(missing_ok=True)
     return True
 
 
