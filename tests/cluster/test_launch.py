@@ -13,6 +13,7 @@ import pytest
 
 from tests.cluster.helpers import PROBE, coordinate, ranks, report, sshd_running
 from tests.support.netns import VENV_BIN, NetnsCluster
+from tests.support.procs import reaped
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 Cluster = Callable[..., NetnsCluster]
@@ -146,18 +147,13 @@ def test_sigterm_while_waiting_for_services_ends_the_launch_cleanly(netns_cluste
     coordinate(cluster, 0)  # node 1 never answers: launch waits
     node = cluster.nodes[0]
     argv = cluster.argv_on(0, [str(VENV_BIN / "node-runtime"), "launch", "--timeout", "60", "--", *PROBE])
-    child = subprocess.Popen(argv, env=node.env, cwd=node.working_dir, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-    try:
+    with reaped(subprocess.Popen(argv, env=node.env, cwd=node.working_dir, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)) as child:
         wait_for_handler(child.pid, signal.SIGTERM)  # launch is past its start-up, now waiting for node 1
         time.sleep(0.5)
         started = time.monotonic()
         child.send_signal(signal.SIGTERM)
         _, stderr = child.communicate(timeout=30)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
     assert child.returncode == 128 + signal.SIGTERM, stderr
     assert time.monotonic() - started < 10
     assert "interrupted by SIGTERM before mpirun started" in stderr

@@ -12,6 +12,7 @@ from azure.batch import models as m
 
 from mpilaunch.emulator import defaults
 from tests.support.emulator import start_emulator
+from tests.support.procs import reaped
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -37,21 +38,15 @@ def test_restart_keeps_pools_jobs_tasks(tmp_path):
 
 
 def test_prints_endpoint_and_credentials_and_stops_on_sigint(tmp_path):
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "from mpilaunch.cli import main; main()", "emulator", "serve", "--port", "0",
-         "--data", str(tmp_path / "d"), "--no-execute"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    argv = [sys.executable, "-c", "from mpilaunch.cli import main; main()", "emulator", "serve", "--port", "0",
+            "--data", str(tmp_path / "d"), "--no-execute"]
+    with reaped(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)) as proc:
         lines = [proc.stdout.readline() for _ in range(3)]
         assert lines[0].startswith("Batch emulator listening on http://127.0.0.1:")
         assert lines[1].split() == ["account:", defaults.ACCOUNT]
         assert lines[2].split() == ["key:", defaults.KEY]
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 0, err
     assert "emulator stopped" in out and "Traceback" not in err
     assert (tmp_path / "d" / "state.sqlite3").exists()
