@@ -28,6 +28,7 @@ from mpilaunch.client.storage import sas_expiry
 from mpilaunch.errors import CheckpointError, InvalidInput
 from node_runtime.checkpoint import load_committed, open_store
 from tests.client.conftest import local_services, new_task_id  # noqa: F401 - module-scoped emulator + Azurite
+from tests.client.test_storage_entra import FakeEntra, oauth_azurite  # noqa: F401 - HTTPS Azurite with OAuth
 from tests.support.azurite import ACCOUNT, KEY, Azurite
 
 REPO = Path(__file__).resolve().parents[2]
@@ -190,6 +191,22 @@ def test_explicit_azurite_url_gets_its_container_and_a_sas(azurite: Azurite, sto
     store.put("x", b"1")
     blobs = ContainerClient.from_connection_string(azurite.connection_string, container).list_blob_names()
     assert list(blobs) == ["runs/a/x"]
+
+
+@pytest.mark.azurite
+def test_entra_user_delegation_sas_for_an_account_without_a_key(oauth_azurite: str) -> None:  # noqa: F811
+    entra = FakeEntra()
+    container = f"ck{uuid.uuid4().hex[:10]}"
+    url = resolve(f"{oauth_azurite}/{container}/run", None, sas_expiry(timedelta(hours=1), 0), entra)
+    fields = sas_of(url)
+    assert "skoid" in fields and fields["sp"] == PERMISSION  # a user delegation SAS, not an account-key one
+    assert entra.scopes
+    store = open_store(url)
+    store.put("work/a", b"1")
+    assert store.get("work/a") == b"1" and store.names("work/") == ["work/a"]
+    with pytest.raises(HttpResponseError) as denied:
+        BlobClient.from_blob_url(url.replace("/run?", "/run/work/a?")).upload_blob(b"2", overwrite=True)
+    assert denied.value.status_code == 403
 
 
 @pytest.mark.azurite
