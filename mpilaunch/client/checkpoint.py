@@ -168,6 +168,9 @@ def sas_warnings(location: CheckpointLocation, needed_until: datetime) -> list[s
     granted = sas.get("sp", "")
     extra = sorted(set(granted) - set(PERMISSION) - ({"w"} if "c" not in granted else set()))
     warnings = []
+    if "srt" in sas:
+        warnings.append(f"the SAS of checkpoint location {location.shown!r} is an account SAS (every container of "
+                        "the account); omit the SAS and mpilaunch mints a container SAS")
     if extra:
         warnings.append(f"the SAS of checkpoint location {location.shown!r} grants {''.join(extra)!r} beyond what "
                         f"checkpoint stores need ({PERMISSION!r}); omit the SAS and mpilaunch mints a minimal one")

@@ -102,6 +102,9 @@ def test_warnings_for_a_user_sas_with_more_rights_or_an_early_expiry() -> None:
     assert "grants 'aw' beyond what checkpoint stores need ('rcdl')" in extra and SIG not in extra
     assert f"expires at {FUTURE}" in early
     assert sas_warnings(parse_location(signed(f"{AZ}/ckpt")), datetime.now(UTC)) == []
+    account_sas = f"{AZ}/ckpt?sv=2025-01-05&ss=b&srt=sco&se={FUTURE}&sp=rcdl&sig={SIG}"
+    [warning] = sas_warnings(parse_location(account_sas), datetime.now(UTC))
+    assert "is an account SAS" in warning and SIG not in warning
     assert sas_warnings(parse_location(f"{AZ}/ckpt"), until) == []
 
 
