@@ -4,17 +4,21 @@ nodes gets the task port: after a terminate, and after a coordination failure on
 sshd overwrites its argv/environ with its process title (so the emulator's tag is gone from /proc/PID/environ) and
 runs in its own session after ``node-runtime coordinate`` exits: these tests check by the pids the node runtime
 recorded (``.mpilaunch/sshd.pid`` on each node), their descendants (orted, ranks), and the port's listeners — never
-by the tag. Through the engine with and without per-node namespaces, and over HTTP with the real emulator.
+by the tag. Through the engine with and without per-node namespaces, and over HTTP with the real emulator (also
+across its crash, recovery and shutdown).
 """
 
 from __future__ import annotations
 
 import base64
+import os
 import secrets
 import shlex
 import shutil
+import signal
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +28,9 @@ from azure.batch import models as m
 
 from mpilaunch.emulator.nodes.process import ProcessProvider, isolation_available
 from tests.support.azurite import free_port
+from tests.support.emulator import start_emulator
 from tests.support.exec_engine import Rig, py, rig, wait_for
-from tests.support.exec_sdk import Batch, add_mi_task, completed, text
+from tests.support.exec_sdk import Batch, add_mi_task, completed, make_job, make_pool, text
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
 COORDINATE = "node-runtime coordinate"
@@ -67,6 +72,16 @@ def with_descendants(pids: list[int]) -> list[psutil.Process]:
     return found
 
 
+def _names(processes: list[psutil.Process]) -> set[str]:
+    names = set()
+    for p in processes:
+        try:
+            names.add(p.name())
+        except psutil.NoSuchProcess:
+            continue  # an ssh session that ended meanwhile
+    return names
+
+
 def listeners(addresses: list[str], port: int) -> list[int | None]:
     return [c.pid for c in psutil.net_connections(kind="tcp")
             if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.laddr.ip in addresses]
@@ -79,15 +94,16 @@ def _dead(p: psutil.Process) -> bool:
         return True
 
 
-def assert_nothing_survives(processes: list[psutil.Process], addresses: list[str], port: int) -> None:
+def assert_nothing_survives(processes: list[psutil.Process], addresses: list[str], port: int | None) -> None:
+    """``processes`` die within 5 s, and nothing listens on ``port`` (unless None) on the nodes' addresses."""
     assert processes, "the task started no sshd to check"
     deadline = time.monotonic() + 5
     while (alive := [p for p in processes if not _dead(p)]) and time.monotonic() < deadline:
         time.sleep(0.05)
     for p in alive:
         p.kill()
-    assert not alive, f"processes of the task survived it: {[(p.pid, p.name()) for p in alive]}"
-    assert not listeners(addresses, port), f"port {port} is still listened on"
+    assert not alive, f"processes of the task survived it: {[p.pid for p in alive]} {_names(alive)}"
+    assert port is None or not listeners(addresses, port), f"port {port} is still listened on"
 
 
 # -- through the engine, with and without per-node namespaces ------------------------------------------------------
@@ -156,8 +172,8 @@ def _check_recorded(pids: list[int], addresses: list[str], port: int) -> None:
 
 # -- over HTTP: the real emulator, the real node runtime (coordinate + launch of mpirun) ------------------------------
 
-def _pool_nodes(batch: Batch, emulator: Any, pool_id: str) -> tuple[list[Path], list[str]]:
-    nodes = list(batch.client.list_nodes(pool_id))
+def _pool_nodes(client: Any, emulator: Any, pool_id: str) -> tuple[list[Path], list[str]]:
+    nodes = list(client.list_nodes(pool_id))
     return [emulator.data_dir / "nodes" / pool_id / n.id for n in nodes], [n.ip_address for n in nodes]
 
 
@@ -167,12 +183,12 @@ def test_terminated_launch_over_http_leaves_nothing_and_the_next_task_succeeds(b
     client, port = batch.client, free_port()
     pool_id = batch.pool(2)
     job_id = batch.job(pool_id)
-    roots, addresses = _pool_nodes(batch, emulator, pool_id)
+    roots, addresses = _pool_nodes(client, emulator, pool_id)
     launch = shlex.join(["node-runtime", "launch", "--ppn", "1", "--", "sleep", "300"])
     task_id = add_mi_task(client, job_id, launch, COORDINATE, instances=2, env=task_env(2, port))
     pids = wait_for(lambda: len(p := recorded_sshds(roots, job_id, task_id)) == 2 and p, 60, "sshd on both nodes")
-    processes = wait_for(lambda: len(ps := with_descendants(pids)) > 2 and any(p.name() == "sleep" for p in ps)
-                         and ps, 60, "the ranks running under sshd")
+    processes = wait_for(lambda: "sleep" in _names(ps := with_descendants(pids)) and ps, 60,
+                         "the ranks running under sshd")
     client.terminate_task(job_id, task_id)
     assert completed(client, job_id, task_id, 30).execution_info.failure_info.code == "TaskEnded"
     assert_nothing_survives(processes, addresses, port)
@@ -189,7 +205,7 @@ def test_coordination_failure_over_http_leaves_nothing_and_the_next_task_succeed
     client, port = batch.client, free_port()
     pool_id = batch.pool(2)
     job_id = batch.job(pool_id)
-    roots, addresses = _pool_nodes(batch, emulator, pool_id)
+    roots, addresses = _pool_nodes(client, emulator, pool_id)
     task_id = add_mi_task(client, job_id, SLEEP, FAIL_OFF_PRIMARY, instances=2, env=task_env(2, port))
     task = completed(client, job_id, task_id, 60)
     assert task.execution_info.failure_info.code == "FailureExitCode"
@@ -197,3 +213,39 @@ def test_coordination_failure_over_http_leaves_nothing_and_the_next_task_succeed
     again = add_mi_task(client, job_id, py("print('next')"), COORDINATE, instances=2, env=task_env(2, port))
     assert completed(client, job_id, again, 60).execution_info.result == m.BatchTaskExecutionResult.SUCCESS, text(
         client.download_task_file(job_id, again, "stderr.txt"))
+
+
+def _coordinate_report(stdout: Path) -> str:
+    text = stdout.read_text()
+    return text if "coordinate: " in text else ""
+
+
+def test_sshd_dies_with_the_emulator_crash_recovery_and_its_shutdown(tmp_path: Path) -> None:
+    """A crashed emulator's task keeps its sshd (the keeper holds it); the restarted emulator kills it while
+    recovering; a graceful shutdown kills the requeued attempt's sshd."""
+    port = free_port()
+    with start_emulator(tmp_path / "data") as emu:
+        client = emu.client()
+        pool_id = make_pool(client, 2)
+        job_id = make_job(client, pool_id)
+        roots, addresses = _pool_nodes(client, emu, pool_id)
+        task_id = add_mi_task(client, job_id, SLEEP, COORDINATE, instances=2, env=task_env(2, port))
+        first = wait_for(lambda: len(p := recorded_sshds(roots, job_id, task_id)) == 2 and p, 60, "sshd on both nodes")
+        wait_for(lambda: any((r / "workitems" / job_id / "job-1" / task_id / "wd" / "running").exists()
+                             for r in roots), 60, "the command line running")
+        assert emu.proc is not None
+        os.kill(emu.proc.pid, signal.SIGKILL)  # a crash: the task's processes outlive the emulator
+        emu.proc.wait(10)
+        processes = with_descendants(first)
+        assert all(not _dead(p) for p in processes), "sshd should outlive a crashed emulator until its restart"
+        emu.restart()
+        assert_nothing_survives(processes, addresses, None)  # the requeued attempt may already have the port
+        second = wait_for(lambda: len(p := recorded_sshds(roots, job_id, task_id)) == 2 and set(p) != set(first)
+                          and p, 60, "the requeued attempt's sshd on both nodes")
+        for root in roots:  # recovery killed the old sshd: the new attempt found the port free
+            stdout = root / "workitems" / job_id / "job-1" / task_id / "stdout.txt"
+            out = wait_for(partial(_coordinate_report, stdout), 30, "coordinate's report")
+            assert " started (pid " in out and " replaced " not in out, out
+        processes = with_descendants(second)
+        emu.stop()
+        assert_nothing_survives(processes, addresses, port)
