@@ -17,6 +17,10 @@ from node_runtime.checkpoint.stores import ConcurrentGetStore, check_name, sha25
 _META = "sha256"
 
 
+MAX_OBJECT_BYTES = 256 * 2**20
+"""Largest object written: one Put Blob, since block uploads need the 'w' permission a create-only SAS lacks."""
+
+
 def parse_blob_url(url: str) -> tuple[str, str, str, str]:
     """Split a container URL into (account URL, container, prefix, SAS query).
 
@@ -64,7 +68,7 @@ class BlobStore(ConcurrentGetStore):
         # Retries after 1, 4, 10, 28, 82 s: rides out ~2 minutes of trouble, then fails the task clearly.
         retry = ExponentialRetry(initial_backoff=1, increment_base=3, retry_total=5)
         client = ContainerClient(account_url, container, credential=credential, retry_policy=retry,
-                                 connection_timeout=20, read_timeout=60)
+                                 connection_timeout=20, read_timeout=60, max_single_put_size=MAX_OBJECT_BYTES)
         location = f"{account_url}/{container}" + (f"/{prefix}" if prefix else "")
         return cls(client, prefix, location)
 
@@ -79,6 +83,10 @@ class BlobStore(ConcurrentGetStore):
         from azure.core.exceptions import AzureError, ResourceExistsError, ResourceNotFoundError
 
         blob = self._prefix + check_name(name)
+        if len(data) > MAX_OBJECT_BYTES:
+            raise CheckpointError(f"checkpoint object {name!r} is {len(data) / 2**20:.0f} MiB: blob checkpoint stores "
+                                  f"write each object in one create-only request of at most "
+                                  f"{MAX_OBJECT_BYTES // 2**20} MiB; split the state into smaller parts")
         digest = sha256(data)
         try:
             self._container.upload_blob(blob, data, overwrite=False, metadata={_META: digest})

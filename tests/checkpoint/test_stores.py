@@ -176,3 +176,16 @@ def test_local_store_survives_hard_link_less_file_systems(tmp_path: Path, monkey
     with pytest.raises(CheckpointError, match="different content"):
         store.put("a", b"2")
     assert store.get("a") == b"1"
+
+
+@pytest.mark.azurite
+def test_blob_objects_beyond_one_sdk_block_still_write_create_only(azurite: Any,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    store = open_store(blob_container_url(azurite))  # an rcdl SAS: block uploads ('w') would be refused
+    big = os.urandom(65 * 2**20)  # past the SDK's default 64 MiB single-put size
+    store.put("steps/1/part-0", big)
+    assert store.get("steps/1/part-0") == big
+    monkeypatch.setattr("node_runtime.checkpoint.store_blob.MAX_OBJECT_BYTES", 2**20)
+    with pytest.raises(CheckpointError, match=r"'steps/1/part-1' is 2 MiB.*at most 1 MiB"):
+        store.put("steps/1/part-1", os.urandom(2 * 2**20))
+    assert store.names("steps/1/") == ["steps/1/part-0"]
