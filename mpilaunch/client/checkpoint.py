@@ -7,7 +7,7 @@ Accepted forms (see docs/checkpointing.md):
   ``http://HOST:PORT/ACCOUNT/CONTAINER[/PREFIX]``, without a SAS: the client creates the container if needed and
   appends a container SAS granting exactly what the checkpoint stores use (:data:`PERMISSION`), signed like the
   input SAS (account key, or Entra user delegation) and expiring with it (:func:`~.storage.sas_expiry`);
-- ``blob:PREFIX``: the client's configured storage container, under ``checkpoints/PREFIX``, with such a SAS;
+- ``blob:PREFIX``: ``PREFIX`` in the container ``<configured container>-checkpoints``, with such a SAS;
 - a Blob URL that already carries a SAS: passed unchanged once its permissions are checked.
 
 Nothing here prints a SAS: :attr:`CheckpointLocation.shown` is the location without its query.
@@ -32,10 +32,12 @@ if TYPE_CHECKING:
 # batches and checkpoints (d), list (l). No 'w': a SAS without it cannot overwrite an object.
 PERMISSION = "rcdl"
 SHORT_SCHEME = "blob"
-SHORT_ROOT = "checkpoints"
+CONTAINER_SUFFIX = "-checkpoints"
+"""``blob:PREFIX`` lives in ``<configured container>-checkpoints``: a container SAS cannot be narrowed to a prefix, so
+the ranks' SAS must not cover the container holding every task's inputs and outputs."""
 FORMS = ("an absolute directory path on the nodes, file:///DIR, https://ACCOUNT.blob.core.windows.net/CONTAINER"
          "[/PREFIX], http://HOST:PORT/ACCOUNT/CONTAINER[/PREFIX] (path-style, e.g. Azurite), or blob:PREFIX "
-         "(the configured storage container, under checkpoints/PREFIX)")
+         "(PREFIX in the container <configured container>-checkpoints)")
 _CONTAINER = re.compile(r"[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){2,62}")
 _SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._=-]*")
 
@@ -103,7 +105,7 @@ def parse_location(text: str) -> CheckpointLocation:
         if parts.netloc or parts.query or not prefix:
             raise _bad(text, f"use {SHORT_SCHEME}:PREFIX, e.g. {SHORT_SCHEME}:sweep-1")
         _check_prefix(text, prefix)
-        return CheckpointLocation(text, "configured", text, prefix=f"{SHORT_ROOT}/{prefix}")
+        return CheckpointLocation(text, "configured", text, prefix=prefix)
     if scheme not in ("http", "https"):
         raise _bad(text, f"unknown scheme {parts.scheme!r}")
     return _parse_blob(text)
@@ -194,13 +196,23 @@ def store_for(location: CheckpointLocation, storage: StorageConfig | None, crede
         if storage is None:
             raise InvalidInput(f"checkpoint location {location.shown!r} needs a configured storage account: set "
                                "AZURE_STORAGE_CONNECTION_STRING or AZURE_STORAGE_ACCOUNT, or give a full URL")
-        return BlobStore(storage, credential)
+        container = checkpoint_container(storage.container)
+        if not _CONTAINER.fullmatch(container):
+            raise InvalidInput(f"checkpoint location {location.shown!r}: container {container!r} (the configured "
+                               f"container {storage.container!r} + {CONTAINER_SUFFIX!r}) is not a valid container "
+                               "name; use a shorter --container or give a full blob URL")
+        return BlobStore(dataclasses.replace(storage, container=container), credential)
     assert location.account_url and location.container
     if storage is not None:
         same = BlobStore(dataclasses.replace(storage, container=location.container), credential)
         if same.service.url.rstrip("/").lower() == location.account_url.lower():
             return same
     return BlobStore(StorageConfig(endpoint=location.account_url, container=location.container), credential)
+
+
+def checkpoint_container(container: str) -> str:
+    """The container ``blob:PREFIX`` locations use, next to the configured ``container``."""
+    return container + CONTAINER_SUFFIX
 
 
 def signed_url(location: CheckpointLocation, store: BlobStore, expiry: datetime) -> str:

@@ -49,8 +49,8 @@ def signed(url: str, sp: str = "rcdl", se: str = FUTURE, sr: str = "c") -> str:
     (f"{AZ}/ckpt", "blob", "ckpt", ""),
     (f"{AZ}/ckpt/sweep/run-1", "blob", "ckpt", "sweep/run-1"),
     ("http://127.0.0.1:10000/devstoreaccount1/ck-1/p", "blob", "ck-1", "p"),
-    ("blob:sweep-1", "configured", None, "checkpoints/sweep-1"),
-    ("blob:team/sweep_1", "configured", None, "checkpoints/team/sweep_1"),
+    ("blob:sweep-1", "configured", None, "sweep-1"),
+    ("blob:team/sweep_1", "configured", None, "team/sweep_1"),
     (signed(f"{AZ}/ckpt/p"), "signed", "ckpt", "p"),
     (signed(f"{AZ}/ckpt", sp="racwdl"), "signed", "ckpt", ""),
     (signed(f"{AZ}/ckpt", sp="rwdl"), "signed", "ckpt", ""),  # 'w' also creates
@@ -155,7 +155,7 @@ def test_minted_sas_is_what_the_store_needs(storage: StorageConfig) -> None:
     expiry = sas_expiry(timedelta(hours=1), 1)
     url = resolve("blob:sweep/run-1", storage, expiry)
     base, sas = url.split("?")
-    assert base.endswith(f"/{storage.container}/checkpoints/sweep/run-1")
+    assert base.endswith(f"/{storage.container}-checkpoints/sweep/run-1")
     fields = sas_of(url)
     assert fields["sp"] == PERMISSION and fields["sr"] == "c"
     assert abs(datetime.fromisoformat(fields["se"]) - expiry) < timedelta(seconds=2)
@@ -179,9 +179,9 @@ def test_minted_sas_is_what_the_store_needs(storage: StorageConfig) -> None:
         blob.set_blob_metadata({"sha256": "forged"})  # nor change metadata
     assert denied.value.status_code == 403
     assert store.get("work/a/1") == b"one"
-    account_url = base.split(f"/{storage.container}/")[0]
-    with pytest.raises(HttpResponseError) as denied:  # the SAS is for this container only
-        list(ContainerClient(account_url, "mpilaunch", credential=sas).list_blob_names())
+    account_url = base.split(f"/{storage.container}-checkpoints/")[0]
+    with pytest.raises(HttpResponseError) as denied:  # the SAS is for this container only, not the inputs' one
+        list(ContainerClient(account_url, storage.container, credential=sas).list_blob_names())
     assert denied.value.status_code == 403
 
 
@@ -216,8 +216,9 @@ def test_entra_user_delegation_sas_for_an_account_without_a_key(oauth_azurite: s
 def test_storage_refusal_is_a_checkpoint_error_without_secrets(azurite: Azurite) -> None:
     wrong_key = KEY[:-8] + "AAAAAAA="
     storage = StorageConfig(connection_string=azurite.connection_string.replace(KEY, wrong_key))
-    with pytest.raises(CheckpointError, match="cannot prepare checkpoint location 'blob:x': container 'mpilaunch' at "
-                                              f"{azurite.blob_endpoint} answered .*HTTP 403") as info:
+    expected = (f"cannot prepare checkpoint location 'blob:x': container 'mpilaunch-checkpoints' at "
+                f"{azurite.blob_endpoint} answered .*HTTP 403")
+    with pytest.raises(CheckpointError, match=expected) as info:
         resolve("blob:x", storage, sas_expiry(None, 0))
     assert wrong_key not in str(info.value) and "sig=" not in str(info.value)
 
@@ -252,15 +253,16 @@ def test_run_sweep_with_blob_checkpoint_through_the_emulator(local_services: Loc
     launcher = Launcher.local()
     env = {e.name: e.value for e in launcher.batch.get_task("mpilaunch", task).environment_settings}
     url = env["MPILAUNCH_CHECKPOINT_URL"]
-    assert f"/checkpoints/{prefix}?" in url and sas_of(url)["sp"] == PERMISSION
+    assert f"/{launcher.store.config.container}-checkpoints/{prefix}?" in url and sas_of(url)["sp"] == PERMISSION
     sig = sas_of(url)["sig"]
 
     sweep = _sweep_module()
     expected = {key: sweep.simulate(point) for key, point in sweep.grid(4, 200).items()}
     committed = load_committed(open_store(url), "pendulum")
     assert committed.results == expected and committed.duplicates == 0 and not committed.corrupt
-    names = launcher.store.list_names(f"checkpoints/{prefix}/work/pendulum/")
-    assert names and all(n.startswith(f"checkpoints/{prefix}/work/pendulum/") for n in names)
+    names = open_store(url).names("work/pendulum/")
+    assert names and all(n.startswith("work/pendulum/") for n in names)
+    assert not [n for n in launcher.store.list_names("") if "/work/" in n], "checkpoints in the inputs' container"
 
     shown = out.out + out.err
     for args in (["status", "--local", task, "--output", "json"], ["results", "--local", task, "--output", "json"],
