@@ -16,6 +16,7 @@ import secrets
 import shlex
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from functools import partial
@@ -249,3 +250,23 @@ def test_sshd_dies_with_the_emulator_crash_recovery_and_its_shutdown(tmp_path: P
         processes = with_descendants(second)
         emu.stop()
         assert_nothing_survives(processes, addresses, port)
+
+
+def test_isolated_daemon_without_tag_or_keeper_is_found_by_its_namespace(tmp_path: Path) -> None:
+    """On isolated nodes the mount namespace names the attempt: a detached daemon with an empty environment whose
+    keeper was SIGKILLed (so it is re-parented to init) still dies with the task."""
+    if not isolation_available():
+        pytest.skip("per-node namespaces need root and unshare")
+    escape = ("import os, signal, subprocess, sys\n"
+              f"d = subprocess.Popen([{sys.executable!r}, '-c', 'import time; time.sleep(300)'], env={{}},\n"
+              "                     start_new_session=True)\n"
+              "open('daemon.pid', 'w').write(str(d.pid))\n"
+              "os.kill(os.getppid(), signal.SIGKILL)  # the keeper\n")
+    with rig(tmp_path, ProcessProvider(isolate=True)) as r:
+        r.pool(nodes=1)
+        r.job()
+        r.task("t", py(escape))
+        task = r.completed("t", 60)
+        assert task["executionInfo"]["result"] == "failure"
+        pid = int((Path(task["_taskDir"]) / "wd" / "daemon.pid").read_text())
+        assert not psutil.pid_exists(pid) or _dead(psutil.Process(pid)), "the daemon survived the task"

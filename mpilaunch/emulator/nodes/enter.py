@@ -1,14 +1,15 @@
 """Run one command on a process-provider node and keep every process it leaves behind findable.
 
 Run by :mod:`.process` as ``python -I -S enter.py STATUS_FD CWD -- ARGV...``, or, for isolated nodes, as
-``unshare --uts --mount -- python -I -S enter.py --node HOSTNAME ROOT NODE_ROOT STATUS_FD CWD -- ARGV...`` (a fresh
-UTS and private mount namespace per command). Standard library only and no package imports, so it starts in
+``unshare --uts --mount -- python -I -S enter.py --node HOSTNAME ROOT NODE_ROOT MARK STATUS_FD CWD -- ARGV...`` (a
+fresh UTS and private mount namespace per command). Standard library only and no package imports, so it starts in
 milliseconds.
 
 With ``--node`` it first sets the node's host name and maps its root to the Azure path: NODE_ROOT
 (``/mnt/batch/tasks``) is made on a small tmpfs mounted over its top directory (``/mnt``), so nothing on the host
 changes; the top directory's other entries are bound back, so they stay visible. Processes started here (sshd,
-orted, ...) keep the node's view.
+orted, ...) keep the node's view. The tmpfs is named MARK (``mpilaunch-emulator:<tag>``): every process in the
+namespace, whatever it did to its environment and however it detached, can be found by its ``/proc/PID/mountinfo``.
 
 Then it becomes the command's *keeper*: a child subreaper (``PR_SET_CHILD_SUBREAPER``) that runs ARGV as its child,
 writes the command's exit code (``128 + signal`` if killed) to STATUS_FD when it exits, and stays alive, reaping, as
@@ -33,7 +34,7 @@ MS_BIND = 4096
 MS_REC = 16384
 PR_SET_CHILD_SUBREAPER = 36
 IGNORED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
-USAGE = "usage: enter.py [--node HOSTNAME ROOT NODE_ROOT] STATUS_FD CWD -- ARGV..."
+USAGE = "usage: enter.py [--node HOSTNAME ROOT NODE_ROOT MARK] STATUS_FD CWD -- ARGV..."
 
 
 def _libc() -> ctypes.CDLL:
@@ -47,8 +48,9 @@ def _mount(source: str, target: str, fstype: str | None, flags: int, data: str |
         raise OSError(err, f"mount {source} on {target} failed: {os.strerror(err)}")
 
 
-def _cover(top: str, keep_out: str) -> None:
-    """Mount a tmpfs on ``top`` that still shows ``top``'s entries (bound back), except ``keep_out``."""
+def _cover(top: str, keep_out: str, source: str) -> None:
+    """Mount a tmpfs (named ``source``) on ``top`` that still shows ``top``'s entries (bound back), except
+    ``keep_out``."""
     entries: list[tuple[str, str, int]] = []
     for path in Path(top).iterdir():
         if path.name == keep_out:
@@ -57,7 +59,7 @@ def _cover(top: str, keep_out: str) -> None:
             entries.append((path.name, str(path.readlink()), -1))
         else:
             entries.append((path.name, "dir" if path.is_dir() else "file", os.open(path, os.O_PATH)))
-    _mount("tmpfs", top, "tmpfs", 0, "size=1m,mode=755")
+    _mount(source, top, "tmpfs", 0, "size=1m,mode=755")
     for name, kind, fd in entries:
         target = Path(top, name)
         if fd < 0:
@@ -71,12 +73,13 @@ def _cover(top: str, keep_out: str) -> None:
         os.close(fd)
 
 
-def enter_node(hostname: str, root: str, node_root: str) -> None:
-    """Take the node's host name and see its root at ``node_root`` (needs fresh UTS and mount namespaces)."""
+def enter_node(hostname: str, root: str, node_root: str, mark: str) -> None:
+    """Take the node's host name and see its root at ``node_root`` (needs fresh UTS and mount namespaces); ``mark``
+    names the tmpfs, so the namespace itself says whose it is (in ``/proc/PID/mountinfo``)."""
     socket.sethostname(hostname)
     parts = node_root.strip("/").split("/")
     root_fd = os.open(root, os.O_PATH)  # root itself may live under the top directory about to be covered
-    _cover("/" + parts[0], keep_out=parts[1] if len(parts) > 1 else "")
+    _cover("/" + parts[0], keep_out=parts[1] if len(parts) > 1 else "", source=mark)
     Path(node_root).mkdir(parents=True, exist_ok=True)
     _mount(f"/proc/self/fd/{root_fd}", node_root, None, MS_BIND | MS_REC, None)
     os.close(root_fd)
@@ -115,7 +118,7 @@ def keep(argv: list[str], status_fd: int) -> int:
 def main(args: list[str]) -> int:
     node: list[str] = []
     if args[:1] == ["--node"]:
-        node, args = args[1:4], args[4:]
+        node, args = args[1:5], args[5:]
     if len(args) < 4 or args[2] != "--" or not args[0].isdigit():
         print(USAGE, file=sys.stderr)
         return 2

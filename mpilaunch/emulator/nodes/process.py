@@ -40,6 +40,8 @@ from mpilaunch.emulator.nodes.base import Execution, Node, NodeError, NodeProvid
 
 AZURE_NODE_ROOT = "/mnt/batch/tasks"
 TAG_VAR = "MPILAUNCH_EMULATOR_TAG"
+MOUNT_MARK = "mpilaunch-emulator:"
+"""Isolated nodes: the per-command mount namespace's tmpfs is named ``MOUNT_MARK + <tag value>`` (see :mod:`.enter`)."""
 KILL_TIMEOUT = 5.0
 """Seconds to wait for killed processes to be gone."""
 _ENTER = Path(__file__).with_name("enter.py")
@@ -150,7 +152,8 @@ class ProcessProvider(NodeProvider):
         read_end, write_end = os.pipe()
         if node.data.get("isolated"):
             command = ["unshare", "--uts", "--mount", "--propagation", "private", "--", *keeper,
-                       "--node", node.hostname, str(node.root), node.node_root, str(write_end), cwd, "--", *argv]
+                       "--node", node.hostname, str(node.root), node.node_root, MOUNT_MARK + full[TAG_VAR],
+                       str(write_end), cwd, "--", *argv]
             workdir: str | None = None
         else:
             command, workdir = [*keeper, str(write_end), cwd, "--", *argv], cwd
@@ -218,9 +221,15 @@ def _frozen(match: Callable[[str], bool], deadline: float) -> list[psutil.Proces
 
 
 def _marked(match: Callable[[str], bool]) -> list[psutil.Process]:
-    """Live processes whose tag matches, with all their descendants, from one pass over the process table."""
+    """Live processes whose tag matches, with all their descendants, from one pass over the process table.
+
+    The tag is read from a process's environment or, on isolated nodes, from its mount namespace (see
+    :data:`MOUNT_MARK`), which catches even a daemon whose keeper was killed and which cleared its environment.
+    """
     procs: dict[int, psutil.Process] = {}
     children: dict[int, list[int]] = {}
+    namespaces: dict[str, list[int]] = {}
+    own = _mount_namespace("self")
     stack: list[int] = []
     for p in psutil.process_iter(["ppid", "environ", "cmdline"]):
         procs[p.pid] = p
@@ -228,6 +237,12 @@ def _marked(match: Callable[[str], bool]) -> list[psutil.Process]:
         value = (p.info["environ"] or {}).get(TAG_VAR)
         if value is not None and match(value):
             stack.append(p.pid)
+        elif (ns := _mount_namespace(str(p.pid))) is not None and ns != own:
+            namespaces.setdefault(ns, []).append(p.pid)
+    for pids in namespaces.values():
+        value = _namespace_tag(pids)
+        if value is not None and match(value):
+            stack.extend(pids)
     found: set[int] = set()
     while stack:
         pid = stack.pop()
@@ -235,6 +250,28 @@ def _marked(match: Callable[[str], bool]) -> list[psutil.Process]:
             found.add(pid)
             stack.extend(children.get(pid, ()))
     return [procs[pid] for pid in found]
+
+
+def _mount_namespace(pid: str) -> str | None:
+    try:
+        return str(Path(f"/proc/{pid}/ns/mnt").readlink())
+    except OSError:
+        return None
+
+
+def _namespace_tag(pids: list[int]) -> str | None:
+    """The tag in the mount namespace of ``pids`` (one namespace), from the first one still readable."""
+    for pid in pids:
+        try:
+            lines = Path(f"/proc/{pid}/mountinfo").read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split(" - ", 1)[-1].split()  # after the separator: fstype, source, super options
+            if len(fields) >= 2 and fields[0] == "tmpfs" and fields[1].startswith(MOUNT_MARK):
+                return fields[1][len(MOUNT_MARK):]
+        return None
+    return None
 
 
 def _alive(p: psutil.Process) -> bool:
