@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
-import ipaddress
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -19,29 +17,18 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from mpilaunch.errors import InvalidEnvironment
+from node_runtime.addresses import canonical, local_addresses, parse_address
 
 SECRET_VARIABLE = "MPILAUNCH_TASK_SECRET"  # noqa: S105 (a variable name, not a secret)
 NODE_ADDRESS_VARIABLE = "MPILAUNCH_NODE_ADDRESS"
 DEFAULT_SSH_PORT = 2222
 MIN_SECRET_BYTES = 32
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
 VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]+={0,2}\Z")
 
 
-# Parsers: str -> value, raising ValueError(reason).
-def parse_address(text: str) -> str:
-    """One IPv4 or IPv6 literal, returned in canonical form (no zone id, no brackets, no spaces)."""
-    if "%" in text:
-        raise ValueError(f"{text!r} has a zone id; use a global address")
-    try:
-        return str(ipaddress.ip_address(text))
-    except ValueError:
-        raise ValueError(f"{text!r} is not an IPv4 or IPv6 address") from None
-
-
+# Parsers: str -> value, raising ValueError(reason); parse_address lives in node_runtime.addresses.
 def _address_list(separator: str) -> Callable[[str], tuple[str, ...]]:
     def parse(text: str) -> tuple[str, ...]:
         reasons, hosts = [], []
@@ -266,7 +253,7 @@ class NodeEnvironment:
             problems += _check_hosts(raw, environ)
             if isinstance(raw["CCP_NODES"], tuple) and not any(p.startswith("CCP_NODES") for p in problems):
                 cores = tuple(dict(raw["CCP_NODES"])[h] for h in hosts)
-        current = _current_address(raw, environ, set(_canonical(local_addresses)), problems)
+        current = _current_address(raw, environ, set(canonical(local_addresses)), problems)
         if problems:
             secret = environ.get(SECRET_VARIABLE, "")  # scrubbed wherever it shows up (if long enough to matter)
             raise InvalidEnvironment([p.replace(secret, "<hidden>") if len(secret) >= 8 else p for p in problems])
@@ -369,38 +356,6 @@ def _current_address(raw: dict[str, Any], environ: Mapping[str, str], local: set
                         f"set {NODE_ADDRESS_VARIABLE}")
         return ""
     return str(mine[0])
-
-
-def _canonical(addresses: Iterable[str]) -> Iterable[str]:
-    for address in addresses:
-        with contextlib.suppress(ValueError):
-            yield str(ipaddress.ip_address(address.split("%", 1)[0]))
-
-
-def local_addresses() -> list[str]:
-    """Addresses of this machine's network interfaces (IPv4 and IPv6), via psutil."""
-    import socket
-
-    import psutil
-
-    return [a.address for addrs in psutil.net_if_addrs().values() for a in addrs
-            if a.family in (socket.AF_INET, socket.AF_INET6)]
-
-
-def interface_networks(hosts: Iterable[str]) -> tuple[IPNetwork, ...]:
-    """The smallest network containing all ``hosts``, one per address family present (IPv4 first).
-
-    An IPv4 loopback host (the emulator's nodes) stands for all of 127.0.0.0/8, the network ``lo`` carries: Open MPI
-    selects interfaces whose address is in the network, and ``lo`` usually holds just 127.0.0.1."""
-    addresses = [ipaddress.ip_address(host) for host in hosts]
-    loopback = ipaddress.ip_network("127.0.0.0/8")
-    addresses += [loopback[0], loopback[-1]] if any(a in loopback for a in addresses) else []
-    networks: list[IPNetwork] = []
-    for version, bits in ((4, 32), (6, 128)):
-        if values := [int(a) for a in addresses if a.version == version]:
-            prefix = bits - (min(values) ^ max(values)).bit_length()
-            networks.append(ipaddress.ip_network((min(values), prefix), strict=False))
-    return tuple(networks)
 
 
 def redact_url(url: str) -> str:

@@ -17,13 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mpilaunch.errors import InvalidInput
+from node_runtime.addresses import interface_networks, parse_address
 from node_runtime.env import (
     NODE_ADDRESS_VARIABLE,
     SECRET_VARIABLE,
     VARIABLE_NAME,
     NodeEnvironment,
-    interface_networks,
-    parse_address,
 )
 
 #: Variables the ranks always get when the launching process has them.

@@ -16,12 +16,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mpilaunch.errors import InvalidEnvironment
+from node_runtime.addresses import interface_networks
 from node_runtime.env import (
     NODE_ADDRESS_VARIABLE,
     SECRET_VARIABLE,
     VARIABLES,
     NodeEnvironment,
-    interface_networks,
     redact_url,
     variables_markdown,
 )
