@@ -270,3 +270,35 @@ def test_isolated_daemon_without_tag_or_keeper_is_found_by_its_namespace(tmp_pat
         assert task["executionInfo"]["result"] == "failure"
         pid = int((Path(task["_taskDir"]) / "wd" / "daemon.pid").read_text())
         assert not psutil.pid_exists(pid) or _dead(psutil.Process(pid)), "the daemon survived the task"
+
+
+@pytest.mark.parametrize("isolate", [True, False], ids=["isolated", "plain"])
+def test_provider_reports_the_command_exit_while_its_keeper_holds_the_daemon(tmp_path: Path, isolate: bool) -> None:
+    """The provider contract under the keeper: exit codes are the command's (128 + signal if killed; 127 if it
+    cannot be executed), the command's end is seen at once though its daemon lives on, and kill_tag ends both."""
+    if isolate and not isolation_available():
+        pytest.skip("per-node namespaces need root and unshare")
+    provider = ProcessProvider(isolate=isolate)
+    node = provider.create_node({"id": "pool"}, "tvm-leaks", tmp_path / "node", [])
+    (tmp_path / "node" / "wd").mkdir()
+    cwd = node.node_path(tmp_path / "node" / "wd")
+
+    def run(code: str | None, argv: list[str] | None = None) -> Any:
+        return provider.run(node, argv or [sys.executable, "-c", code or ""], env={}, cwd=cwd,
+                            stdout=tmp_path / "out.txt", stderr=tmp_path / "err.txt", tag="t")
+
+    assert run("import sys; sys.exit(3)").wait(30) == 3
+    assert run("import os, signal; os.kill(os.getpid(), signal.SIGTERM)").wait(30) == 128 + signal.SIGTERM
+    assert run(None, ["/nonexistent/program"]).wait(30) == 127
+    spawner = ("import subprocess, sys\n"
+               f"d = subprocess.Popen([{sys.executable!r}, '-c', 'import time; time.sleep(300)'], "
+               "start_new_session=True)\n"
+               "open('daemon.pid', 'w').write(str(d.pid))\n")
+    started = time.monotonic()
+    execution = run(spawner)
+    assert execution.wait(30) == 0 and time.monotonic() - started < 10  # not held up by the daemon
+    daemon = psutil.Process(int((tmp_path / "node" / "wd" / "daemon.pid").read_text()))
+    assert not _dead(daemon) and daemon.ppid() == execution.pid, "the daemon should be re-parented to its keeper"
+    provider.kill_tag(node, "t")
+    assert not daemon.is_running(), "killed and reaped (no zombie left)"
+    assert execution.wait(5) == 0
