@@ -16,7 +16,6 @@ import hashlib
 import os
 import pwd
 import re
-import select
 import shutil
 import signal
 import subprocess
@@ -35,9 +34,6 @@ SSHD_SEARCH_PATH = ("/usr/sbin", "/usr/local/sbin", "/sbin")
 START_TIMEOUT = 10.0
 VERIFY_TIMEOUT = 10.0
 PRIVSEP_DIR = Path("/run/sshd")  # compiled into Debian's sshd; needed only when sshd runs as root
-PROBE_SUBSYSTEM = "mpilaunch-probe"
-SFTP_INIT = b"\x00\x00\x00\x05\x01\x00\x00\x00\x03"  # SSH_FXP_INIT, version 3
-SFTP_VERSION = 2  # the type of the server's answer to SSH_FXP_INIT
 OUR_SSHD = re.compile(rf"\bsshd:? .* -f \S+/{re.escape(SERVICE_DIR_NAME)}/sshd_config ")
 """The command line (or process title) of an sshd this module started, for any task."""
 
@@ -140,9 +136,6 @@ def render_sshd_config(service: Service) -> str:
         # SHLVL=1: bash then runs as a nested shell and skips ~/.bashrc, which it otherwise sources for every ssh
         # command: the ranks get exactly the environment launch exports, and each hop saves the rc files' cost.
         f"SetEnv TMPDIR={service.tmp_dir} MPILAUNCH_SERVICE_DIR={files.directory} SHLVL=1",
-        # verify() opens this subsystem: a full handshake + authenticated session without starting the user's
-        # shell (whose rc files can cost 100 ms); it can only answer sftp's version exchange and "limits".
-        f"Subsystem {PROBE_SUBSYSTEM} internal-sftp -R -p limits",
         "LogLevel INFO",
         "",
     ])
@@ -304,30 +297,18 @@ def ssh_argv(service: Service, host: str, command: Sequence[str], *, extra: Sequ
 
 
 def verify(service: Service, timeout: float = VERIFY_TIMEOUT) -> None:
-    """Complete a real ssh handshake with this node's own service: host key checked against the derived
-    known_hosts, the task key accepted, a session opened (the probe subsystem answers sftp's version exchange)."""
-    argv = ssh_argv(service, service.address, [PROBE_SUBSYSTEM], extra=["-s"])
-    child = proc.spawn(argv, env=clean_environ(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                       stderr=subprocess.PIPE)
-    assert child.stdin is not None and child.stdout is not None and child.stderr is not None
+    """Complete a real ssh handshake with this node's own service, in process (:mod:`node_runtime.sshprobe`): its
+    host key must be the one the derived known_hosts pins, and it must accept the task's user key (a signed login)."""
+    from node_runtime.keys import load_probe_keys
+    from node_runtime.sshprobe import probe
+
+    host_key, user_key = load_probe_keys(service.files, service.address, service.port)
     try:
-        child.stdin.write(SFTP_INIT)
-        child.stdin.flush()
-        ready, _, _ = select.select([child.stdout], [], [], timeout)  # the server ends at EOF: read before closing
-        answer = os.read(child.stdout.fileno(), 4096) if ready else b""
-        child.stdin.close()
-        child.wait(timeout)
-        errors = child.stderr.read().decode(errors="replace").strip().splitlines()
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise ServiceError(f"the coordination service on {service.listen} did not answer: {exc}") from exc
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-    if len(answer) < 5 or answer[4] != SFTP_VERSION:
-        what = "does not accept the task key" if child.returncode == 255 else "gave an unexpected answer"
-        raise ServiceError(f"the coordination service on {service.listen} {what} (ssh exit {child.returncode})",
-                           details=[*errors[-4:], *_log_tail(service, 4)])
+        probe(service.address, service.port, host_key=host_key, user_key=user_key, user=service.user,
+              timeout=timeout)
+    except ServiceError as exc:
+        raise ServiceError(f"the coordination service on {service.listen} failed its check: {exc.message}",
+                           details=_log_tail(service, 4)) from exc
 
 
 def ensure(service: Service, sshd: Path) -> str:
