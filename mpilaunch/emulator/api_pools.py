@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from mpilaunch.emulator import validation
+from mpilaunch.emulator.nodes.base import NodeError
 from mpilaunch.emulator.store import Doc, now_iso, transition
 from mpilaunch.emulator.wire import (
     Context,
@@ -34,6 +35,12 @@ def get_pool(ctx: Context, pool_id: str) -> Doc:
 
 def add(ctx: Context, req: Request, _ids: list[str]) -> Response:
     body = validation.pool(body_object(req))
+    if ctx.engine is not None:
+        try:
+            ctx.engine.check_pool(body)
+        except NodeError as exc:
+            config = (body.get("virtualMachineConfiguration") or {}).get("containerConfiguration")
+            raise invalid_value("virtualMachineConfiguration.containerConfiguration", config, str(exc)) from exc
     now = now_iso()
     target = body.get("targetDedicatedNodes") or 0
     doc: dict[str, Any] = {

@@ -30,12 +30,19 @@ def emulator() -> None:
 @click.option("--key", default=defaults.KEY, help="Account key, base64 [default: the documented dev key].")
 @click.option("--accept-bearer", is_flag=True, help="Also accept any 'Bearer' token (testing Entra code paths).")
 @click.option("--no-execute", is_flag=True, help="Serve the API only: store tasks but never run them.")
+@click.option("--nodes", "node_kind", type=click.Choice(["auto", "docker", "process"]), default="auto",
+              show_default=True, help="Container pools' nodes: docker containers of the pool's image ('docker'; "
+              "'auto' when the docker engine answers, else such pools are refused) or processes ('process'). "
+              "Other pools always get process nodes.")
+@click.option("--docker-scope", default="mpilaunch", show_default=True,
+              help="Label value (org.mpilaunch.emulator=SCOPE) of this emulator's docker containers and networks.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every request (method, path, status, time) to stderr.")
 def serve(*, host: str, port: int, data_dir: Path, account: str, key: str, accept_bearer: bool,
-          no_execute: bool, verbose: bool) -> None:
+          no_execute: bool, node_kind: str, docker_scope: str, verbose: bool) -> None:
     """Serve the Batch REST API until Ctrl-C or SIGTERM; state persists in DATA."""
     import logging
 
+    from mpilaunch.emulator.nodes.choose import describe, make_provider
     from mpilaunch.emulator.server import EmulatorServer
 
     logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s", level=logging.WARNING)
@@ -44,9 +51,10 @@ def serve(*, host: str, port: int, data_dir: Path, account: str, key: str, accep
 
     if not account or not account.replace("-", "").isalnum():
         raise InvalidInput(f"--account {account!r}: use letters and digits")
+    provider = None if no_execute else make_provider(node_kind, docker_scope=docker_scope)
     try:
         server = EmulatorServer(data_dir, host=host, port=port, account=account, key=key, bearer=accept_bearer,
-                                execute=not no_execute)
+                                execute=not no_execute, provider=provider)
     except ValueError as exc:
         raise InvalidInput(f"--key: {exc}") from exc
     except OSError as exc:
@@ -63,6 +71,8 @@ def serve(*, host: str, port: int, data_dir: Path, account: str, key: str, accep
         click.echo(f"  account: {account}")
         click.echo(f"  key:     {key}")
         click.echo(f"  data:    {data_dir.resolve()}")
+        if provider is not None:
+            click.echo(f"  nodes:   {describe(provider)}")
         click.echo("Stop with Ctrl-C.", nl=True)
         while not stop.wait(0.5):
             pass

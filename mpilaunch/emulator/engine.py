@@ -101,6 +101,10 @@ class Engine:
     def account_url(self, value: str) -> None:
         self.ctx.account_url = value
 
+    def check_pool(self, pool: Doc) -> None:
+        """Raise :class:`~mpilaunch.emulator.nodes.base.NodeError` if the provider cannot make ``pool``'s nodes."""
+        self.ctx.provider.check_pool(pool)
+
     # -- lifecycle ------------------------------------------------------------------------------------------------
     def start(self) -> None:
         """Recover (once), then start the scheduler thread."""

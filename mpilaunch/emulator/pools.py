@@ -214,7 +214,7 @@ class NodeManager:
         try:
             execution = self.ctx.provider.run(node, argv, env=env, cwd=node.node_path(startup / "wd"),
                                               stdout=startup / "stdout.txt", stderr=startup / "stderr.txt",
-                                              tag=START_TAG)
+                                              tag=START_TAG, container=spec.get("containerSettings"))
         except MpilaunchError as exc:
             return None, mi.failure_info("CommandStartFailed", str(exc))
         while (code := execution.wait(0.2)) is None:

@@ -1,8 +1,9 @@
 """The emulator's HTTP server: routing, SharedKey check, Batch response headers, and the engine's lifecycle.
 
-``EmulatorServer(data_dir, host=..., port=0, account=..., key=...)`` opens (or reopens) the SQLite state under
-``data_dir``, builds the execution engine when ``execute`` is true, and serves on a thread (``start()``/``stop()``);
-``mpilaunch emulator serve`` runs one in the foreground.
+``EmulatorServer(data_dir, host=..., port=0, account=..., key=..., provider=...)`` opens (or reopens) the SQLite
+state under ``data_dir``, builds the execution engine (with ``provider``'s nodes; process nodes by default) when
+``execute`` is true, and serves on a thread (``start()``/``stop()``); ``mpilaunch emulator serve`` runs one in the
+foreground.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from mpilaunch.emulator import api_files, api_jobs, api_pools, api_tasks, defaults
 from mpilaunch.emulator.auth import Authenticator
+from mpilaunch.emulator.nodes.base import NodeProvider
 from mpilaunch.emulator.store import Store
 from mpilaunch.emulator.validation import MAX_BODY
 from mpilaunch.emulator.wire import Context, EngineLike, FileBody, Handler, Request, Response
@@ -105,8 +107,9 @@ def _match(pattern: tuple[str, ...], segments: list[str]) -> list[str] | None:
     return ids if len(segments) == len(pattern) else None
 
 
-def make_engine(store: Store, data_dir: Path, account: str, endpoint: str) -> EngineLike | None:
-    """The execution engine with the default (process) node provider, or None if this build has none."""
+def make_engine(store: Store, data_dir: Path, account: str, endpoint: str,
+                provider: NodeProvider | None = None) -> EngineLike | None:
+    """The execution engine running ``provider``'s nodes (process nodes if None), or None if this build has none."""
     import importlib
 
     try:
@@ -114,7 +117,7 @@ def make_engine(store: Store, data_dir: Path, account: str, endpoint: str) -> En
     except ImportError:
         log.warning("no execution engine available: tasks will stay active")
         return None
-    made: EngineLike = engine_module.Engine(store, data_dir, account=account, account_url=endpoint)
+    made: EngineLike = engine_module.Engine(store, data_dir, provider, account=account, account_url=endpoint)
     return made
 
 
@@ -143,11 +146,12 @@ class _HTTPServer(ThreadingHTTPServer):
 
 
 class EmulatorServer:
-    """One emulator: state under ``data_dir``, HTTP on ``host:port`` (0 = a free port)."""
+    """One emulator: state under ``data_dir``, HTTP on ``host:port`` (0 = a free port), nodes from ``provider``
+    (process nodes if None; the engine closes it on :meth:`stop`)."""
 
     def __init__(self, data_dir: Path, *, host: str = defaults.HOST, port: int = defaults.PORT,
                  account: str = defaults.ACCOUNT, key: str = defaults.KEY, bearer: bool = False,
-                 execute: bool = True) -> None:
+                 execute: bool = True, provider: NodeProvider | None = None) -> None:
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.auth = Authenticator(account, key, bearer=bearer)
@@ -158,7 +162,7 @@ class EmulatorServer:
             self._lock_file.close()
             raise
         self.store = Store(self.data_dir / "state.sqlite3")
-        self.engine = make_engine(self.store, self.data_dir, account, self.endpoint) if execute else None
+        self.engine = make_engine(self.store, self.data_dir, account, self.endpoint, provider) if execute else None
         self.ctx = Context(self.store, account, self.data_dir, self.engine)
         self.httpd.emulator = self  # type: ignore[attr-defined]
         self._thread: threading.Thread | None = None

@@ -180,7 +180,8 @@ class TaskRun:
         node, tdir = self.nodes[index], self.task_dir(index)
         try:
             execution = self.ctx.provider.run(node, argv, env=self.env(index), cwd=node.node_path(tdir / "wd"),
-                                              stdout=tdir / "stdout.txt", stderr=tdir / "stderr.txt", tag=self.tag)
+                                              stdout=tdir / "stdout.txt", stderr=tdir / "stderr.txt", tag=self.tag,
+                                              container=self.task.get("containerSettings"))
             self._executions.append(execution)
             return execution
         except MpilaunchError as exc:

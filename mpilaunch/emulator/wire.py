@@ -20,6 +20,9 @@ JSON_TYPE = "application/json;odata=minimalmetadata"
 class EngineLike(Protocol):
     def wake(self) -> None: ...
 
+    def check_pool(self, pool: Doc) -> None:
+        """Raise :class:`~mpilaunch.emulator.nodes.base.NodeError` if the engine cannot make the pool's nodes."""
+
 
 @dataclass
 class Request:

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 from azure.batch import BatchClient
@@ -23,7 +23,6 @@ from azure.batch import models as m
 from azure.core.credentials import AzureNamedKeyCredential
 
 from mpilaunch.emulator import defaults
-from mpilaunch.emulator import engine as engine_module
 from mpilaunch.emulator.nodes.base import Node
 from mpilaunch.emulator.nodes.docker import DockerProvider
 from mpilaunch.emulator.server import EmulatorServer
@@ -33,7 +32,7 @@ from tests.support.exec_engine import wait_for
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 RANKS = """
-import json, socket, sys, time
+import json, os, socket, sys, time
 import psutil
 from mpi4py import MPI
 comm = MPI.COMM_WORLD
@@ -44,10 +43,21 @@ if comm.rank == 0 and len(sys.argv) > 1:
 addresses = sorted(a.address for v in psutil.net_if_addrs().values() for a in v
                    if a.family == socket.AF_INET and not a.address.startswith("127."))
 total = comm.allreduce(comm.rank + 1)
-rows = comm.gather({"rank": comm.rank, "hostname": socket.gethostname(), "addresses": addresses, "sum": total})
+shm = os.statvfs("/dev/shm")
+rows = comm.gather({"rank": comm.rank, "hostname": socket.gethostname(), "addresses": addresses, "sum": total,
+                    "shm_mb": shm.f_blocks * shm.f_frsize // 2**20,
+                    "probes": sorted(p for p in os.listdir("/") if p.startswith("mpl-probe"))})
 if comm.rank == 0:
     print("\\n".join(json.dumps(r) for r in rows), flush=True)
 """
+
+
+class Emulator(Protocol):
+    """What the helpers below need: an in-process :class:`DockerEmulator` or a ``mpilaunch emulator serve``."""
+
+    image: str
+
+    def client(self) -> Any: ...
 
 
 @dataclass
@@ -75,10 +85,7 @@ class DockerEmulator:
 def start_docker_emulator(data_dir: Path, scope: str, port: int = 0) -> tuple[EmulatorServer, DockerProvider]:
     """An emulator (HTTP on 127.0.0.1) whose engine runs container pools on docker nodes labelled ``scope``."""
     provider = DockerProvider(scope=scope, shm_size="256m")
-    server = EmulatorServer(data_dir, host="127.0.0.1", port=port, execute=False)
-    engine = engine_module.Engine(server.store, server.data_dir, provider, account=defaults.ACCOUNT,
-                                  account_url=server.endpoint, poll=0.1)
-    server.engine = server.ctx.engine = engine  # the same engine the server builds, with the docker provider
+    server = EmulatorServer(data_dir, host="127.0.0.1", port=port, provider=provider)
     server.start()
     return server, provider
 
@@ -92,7 +99,7 @@ def docker_emulator(docker_image: str, docker_scope: DockerScope, tmp_path: Path
         emu.server.stop()
 
 
-def container_pool(emu: DockerEmulator, nodes: int) -> str:
+def container_pool(emu: Emulator, nodes: int) -> str:
     client = emu.client()
     pool_id = f"dpool-{uuid.uuid4().hex[:6]}"
     client.create_pool(m.BatchPoolCreateOptions(
@@ -110,13 +117,14 @@ def container_pool(emu: DockerEmulator, nodes: int) -> str:
     return job_id
 
 
-def add_mpi_task(emu: DockerEmulator, job_id: str, *rank_args: str, retries: int = 0) -> str:
+def add_mpi_task(emu: Emulator, job_id: str, *rank_args: str, retries: int = 0,
+                 run_options: str = "--shm-size 512m") -> str:
     task_id = f"mpi-{uuid.uuid4().hex[:6]}"
     argv = ["node-runtime", "launch", "--", "/opt/mpilaunch/bin/python", "-c", RANKS, *rank_args]
     emu.client().create_task(job_id, m.BatchTaskCreateOptions(
         id=task_id, command_line=shlex.join(argv),
         container_settings=m.BatchTaskContainerSettings(image_name=emu.image,
-                                                        container_run_options="--shm-size 512m"),
+                                                        container_run_options=run_options),
         multi_instance_settings=m.MultiInstanceSettings(number_of_instances=3,
                                                         coordination_command_line="node-runtime coordinate"),
         constraints=m.BatchTaskConstraints(max_task_retry_count=retries),
@@ -126,7 +134,7 @@ def add_mpi_task(emu: DockerEmulator, job_id: str, *rank_args: str, retries: int
     return task_id
 
 
-def completed(emu: DockerEmulator, job_id: str, task_id: str, timeout: float = 150) -> Any:
+def completed(emu: Emulator, job_id: str, task_id: str, timeout: float = 150) -> Any:
     client = emu.client()
     return wait_for(lambda: (t := client.get_task(job_id, task_id)).state == m.BatchTaskState.COMPLETED and t,
                     timeout, f"task {task_id} completed")
@@ -159,6 +167,7 @@ def test_three_node_mpi4py_task_on_three_containers(docker_emulator: DockerEmula
         node = next(n for n in nodes if n.hostname == rank["hostname"])
         assert rank["addresses"] == [node.address]
         assert rank["sum"] == 6
+        assert rank["shm_mb"] == 512  # the task's containerRunOptions reached its containers
     # Per-subtask results: each non-primary instance completed on its own container and started its sshd there.
     for sub, node in zip(subtasks, nodes[1:], strict=True):
         assert (sub.state, sub.exit_code, sub.result) == (m.BatchSubtaskState.COMPLETED, 0,

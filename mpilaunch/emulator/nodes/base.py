@@ -105,18 +105,23 @@ class NodeProvider(ABC):
         avoid them). Returns when the node can run commands.
         """
 
+    def check_pool(self, pool: Mapping[str, Any]) -> None:  # noqa: B027 - optional hook with a no-op default
+        """Raise :class:`NodeError` (saying why) if this provider cannot make nodes for ``pool``; checked when the
+        pool is added, so the request fails instead of its nodes."""
+
     @abstractmethod
     def restore_node(self, node: Node) -> Node:
         """Make a node from a previous emulator run usable again (e.g. start its stopped container)."""
 
     @abstractmethod
     def run(self, node: Node, argv: Sequence[str], *, env: Mapping[str, str], cwd: str,
-            stdout: Path, stderr: Path, tag: str) -> Execution:
+            stdout: Path, stderr: Path, tag: str, container: Mapping[str, Any] | None = None) -> Execution:
         """Start ``argv`` on ``node`` (no shell) with ``env`` added to the provider's base environment.
 
         ``cwd`` is a node path (see :meth:`Node.node_path`); ``stdout``/``stderr`` are host files, opened for
         append so successive commands of one task can share them. ``tag`` marks every process the command starts
-        (including daemons) for :meth:`kill_tag`.
+        (including daemons) for :meth:`kill_tag`. ``container`` is the task's ``containerSettings`` (if any):
+        providers with container nodes run the command in it; others run it on the node as is.
         """
 
     @abstractmethod

@@ -183,7 +183,6 @@ class DockerProvider(NodeProvider):
     # -- commands -------------------------------------------------------------------------------------------------
     def run(self, node: Node, argv: Sequence[str], *, env: Mapping[str, str], cwd: str,
             stdout: Path, stderr: Path, tag: str, container: Mapping[str, Any] | None = None) -> Execution:
-        """As :meth:`NodeProvider.run`; ``container`` is the task's ``containerSettings`` (pool image if absent)."""
         if not self._mine(node):
             return self.fallback.run(node, argv, env=env, cwd=cwd, stdout=stdout, stderr=stderr, tag=tag)
         settings = dict(container or {})

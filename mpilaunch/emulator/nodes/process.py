@@ -144,7 +144,8 @@ class ProcessProvider(NodeProvider):
         return env
 
     def run(self, node: Node, argv: Sequence[str], *, env: Mapping[str, str], cwd: str,
-            stdout: Path, stderr: Path, tag: str) -> Execution:
+            stdout: Path, stderr: Path, tag: str, container: Mapping[str, Any] | None = None) -> Execution:
+        """As :meth:`NodeProvider.run`; ``container`` is ignored (a container task's commands run on the node)."""
         full = self.base_env(node) | dict(env)
         full["MPILAUNCH_NODE_ADDRESS"] = node.address
         full[TAG_VAR] = f"{node.id}/{tag}"

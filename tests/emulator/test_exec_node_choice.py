@@ -1,0 +1,75 @@
+"""``emulator serve --nodes``: which provider runs container pools, and clear refusals when docker is unusable.
+
+These tests need no docker engine: they take it away (an empty ``PATH`` for the CLI, or the provider ``--nodes
+auto`` falls back to when ``docker info`` fails).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from azure.batch import BatchClient
+from azure.batch import models as m
+from azure.core.credentials import AzureNamedKeyCredential
+from azure.core.exceptions import HttpResponseError
+
+from mpilaunch.emulator import defaults
+from mpilaunch.emulator.nodes.choose import DockerlessProvider, make_provider
+from mpilaunch.emulator.nodes.process import ProcessProvider
+from mpilaunch.emulator.server import EmulatorServer
+from mpilaunch.errors import InvalidInput
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def container_pool(pool_id: str) -> m.BatchPoolCreateOptions:
+    return m.BatchPoolCreateOptions(
+        id=pool_id, vm_size="standard_d2s_v3", target_dedicated_nodes=1,
+        virtual_machine_configuration=m.VirtualMachineConfiguration(
+            image_reference=m.BatchVmImageReference(publisher="p", offer="o", sku="s"),
+            node_agent_sku_id="batch.node.ubuntu 22.04",
+            container_configuration=m.BatchContainerConfiguration(
+                type=m.ContainerType.DOCKER_COMPATIBLE, container_image_names=["mpilaunch:latest"])))
+
+
+def test_auto_without_docker_refuses_a_container_pool_when_it_is_created(tmp_path: Path) -> None:
+    server = EmulatorServer(tmp_path / "data", host="127.0.0.1", port=0,
+                            provider=DockerlessProvider("the docker CLI is not installed"))
+    server.start()
+    try:
+        client = BatchClient(server.endpoint, AzureNamedKeyCredential(defaults.ACCOUNT, defaults.KEY))
+        with pytest.raises(HttpResponseError) as caught:
+            client.create_pool(container_pool("cpool"))
+        assert caught.value.status_code == 400
+        assert caught.value.error is not None and caught.value.error.code == "InvalidPropertyValue"
+        assert caught.value.response is not None
+        reason = caught.value.response.text()
+        assert "pool 'cpool' has a containerConfiguration" in reason
+        assert "the docker CLI is not installed" in reason and "--nodes process" in reason
+        assert not list(client.list_pools())  # nothing half-created
+        client.create_pool(m.BatchPoolCreateOptions(id="plain", vm_size="standard_d2s_v3"))  # others still work
+    finally:
+        server.stop()
+
+
+def test_make_provider_kinds(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert type(make_provider("process")) is ProcessProvider
+    monkeypatch.setenv("PATH", "/nonexistent")
+    auto = make_provider("auto")
+    assert isinstance(auto, DockerlessProvider) and "docker CLI is not installed" in auto.why
+    with pytest.raises(InvalidInput, match="--nodes docker: the docker CLI is not installed"):
+        make_provider("docker")
+
+
+def test_serve_nodes_docker_without_docker_exits_2(tmp_path: Path) -> None:
+    argv = [sys.executable, "-c", "from mpilaunch.cli import main; main()", "emulator", "serve", "--port", "0",
+            "--data", str(tmp_path / "d"), "--nodes", "docker"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False,
+                          env={**os.environ, "PATH": str(Path(sys.executable).parent)})
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "--nodes docker: the docker CLI is not installed" in done.stderr
+    assert "listening" not in done.stdout
