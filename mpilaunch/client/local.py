@@ -2,12 +2,16 @@
 
 State lives in ``$MPILAUNCH_HOME/local`` (default ``~/.mpilaunch/local``): ``state.json`` (endpoints, pids),
 the emulator's data dir, Azurite's data dir and both logs. ``up`` is idempotent; ``down`` stops only the processes
-it recorded (and checks they are still ours before signalling them).
+it recorded (and checks they are still ours before signalling them). The emulator runs ``--nodes auto``: container
+pools (``pool create --local --container-image IMG``) get docker nodes when the docker engine answers; they carry
+the label ``org.mpilaunch.emulator=<docker_scope()>`` and are stopped (not removed) by ``down``, like deallocated
+VMs, so the next ``up`` starts them again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -51,6 +55,11 @@ class LocalState:
 
 def local_dir() -> Path:
     return home() / "local"
+
+
+def docker_scope() -> str:
+    """The docker label value of this local emulator's node containers and networks (one per local directory)."""
+    return "local-" + hashlib.sha256(str(local_dir().resolve()).encode()).hexdigest()[:12]
 
 
 def _alive(pid: int, marker: str) -> bool:
@@ -145,7 +154,8 @@ def up(nodes: int = 3, *, default_ports: bool = True) -> LocalState:
         try:
             emulator_pid = _start([sys.executable, "-c", "from mpilaunch.cli import main; main()", "emulator",
                                    "serve", "--host", "127.0.0.1", "--port", str(batch_port),
-                                   "--data", str(directory / "emulator")], "emulator", batch_port, directory)
+                                   "--data", str(directory / "emulator"), "--nodes", "auto",
+                                   "--docker-scope", docker_scope()], "emulator", batch_port, directory)
         except BaseException:
             _stop(azurite_pid, "azurite")
             raise
