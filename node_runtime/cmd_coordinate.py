@@ -14,11 +14,10 @@ import click
 def coordinate(stop: bool, sshd_path: str | None) -> None:
     """Start this node's coordination service (sshd on the task port, task keys), verify it with a real ssh
     handshake, and exit 0. Idempotent: a live service is kept, a stale one replaced."""
-    from node_runtime.coordinate import start_service, stop_service
-    from node_runtime.env import NodeEnvironment
+    from node_runtime.coordinate import current_environment, start_service, stop_service
 
     started = time.monotonic()
-    env = NodeEnvironment.current()
+    env = current_environment()
     if stop:
         stopped = stop_service(env)
         click.echo(f"coordinate: service on {env.current_address}:{env.ssh_port} "

@@ -19,9 +19,9 @@ def launch(ppn: int, flavor: str | None, timeout: float, command: tuple[str, ...
     import os
 
     from node_runtime import launch as launching
-    from node_runtime.env import NodeEnvironment
+    from node_runtime.coordinate import current_environment
     from node_runtime.mpirun import MpiFlavor
 
-    env = NodeEnvironment.current()
+    env = current_environment()
     return launching.launch(env, os.environ, command, ppn=ppn, flavor=MpiFlavor(flavor) if flavor else None,
                             timeout=timeout)

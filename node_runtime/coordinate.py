@@ -2,9 +2,42 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+
 from mpilaunch.errors import InvalidEnvironment
 from node_runtime import keys, sshd
-from node_runtime.env import SECRET_VARIABLE, NodeEnvironment
+from node_runtime.addresses import local_addresses
+from node_runtime.env import SECRET_VARIABLE, NodeEnvironment, parse_bool, parse_endpoint
+
+
+def current_environment(environ: Mapping[str, str] | None = None) -> NodeEnvironment:
+    """:meth:`NodeEnvironment.current`, sparing the primary the enumeration of every interface (psutil, ~10 ms):
+    Batch names its address in ``AZ_BATCH_MASTER_NODE``, and a socket binds to it only if it is this machine's."""
+    environ = os.environ if environ is None else environ
+    with contextlib.suppress(ValueError):
+        if parse_bool(environ.get("AZ_BATCH_IS_CURRENT_NODE_MASTER", "")):
+            address, _ = parse_endpoint(environ.get("AZ_BATCH_MASTER_NODE", ""))
+            if is_local_address(address):
+                return NodeEnvironment.from_environ(environ, local_addresses=[address])
+    return NodeEnvironment.from_environ(environ, local_addresses=local_addresses())
+
+
+def is_local_address(address: str) -> bool:
+    """Whether ``address`` is one of this machine's (binding to it works; never trusted where the kernel allows
+    binding to foreign addresses: then False, and the caller enumerates the interfaces)."""
+    family, version = (socket.AF_INET6, "ipv6") if ":" in address else (socket.AF_INET, "ipv4")
+    try:
+        if Path(f"/proc/sys/net/{version}/ip_nonlocal_bind").read_text().strip() != "0":
+            return False
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((address, 0))
+    except OSError:
+        return False
+    return True
 
 
 def service(env: NodeEnvironment) -> sshd.Service:

@@ -12,13 +12,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import selectors
 import shutil
 import signal
 import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,10 +45,11 @@ DEFAULT_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 # Runs on each remote node in its stop channel (sshd's SetEnv gives MPILAUNCH_SERVICE_DIR and TMPDIR): wait for EOF,
 # remove the node-local TMPDIR, end that node's sshd listener if the pid file still names it (sessions already open,
-# like this one, finish normally).
+# like this one, finish normally), then say so.
+STOPPED = b"mpilaunch-service-stopped\n"
 REMOTE_STOP = ('read _ ; case $TMPDIR in */mpl-*) rm -rf "$TMPDIR" ;; esac; d=$MPILAUNCH_SERVICE_DIR; '
                'p=$(cat "$d/sshd.pid") && grep -qs "$d/sshd_config" "/proc/$p/cmdline" && kill -TERM "$p" && '
-               'rm -f "$d/sshd.pid"')
+               f'rm -f "$d/sshd.pid" && echo {STOPPED.decode().strip()}')
 
 
 @dataclass
@@ -95,17 +97,19 @@ def launch(env: NodeEnvironment, environ: Mapping[str, str], command: Sequence[s
     cancel = threading.Event()
     try:
         with _forwarding_signals(cancel) as forward:
+            # the services are waited for while mpirun is found, detected and its argv built
+            waiting = start_waiting(env.hosts_primary_first, env.ssh_port, timeout, cancel)
             mpirun = _mpirun_path()
             chosen = _detect(mpirun, flavor)
             report.flavor = chosen.value
-            report.unreachable = wait_for_services(env.hosts_primary_first, env.ssh_port, timeout, cancel)
+            argv, mpirun_env = _mpirun_command(env, environ, svc, flavor=chosen, ppn=ppn, command=command,
+                                               mpirun=mpirun)
+            report.unreachable = waiting()
             report.timings["wait_services_s"] = round(time.monotonic() - started, 4)
             if report.unreachable:
                 raise ServiceError(f"the coordination service did not answer within {timeout:g}s on "
                                    f"{len(report.unreachable)} host(s): {', '.join(report.unreachable)} (port "
                                    f"{env.ssh_port}; did 'node-runtime coordinate' succeed there?)")
-            argv, mpirun_env = _mpirun_command(env, environ, svc, flavor=chosen, ppn=ppn, command=command,
-                                               mpirun=mpirun)
             report.argv = argv
             mpirun_started = time.monotonic()
             # same process group: whoever kills our group kills mpirun too; a signal sent to us alone is forwarded
@@ -182,20 +186,31 @@ def _interface_of(address: str) -> str | None:
 def wait_for_services(hosts: Sequence[str], port: int, timeout: float,
                       cancel: threading.Event | None = None) -> list[str]:
     """Wait until every host's sshd sends its banner; returns the hosts that did not within ``timeout``."""
+    return start_waiting(hosts, port, timeout, cancel)()
+
+
+def start_waiting(hosts: Sequence[str], port: int, timeout: float,
+                  cancel: threading.Event | None = None) -> Callable[[], list[str]]:
+    """Start waiting (one thread per host, one deadline) until every host's sshd sends its banner; the returned
+    function blocks until done and returns the hosts that did not answer within ``timeout``."""
     deadline = time.monotonic() + timeout
-    cancel = cancel or threading.Event()
+    stop = cancel or threading.Event()
     answered: set[str] = set()
 
     def wait(host: str) -> None:
-        if _wait_one(host, port, deadline, cancel):
+        if _wait_one(host, port, deadline, stop):
             answered.add(host)
 
     threads = [threading.Thread(target=wait, args=(h,), daemon=True) for h in hosts]
     for thread in threads:
         thread.start()
-    for thread in threads:
-        thread.join()
-    return [h for h in hosts if h not in answered]
+
+    def result() -> list[str]:
+        for thread in threads:
+            thread.join()
+        return [h for h in hosts if h not in answered]
+
+    return result
 
 
 def _wait_one(host: str, port: int, deadline: float, cancel: threading.Event) -> bool:
@@ -216,13 +231,14 @@ def _open_stop_channel(svc: sshd.Service, host: str) -> subprocess.Popen[bytes]:
     """An ssh session to ``host`` that stops its service when our end of stdin closes (EOF). In its own session,
     so a Ctrl-C or a signal to our process group does not cut it short: it ends when we close it or die."""
     return proc.spawn(sshd.ssh_argv(svc, host, [REMOTE_STOP], extra=["-T"]), env=sshd.clean_environ(),
-                      stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, new_session=True)
+                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, new_session=True)
 
 
 def stop_services(svc: sshd.Service, remote: Sequence[str], channels: dict[str, subprocess.Popen[bytes]],
                   skip: Sequence[str] = ()) -> dict[str, bool]:
     """Stop every node's service: remote ones through their stop channels (opened now if not yet), and ours
-    while they work."""
+    while they work. A remote service counts as stopped once its channel says so; the ssh client is then ended
+    rather than waited for (its teardown only waits on TCP delayed ACKs)."""
     for host in remote:
         if host not in channels and host not in skip:
             channels[host] = _open_stop_channel(svc, host)
@@ -233,13 +249,39 @@ def stop_services(svc: sshd.Service, remote: Sequence[str], channels: dict[str, 
     deadline = time.monotonic() + STOP_TIMEOUT
     stopped: dict[str, bool] = {h: False for h in remote}
     stopped[svc.address] = sshd.stop(svc)
+    said = _read_until_stopped(channels, deadline)
     for host, channel in channels.items():
+        stopped[host] = said[host]
+        if said[host]:
+            channel.terminate()
         try:
-            stopped[host] = channel.wait(max(0.1, deadline - time.monotonic())) == 0
+            channel.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             channel.kill()
             channel.wait()
     return stopped
+
+
+def _read_until_stopped(channels: Mapping[str, subprocess.Popen[bytes]], deadline: float) -> dict[str, bool]:
+    """Read every stop channel's output until it says the service stopped, ends, or the deadline passes."""
+    said = dict.fromkeys(channels, False)
+    output = {h: b"" for h in channels}
+    with selectors.DefaultSelector() as selector:
+        for host, channel in channels.items():
+            if channel.stdout is not None:
+                selector.register(channel.stdout, selectors.EVENT_READ, host)
+        while selector.get_map() and (remaining := deadline - time.monotonic()) > 0:
+            for ready, _ in selector.select(remaining):
+                host = ready.data
+                chunk = os.read(ready.fd, 4096)
+                output[host] += chunk
+                if not chunk or STOPPED in output[host]:
+                    said[host] = STOPPED in output[host]
+                    selector.unregister(ready.fileobj)
+    for channel in channels.values():
+        if channel.stdout is not None:
+            channel.stdout.close()
+    return said
 
 
 @contextlib.contextmanager

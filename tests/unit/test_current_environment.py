@@ -1,0 +1,45 @@
+"""How the node runtime finds this node's address: the primary by binding to the master address, others (and a
+primary whose master address does not bind) by enumerating the interfaces."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+import pytest
+
+from mpilaunch.errors import InvalidEnvironment
+from node_runtime import coordinate
+from node_runtime.coordinate import current_environment, is_local_address
+from tests.support.netns import batch_environment
+
+NOT_LOCAL = "192.0.2.7"  # TEST-NET-1: never an address of this machine
+
+
+def test_is_local_address() -> None:
+    assert is_local_address("127.0.0.1")
+    assert not is_local_address(NOT_LOCAL)
+    assert not is_local_address("2001:db8::7")
+
+
+def test_the_primary_is_found_without_enumerating_interfaces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail() -> list[str]:
+        raise AssertionError("interfaces enumerated")
+
+    monkeypatch.setattr(coordinate, "local_addresses", fail)
+    env = current_environment(batch_environment(tmp_path, ["127.0.0.1", NOT_LOCAL], 0, cores=1,
+                                                secret=secrets.token_urlsafe(32)))
+    assert env.is_master and env.current_address == "127.0.0.1"
+
+
+def test_a_primary_whose_master_address_is_not_local_is_refused(tmp_path: Path) -> None:
+    environ = batch_environment(tmp_path, [NOT_LOCAL, "127.0.0.1"], 0, cores=1, secret=secrets.token_urlsafe(32))
+    with pytest.raises(InvalidEnvironment, match=f"{NOT_LOCAL} is not one of its addresses"):
+        current_environment(environ)
+
+
+def test_a_secondary_is_found_among_the_interfaces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(coordinate, "local_addresses", lambda: ["127.0.0.1", "10.9.8.7"])
+    env = current_environment(batch_environment(tmp_path, [NOT_LOCAL, "10.9.8.7"], 1, cores=1,
+                                                secret=secrets.token_urlsafe(32)))
+    assert not env.is_master and env.current_address == "10.9.8.7"
