@@ -327,6 +327,8 @@ class Engine:
             if outcome.kind != "shutdown":
                 records.finish(self.ctx, job_id, task_id, run.nodes, multi=run.multi, outcome=outcome,
                                max_retries=self._max_retries(run))
+            if outcome.kind == "failure":  # before the nodes are freed: no retry may land on a dead one
+                self.nodes.check_lost(run.nodes, f"task {job_id}/{task_id}")
         finally:
             with self._lock:
                 self._runs.pop(_key(job_id, task_id), None)

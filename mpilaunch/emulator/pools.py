@@ -1,14 +1,17 @@
 """Pool allocation and the node lifecycle: creating → starting → (waitingforstarttask) → idle | starttaskfailed.
 
 The engine's loop calls :meth:`NodeManager.step`; slow work (provider calls, StartTasks) runs on worker threads that
-write node docs and wake the loop. Nodes leave a pool (resize down, pool delete) through ``leavingpool``.
+write node docs and wake the loop. Nodes leave a pool (resize down, pool delete) through ``leavingpool``. A node found
+down after a failed attempt (:meth:`NodeManager.check_lost`) is ``unusable`` (error ``NodeLost``), so retries wait for
+or go to healthy nodes; once the provider says it is up again it restarts (StartTask, then ``idle``), as a rebooted VM.
 """
 
 from __future__ import annotations
 
 import secrets
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,8 @@ from mpilaunch.errors import MpilaunchError
 START_TAG = "starttask"
 GONE = ("leavingpool",)
 PROVISIONING = ("creating", "starting")
+LOST_PROBE = 2.0
+"""Seconds between checks whether lost (``unusable``) nodes are up again."""
 
 
 def new_node_id(dedicated: bool) -> str:
@@ -47,15 +52,43 @@ class NodeManager:
         self.is_busy = is_busy
         self._threads: dict[str, threading.Thread] = {}
         self._lock = threading.Lock()
+        self._probed = 0.0
 
     # -- the loop's part ---------------------------------------------------------------------------------------
     def step(self) -> None:
+        probe = time.monotonic() - self._probed >= LOST_PROBE
+        if probe:
+            self._probed = time.monotonic()
         for pool in self.ctx.store.list("pool"):
             nodes = self.ctx.store.list("node", (pool["id"],))
             if pool.get("state") == "deleting":
                 self._delete_pool(pool, nodes)
             else:
                 self._resize(pool, nodes)
+                if probe:
+                    self._revive(pool["id"], nodes)
+
+    def check_lost(self, nodes: Sequence[Node], what: str) -> None:
+        """After a failed attempt (``what``): mark each node the provider says is down ``unusable``."""
+        for node in nodes:
+            if self.ctx.provider.alive(node):
+                continue
+            log.warning("node %s is down after %s: unusable until it is back", node.id, what)
+            error = {"code": "NodeLost", "message": f"The node went down while running {what}; it is unusable "
+                     "until it is up again."}
+
+            def lost(doc: Doc, error: Doc = error) -> None:
+                transition(doc, "unusable")
+                doc["errors"], doc["_lost"] = [error], True
+            self.ctx.update_node(node.pool_id, node.id, lost)
+
+    def _revive(self, pool_id: str, nodes: list[Doc]) -> None:
+        """Restart the pool's lost nodes that are up again (as after a reboot: StartTask, then idle)."""
+        for doc in nodes:
+            node = self.ctx.node_of(doc) if doc.get("_lost") and doc.get("state") == "unusable" else None
+            if node is not None and self.ctx.provider.alive(node):
+                self.ctx.update_node(pool_id, doc["id"], lambda d: transition(d, "starting"))
+                self.restart_node(pool_id, doc)
 
     def _resize(self, pool: Doc, nodes: list[Doc]) -> None:
         staying = [n for n in nodes if n.get("state") not in GONE]
@@ -143,6 +176,8 @@ class NodeManager:
                 doc["_node"] = created.to_json()
                 doc["ipAddress"], doc["ipv6Address"] = created.address, _ipv6(created.address)
                 doc["lastBootTime"] = now_iso()
+                if doc.pop("_lost", False):
+                    doc.pop("errors", None)
                 transition(doc, "starting")
             self.ctx.update_node(pool_id, node_id, starting)
             self._run_start_task(pool, node)

@@ -109,6 +109,11 @@ class NodeProvider(ABC):
         """Raise :class:`NodeError` (saying why) if this provider cannot make nodes for ``pool``; checked when the
         pool is added, so the request fails instead of its nodes."""
 
+    def alive(self, node: Node) -> bool:
+        """Whether the node is up (its "VM" runs). The engine asks after a failed attempt, marks a node that is not
+        ``unusable`` (so retries go elsewhere or wait), and asks again until it is back. Default: always up."""
+        return True
+
     @abstractmethod
     def restore_node(self, node: Node) -> Node:
         """Make a node from a previous emulator run usable again (e.g. start its stopped container)."""

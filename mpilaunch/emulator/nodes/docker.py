@@ -168,6 +168,14 @@ class DockerProvider(NodeProvider):
             self._live.add(name)
         return node
 
+    def alive(self, node: Node) -> bool:
+        """Whether the node container runs (a killed or stopped one is a dead VM)."""
+        if not self._mine(node):
+            return self.fallback.alive(node)
+        state = proc.run(["docker", "inspect", "-f", "{{.State.Running}}", node.data["container"]], timeout=60,
+                         check=False)
+        return state.returncode == 0 and state.stdout.decode().strip() == "true"
+
     def destroy_node(self, node: Node) -> None:
         if not self._mine(node):
             self.fallback.destroy_node(node)
