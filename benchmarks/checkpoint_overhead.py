@@ -1,12 +1,12 @@
 """Checkpointing overhead of node_runtime.checkpoint.run_items, with real ``mpirun -np 3``.
 
-Measures (results printed as Markdown, and with ``--write`` put into docs/benchmarks.md):
+Measures (results printed as Markdown and put into docs/benchmarks.md unless ``--no-write``):
 1. throughput of 10k items x ~1 ms on 3 ranks, without checkpointing vs with a local directory (target >= 0.90x) and
    with Azurite (target >= 0.80x);
 2. items recomputed after a rank is SIGKILLed at a random point (target <= ranks x batch);
 3. time for a re-run to resume when 100k items are already committed (directory and Azurite).
 
-Usage: .venv/bin/python benchmarks/checkpoint_overhead.py [--rounds 3] [--write]
+Usage: .venv/bin/python benchmarks/checkpoint_overhead.py [--rounds 3] [--kills 5] [--no-write]
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Literal
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks.docsection import write_section  # noqa: E402
+from benchmarks.common import parser, publish  # noqa: E402
 
 BEGIN, END = "<!-- checkpoint_overhead:begin -->", "<!-- checkpoint_overhead:end -->"
 RANKS, ITEMS, ITEM_SECONDS, BATCH = 3, 10_000, 0.001, 64
@@ -250,7 +250,7 @@ def report(rounds: int, tp: list[tuple[str, float, float]], redone: list[int],
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--checkpoint", default="none")
     p.add_argument("--items", type=int, default=ITEMS)
@@ -261,7 +261,6 @@ def main() -> None:
     p.add_argument("--kill-after", type=int, default=0)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--kills", type=int, default=5)
-    p.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
     args = p.parse_args()
     if args.worker:
         worker(args)
@@ -279,9 +278,7 @@ def main() -> None:
         azurite.wait(30)
         shutil.rmtree(tmp, ignore_errors=True)
     text = report(args.rounds, tp, redone, resume, rates)
-    print(text)
-    if args.write:
-        write_section(text, BEGIN, END)
+    publish(text, BEGIN, END, write=not args.no_write)
 
 
 if __name__ == "__main__":

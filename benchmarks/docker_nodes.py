@@ -4,7 +4,7 @@ Image: ``scripts/build-image`` in a scratch copy of the build context (own tag, 
 image already present): a build without cache (``docker build --no-cache``), a rebuild after a one-line source
 change, and a call with nothing changed; plus the image size.
 
-Docker nodes: an emulator (``EmulatorServer`` in this process, engine with the docker provider) and the unmodified
+Docker nodes: an emulator (``EmulatorServer`` in this process with the docker provider) and the unmodified
 azure-batch SDK; a container pool of 3 nodes (create → 3 idle), then, for ``--repeat`` rounds, submit → completed of
 a trivial 3-node multi-instance task (coordination and command ``true``) and of a real one (``node-runtime
 coordinate`` on each node, ``node-runtime launch`` of an mpi4py allreduce on 3 containers).
@@ -12,12 +12,11 @@ coordinate`` on each node, ``node-runtime launch`` of an mpi4py allreduce on 3 c
 Targets: image <= 400 MB; rebuild after a source change <= 20 s; trivial task on docker nodes <= 2.5 s.
 Results replace this benchmark's section of docs/benchmarks.md (``--no-write`` to only print them).
 
-Usage: .venv/bin/python benchmarks/docker_nodes.py [--repeat N] [--no-write]
+Usage: .venv/bin/python benchmarks/docker_nodes.py [--repeat N] [--no-write] [--skip-image (prints only)]
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import shlex
@@ -31,10 +30,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.docsection import DOC, write_section  # noqa: E402
+from benchmarks.common import REPO, emulator_pool, parser, publish, wait_completed
 
 BEGIN, END = "<!-- docker_nodes:begin -->", "<!-- docker_nodes:end -->"
 IMAGE = "mpilaunch:latest"
@@ -79,55 +77,14 @@ def measure_image() -> dict[str, float]:
     return {"cold": cold, "rebuild": rebuild, "noop": noop, "size_mb": size / 1e6}
 
 
-def wait_completed(client: Any, job_id: str, task_id: str, timeout: float = 120.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        task = client.get_task(job_id, task_id)
-        if task.state == "completed":
-            if task.execution_info.result != "success":
-                raise RuntimeError(f"task {task_id} failed: {task.execution_info.failure_info}")
-            return task
-        time.sleep(0.01)
-    raise RuntimeError(f"task {task_id} did not complete in {timeout}s")
-
-
 def measure_nodes(repeat: int) -> dict[str, Any]:
     from azure.batch import models as m
 
-    from mpilaunch.emulator import defaults
-    from mpilaunch.emulator.engine import Engine
     from mpilaunch.emulator.nodes.docker import DockerProvider, remove_scope
-    from mpilaunch.emulator.server import EmulatorServer
-    from tests.support.emulator import RunningEmulator
 
     scope = f"mplbench-{os.getpid()}"
-    with tempfile.TemporaryDirectory(prefix="dockerbench-") as tmp:
-        server = EmulatorServer(Path(tmp) / "data", host="127.0.0.1", port=0, execute=False)
-        engine = Engine(server.store, server.data_dir, DockerProvider(scope=scope), account=defaults.ACCOUNT,
-                        account_url=server.endpoint, poll=0.1)
-        server.engine = server.ctx.engine = engine
-        server.start()
-        try:
-            handle = RunningEmulator(Path(tmp) / "data")
-            handle.endpoint = server.endpoint
-            client = handle.client()
-            pool_id, job_id = f"bench-{uuid.uuid4().hex[:6]}", "bench"
-            start = time.perf_counter()
-            client.create_pool(m.BatchPoolCreateOptions(
-                id=pool_id, vm_size="standard_d2s_v3", target_dedicated_nodes=3, task_slots_per_node=1,
-                enable_inter_node_communication=True,
-                virtual_machine_configuration=m.VirtualMachineConfiguration(
-                    image_reference=m.BatchVmImageReference(publisher="microsoft-dsvm", offer="ubuntu-hpc",
-                                                            sku="2204"),
-                    node_agent_sku_id="batch.node.ubuntu 22.04",
-                    container_configuration=m.BatchContainerConfiguration(
-                        type="dockerCompatible", container_image_names=[IMAGE]))))
-            while [n.state for n in client.list_nodes(pool_id)] != ["idle"] * 3:
-                if time.perf_counter() - start > 120:
-                    raise RuntimeError("pool did not get 3 idle docker nodes")
-                time.sleep(0.05)
-            pool_ready = time.perf_counter() - start
-            client.create_job(m.BatchJobCreateOptions(id=job_id, pool_info=m.BatchPoolInfo(pool_id=pool_id)))
+    try:
+        with emulator_pool(3, images=[IMAGE], provider=DockerProvider(scope=scope)) as pool:
             secret = [m.EnvironmentSetting(name="AZ_BATCH_NODE_COUNT", value="3"),
                       m.EnvironmentSetting(name="MPILAUNCH_TASK_SECRET", value=uuid.uuid4().hex * 2)]
             kinds = {"trivial": ("true", "true"),
@@ -137,18 +94,17 @@ def measure_nodes(repeat: int) -> dict[str, Any]:
             for i in range(repeat + 1):
                 for kind, (coordination, command) in kinds.items():
                     start = time.perf_counter()
-                    client.create_task(job_id, m.BatchTaskCreateOptions(
+                    pool.client.create_task(pool.job_id, m.BatchTaskCreateOptions(
                         id=f"{kind}{i}", command_line=command, environment_settings=secret,
                         container_settings=m.BatchTaskContainerSettings(image_name=IMAGE),
                         multi_instance_settings=m.MultiInstanceSettings(number_of_instances=3,
                                                                         coordination_command_line=coordination)))
-                    wait_completed(client, job_id, f"{kind}{i}")
+                    wait_completed(pool.client, pool.job_id, f"{kind}{i}")
                     if i:  # round 0 warms caches up
                         walls[kind].append(time.perf_counter() - start)
-        finally:
-            server.stop()
-            remove_scope(scope)
-    return {"pool_ready": pool_ready, **walls}
+    finally:
+        remove_scope(scope)
+    return {"pool_ready": pool.ready_seconds, **walls}
 
 
 def server_version() -> str:
@@ -157,18 +113,12 @@ def server_version() -> str:
     return done.stdout.strip()
 
 
-def markdown(image: dict[str, float], nodes: dict[str, Any], repeat: int) -> str:
-    def verdict(ok: bool) -> str:
-        return "meets it" if ok else "MISSES it"
+def verdict(ok: bool) -> str:
+    return "meets it" if ok else "MISSES it"
 
-    trivial = statistics.median(nodes["trivial"])
-    return "\n".join([
-        BEGIN,
-        "## Task image and docker nodes (`benchmarks/docker_nodes.py`)",
-        "",
-        f"On {platform.node() or 'this machine'} ({os.cpu_count()} cores, Docker {server_version()}, legacy builder, "
-        f"load average {os.getloadavg()[0]:.1f} at the end), {time.strftime('%Y-%m-%d')}.",
-        "",
+
+def image_lines(image: dict[str, float]) -> list[str]:
+    return [
         "| image (`scripts/build-image`, base image present) | seconds |",
         "|---|---|",
         f"| build without cache (apt + pip from the network) | {image['cold']:.1f} |",
@@ -179,6 +129,20 @@ def markdown(image: dict[str, float], nodes: dict[str, Any], repeat: int) -> str
         f"Rebuild after a source change: target <= {MAX_REBUILD:.0f} s: {verdict(image['rebuild'] <= MAX_REBUILD)}. "
         "Not included: creating the base image (debootstrap + import, once per machine).",
         "",
+    ]
+
+
+def markdown(image: dict[str, float] | None, nodes: dict[str, Any], repeat: int) -> str:
+    """The section; without ``image`` (``--skip-image``) only the docker-node table, for printing."""
+    trivial = statistics.median(nodes["trivial"])
+    return "\n".join([
+        BEGIN,
+        "## Task image and docker nodes (`benchmarks/docker_nodes.py`)",
+        "",
+        f"On {platform.node() or 'this machine'} ({os.cpu_count()} cores, Docker {server_version()}, legacy builder, "
+        f"load average {os.getloadavg()[0]:.1f} at the end), {time.strftime('%Y-%m-%d')}.",
+        "",
+        *(image_lines(image) if image is not None else []),
         f"Emulator with docker nodes, azure-batch SDK, median of {repeat} rounds:",
         "",
         "| measurement | median | min | max |",
@@ -196,16 +160,14 @@ def markdown(image: dict[str, float], nodes: dict[str, Any], repeat: int) -> str
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--no-write", action="store_true", help="print the results only")
-    args = parser.parse_args()
+    ap = parser(__doc__, repeat=5)
+    ap.add_argument("--skip-image", action="store_true", help="measure the docker nodes only (no image builds)")
+    args = ap.parse_args()
+    if args.skip_image:
+        print(markdown(None, measure_nodes(args.repeat), args.repeat))
+        return 0
     image = measure_image()
-    section = markdown(image, measure_nodes(args.repeat), args.repeat)
-    print(section)
-    if not args.no_write:
-        write_section(section, BEGIN, END)
-        print(f"written to {DOC.relative_to(REPO)}")
+    publish(markdown(image, measure_nodes(args.repeat), args.repeat), BEGIN, END, write=not args.no_write)
     return 0
 
 

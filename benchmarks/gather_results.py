@@ -12,9 +12,9 @@ and its loopback answers in ~1 ms would hide what parallelism buys against a rem
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -23,6 +23,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import parser
 from mpilaunch.client.api import Launcher, TaskRef
 from mpilaunch.client.config import BatchConfig, Settings
 from mpilaunch.emulator import defaults
@@ -99,7 +102,7 @@ def gather(launcher: Launcher, workers: int, dest: Path, instances: int) -> floa
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__, writes=False)
     ap.add_argument("--instances", type=int, default=100)
     ap.add_argument("--latency-ms", type=float, default=30.0)
     ap.add_argument("--rounds", type=int, default=3)
