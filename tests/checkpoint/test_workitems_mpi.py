@@ -78,7 +78,7 @@ def test_whole_job_killed_at_random_point_then_rerun_is_exact(tmp_path: Path, se
     rng = random.Random(1000 + seed)
     ckpt, n, batch = str(tmp_path / "ck"), 400, 16
     progress = rng.randrange(5, n - 40)
-    first = sweep(tmp_path, ckpt, "--ms", "3", n=n, batch=batch,
+    first = sweep(tmp_path, ckpt, "--ms", "3", "--hold-at-end", n=n, batch=batch,  # cannot finish before the kill
                   kill_when=lambda: sum(computations(tmp_path / "log").values()) >= progress)
     assert first.killed and not (tmp_path / "out.json").exists()
     second = sweep(tmp_path, ckpt, n=n, batch=batch)

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import signal
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -57,12 +58,16 @@ def main() -> None:
     p.add_argument("--kill-object", default="part", help="'part' (the rank's part) or 'marker' (rank 0's COMPLETE)")
     p.add_argument("--kill-before", action="store_true")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--hold-at-end", action="store_true",
+                   help="never finish: wait to be killed after the last step (so a kill trigger cannot come too late)")
     a = p.parse_args()
     store = open_store(a.checkpoint)
     if a.kill_rank >= 0:
         obj = "COMPLETE" if a.kill_object == "marker" else f"part-{a.kill_rank:05d}"
         store = KillingStore(store, a.kill_rank, a.kill_step, obj, a.kill_before)
     field = solve(a.cells, a.steps, a.every, store, a.keep)
+    if a.hold_at_end:
+        time.sleep(3600)
     if field is not None:
         a.out.write_text(json.dumps(field))
 

@@ -35,6 +35,8 @@ def main() -> None:
     p.add_argument("--all-ranks", action="store_true")
     p.add_argument("--rank-keys-differ", action="store_true")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--hold-at-end", action="store_true",
+                   help="never finish: wait to be killed after the last item (so a kill trigger cannot come too late)")
     a = p.parse_args()
     rank = MPI.COMM_WORLD.Get_rank()
     if a.die_once:  # the first attempt dies, a retry of the task does not
@@ -64,6 +66,8 @@ def main() -> None:
     keys = [f"k{i:05d}" for i in range(a.n + (rank if a.rank_keys_differ else 0))]
     results = run_items([(k, (k, i)) for i, k in enumerate(keys)], work, checkpoint=a.checkpoint,
                         batch=a.batch, all_ranks=a.all_ranks)
+    if a.hold_at_end:
+        time.sleep(3600)
     if results is not None:
         out = a.out if rank == 0 else a.out.with_name(f"{a.out.name}.rank{rank}")
         out.write_text(json.dumps(list(results.items())))
