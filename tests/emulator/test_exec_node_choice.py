@@ -18,6 +18,7 @@ from azure.core.credentials import AzureNamedKeyCredential
 from azure.core.exceptions import HttpResponseError
 
 from mpilaunch.emulator import defaults
+from mpilaunch.emulator.nodes.base import Node, NodeError
 from mpilaunch.emulator.nodes.choose import DockerlessProvider, make_provider
 from mpilaunch.emulator.nodes.process import ProcessProvider
 from mpilaunch.emulator.server import EmulatorServer
@@ -73,3 +74,11 @@ def test_serve_nodes_docker_without_docker_exits_2(tmp_path: Path) -> None:
     assert done.returncode == 2, done.stdout + done.stderr
     assert "--nodes docker: the docker CLI is not installed" in done.stderr
     assert "listening" not in done.stdout
+
+
+def test_process_nodes_do_not_restore_a_docker_node(tmp_path: Path) -> None:
+    """An emulator restarted without docker leaves its docker nodes unusable instead of faking them as processes."""
+    node = Node(id="n1", pool_id="p", address="10.200.0.2", hostname="n1", root=tmp_path, node_root="/mnt/batch/tasks",
+                data={"provider": "docker", "container": "c"})
+    with pytest.raises(NodeError, match="'n1' is a docker node"):
+        DockerlessProvider("no docker").restore_node(node)

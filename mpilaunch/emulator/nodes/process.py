@@ -130,6 +130,9 @@ class ProcessProvider(NodeProvider):
                     node_root=node_root, data={"isolated": "1" if self.isolate else ""})
 
     def restore_node(self, node: Node) -> Node:
+        if node.data.get("provider", self.name) != self.name:  # e.g. a docker node, the emulator now without docker
+            raise NodeError(f"node {node.id!r} is a {node.data['provider']} node, which this emulator does not run "
+                            "now (see emulator serve --nodes)")
         if bool(node.data.get("isolated")) and not isolation_available():
             raise NodeError(f"node {node.id!r} was created with per-node namespaces, which need root now too")
         node.root.mkdir(parents=True, exist_ok=True)
