@@ -128,15 +128,18 @@ def test_blob_store_survives_a_killed_rank(tmp_path: Path, azurite: object, seed
 
 
 def test_sweep_example_killed_and_rerun_matches_a_clean_run(tmp_path: Path) -> None:
-    """examples/sweep.py as documented: a whole-job kill part-way, a re-run, the same results file as a clean run."""
+    """examples/sweep.py as documented: a whole-job kill part-way, a re-run, the same results file as a clean run.
+
+    The killed run holds at its end (held_example.py) so it cannot finish before the polled trigger fires; the
+    trigger counts batch objects, which only ever grow (a completed run's snapshot leaves them in place)."""
     args = ["--grid", "12", "--steps", "1500", "--batch", "8"]
     clean = mpirun(EXAMPLES / "sweep.py", *args, "--checkpoint", str(tmp_path / "clean"), "--out",
                    str(tmp_path / "clean.json"))
     assert clean.returncode == 0, clean.stderr
     ckpt = str(tmp_path / "ck")
     batches = tmp_path / "ck" / "work" / "pendulum"
-    first = mpirun(EXAMPLES / "sweep.py", *args, "--checkpoint", ckpt, "--out", str(tmp_path / "out.json"),
-                   kill_when=lambda: batches.is_dir() and len(list(batches.iterdir())) >= 6)
+    first = mpirun(PROGRAMS / "held_example.py", "sweep", *args, "--checkpoint", ckpt, "--out",
+                   str(tmp_path / "out.json"), kill_when=lambda: batches.is_dir() and len(list(batches.iterdir())) >= 6)
     assert first.killed and not (tmp_path / "out.json").exists()
     rerun = mpirun(EXAMPLES / "sweep.py", *args, "--checkpoint", ckpt, "--out", str(tmp_path / "out.json"))
     assert rerun.returncode == 0, rerun.stderr
