@@ -124,7 +124,7 @@ def run_sweep_and_kill(cluster: NetnsCluster, program: list[str], shared: Path, 
     for node in cluster.nodes:  # what the client's --checkpoint-url becomes on every node
         node.env["MPILAUNCH_CHECKPOINT_URL"] = url
     coordinate(cluster)
-    child = launch(cluster, program)
+    child = launch(cluster, [*program, "--hold-at-end"])  # cannot finish before the polled kill point
     deadline = time.monotonic() + 90
     while len(computed(shared / "log")) < progress and child.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -150,7 +150,7 @@ def test_node_killed_mid_solve_then_task_rerun_on_new_nodes_resumes_exactly(netn
 
     first = netns_cluster(NODES, extra_env=env)
     coordinate(first)
-    child = launch(first, program)
+    child = launch(first, [*program, "--hold-at-end"])  # cannot finish before the polled kill point
     deadline = time.monotonic() + 90
     while child.poll() is None and time.monotonic() < deadline and not (
             steps.is_dir() and any(int(d.name.split(".")[0]) >= kill_step for d in steps.iterdir())):
