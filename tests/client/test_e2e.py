@@ -235,13 +235,16 @@ def test_local_up_is_idempotent_and_down_stops_everything(tmp_path: Path, monkey
 
     monkeypatch.setenv("MPILAUNCH_HOME", str(tmp_path))
     first = local.up(1, default_ports=False)
-    again = local.up(1, default_ports=False)
-    assert (again.emulator_pid, again.azurite_pid) == (first.emulator_pid, first.azurite_pid)
-    status = local.status()
-    assert status["running"] is True and status["batch_endpoint"] == first.batch_endpoint
-    assert first.batch_key not in json.dumps(status)
-    assert Launcher.local().batch.get_pool("local").target_dedicated_nodes == 1
-    assert len(local.down()) == 2
+    try:
+        again = local.up(1, default_ports=False)
+        assert (again.emulator_pid, again.azurite_pid) == (first.emulator_pid, first.azurite_pid)
+        status = local.status()
+        assert status["running"] is True and status["batch_endpoint"] == first.batch_endpoint
+        assert first.batch_key not in json.dumps(status)
+        assert Launcher.local().batch.get_pool("local").target_dedicated_nodes == 1
+        assert len(local.down()) == 2
+    finally:
+        local.down()  # a failed check must not leave this emulator and Azurite running under later tests
     for pid in (first.emulator_pid, first.azurite_pid):
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     assert local.status() == {"running": False, "directory": str(tmp_path / "local")}
