@@ -32,7 +32,7 @@ def test_first_attempt_killed_then_batch_retry_completes_exactly(local_services:
         "--checkpoint-url", f"file://{shared}/ckpt", "-i", str(PROGRAMS / "faulty_sweep.py"), "--logs",
         str(tmp_path / "logs"), "--", "python3", "faulty_sweep.py", "--n", str(N), "--ms", "3", "--batch",
         str(BATCH), "--log", str(shared / "log"), "--out", str(shared / "out.json"), "--kill-rank", "1",
-        "--kill-after", "40", "--die-once", str(shared / "died-once")])
+        "--kill-after", "40", "--kill-by-end", "--die-once", str(shared / "died-once")])
     err = capsys.readouterr().err
     assert code == 0, err
     info = Launcher.local().batch.get_task("mpilaunch", task).execution_info

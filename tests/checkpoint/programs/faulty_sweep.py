@@ -29,6 +29,9 @@ def main() -> None:
     p.add_argument("--log", type=Path, required=True, help="directory: one line per computed item, per rank")
     p.add_argument("--kill-rank", type=int, default=-1)
     p.add_argument("--kill-after", type=int, default=0, help="SIGKILL --kill-rank after computing N items")
+    p.add_argument("--kill-by-end", action="store_true",
+                   help="if --kill-rank's share of the items is under --kill-after (scheduling decides it), it dies "
+                        "after its last one instead while the others hold: the job fails however it was scheduled")
     p.add_argument("--die-once", type=Path, help="kill only if this file does not exist yet (then create it)")
     p.add_argument("--fail-key", default="")
     p.add_argument("--fail-rank", type=int, default=-1, help="raise on this rank's --kill-after'th item")
@@ -66,7 +69,9 @@ def main() -> None:
     keys = [f"k{i:05d}" for i in range(a.n + (rank if a.rank_keys_differ else 0))]
     results = run_items([(k, (k, i)) for i, k in enumerate(keys)], work, checkpoint=a.checkpoint,
                         batch=a.batch, all_ranks=a.all_ranks)
-    if a.hold_at_end:
+    if a.hold_at_end or (a.kill_by_end and a.kill_rank >= 0):
+        if rank == a.kill_rank:  # still alive: --kill-after was more than its share; nobody has written results
+            os.kill(os.getpid(), signal.SIGKILL)
         time.sleep(3600)
     if results is not None:
         out = a.out if rank == 0 else a.out.with_name(f"{a.out.name}.rank{rank}")
