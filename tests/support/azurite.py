@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
+import re
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -16,6 +19,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 AZURITE_BIN = REPO / ".tools" / "azurite" / "node_modules" / ".bin" / "azurite-blob"
+_LISTENING = re.compile(r"successfully listens on https?://\S+:(\d+)")  # its start-up line, with the bound port
 # Azurite's documented well-known development account.
 ACCOUNT = "devstoreaccount1"
 KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
@@ -52,42 +56,53 @@ def start_azurite(
     extra_args: Sequence[str] = (),
     prefix: Sequence[str] = (),
     ready: Callable[[], bool] | None = None,
-) -> tuple[Azurite, subprocess.Popen[bytes]]:
-    """Start Azurite and wait until it accepts connections.
+) -> tuple[Azurite, subprocess.Popen[str]]:
+    """Start Azurite and wait until it says it listens (and, if given, until ``ready()`` is true).
 
-    ``prefix`` runs it under another command (e.g. ``ip netns exec NS``); ``ready`` then replaces the local TCP probe,
-    which cannot reach into another namespace. ``extra_args`` go to azurite-blob (e.g. ``--oauth basic --cert ...``).
+    Without ``port`` Azurite binds port 0 and reports the port the kernel gave it: no port is picked in advance, so
+    no other process can take it first (or answer a readiness probe in Azurite's place). ``prefix`` runs it under
+    another command (e.g. ``ip netns exec NS``); ``ready`` then checks it from where it will be used. ``extra_args``
+    go to azurite-blob (e.g. ``--oauth basic --cert ...``).
     """
     if not AZURITE_BIN.exists():
         if os.environ.get("CI"):
             pytest.fail(f"Azurite is not installed at {AZURITE_BIN}: scripts/setup should have installed it")
         pytest.skip("Azurite is not installed (run scripts/setup)")
-    port = port or free_port(host)
     proc = subprocess.Popen(
-        [*prefix, str(AZURITE_BIN), "--blobHost", host, "--blobPort", str(port), "--location", str(location),
+        [*prefix, str(AZURITE_BIN), "--blobHost", host, "--blobPort", str(port or 0), "--location", str(location),
          "--silent", "--skipApiVersionCheck", "--loose", *extra_args],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+    output: list[str] = []
+    listening: queue.Queue[int] = queue.Queue()
+
+    def drain() -> None:  # for Azurite's whole life: a full pipe would block it
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            output.append(line)
+            if found := _LISTENING.search(line):
+                listening.put(int(found[1]))
+
+    reader = threading.Thread(target=drain, name=f"azurite-{proc.pid}-output", daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 60  # a liveness bound only: node takes seconds to start on a loaded machine
+    bound: int | None = None
+    while bound is None or not (ready is None or ready()):
         if proc.poll() is not None:
-            raise RuntimeError(f"azurite exited: {proc.stderr.read().decode() if proc.stderr else ''}")
-        if ready() if ready else _accepts(host, port):
-            return Azurite(host, port), proc
-        time.sleep(0.05)
-    stop_azurite(proc)
-    raise RuntimeError("azurite did not start within 30 s")
+            reader.join(5)
+            raise RuntimeError(f"azurite exited with code {proc.returncode}: {''.join(output)[-3000:]}")
+        if time.monotonic() > deadline:
+            stop_azurite(proc)
+            raise RuntimeError(f"azurite did not get ready within 60 s: {''.join(output)[-3000:]}")
+        if bound is None:
+            with contextlib.suppress(queue.Empty):
+                bound = listening.get(timeout=0.1)
+        else:
+            time.sleep(0.05)
+    return Azurite(host, bound), proc
 
 
-def _accepts(host: str, port: int) -> bool:
-    try:
-        socket.create_connection((host, port), timeout=0.2).close()
-    except OSError:
-        return False
-    return True
-
-
-def stop_azurite(proc: subprocess.Popen[bytes]) -> None:
+def stop_azurite(proc: subprocess.Popen[str]) -> None:
     """Stop Azurite: it often takes ~10 s to exit on SIGTERM, and test data need no graceful shutdown."""
     proc.terminate()
     try:
