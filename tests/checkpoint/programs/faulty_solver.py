@@ -30,7 +30,12 @@ solve = _load_example("solver").solve
 
 
 class KillingStore(DelegatingStore):
-    """Rank ``rank`` dies just before or just after writing ``obj`` of step ``step``."""
+    """Rank ``rank`` dies just before or just after writing ``obj`` of step ``step``.
+
+    Dying *before* its write, it first waits until another rank's object of that step is stored: nothing orders the
+    other ranks' part writes before this death, so without the wait mpirun could abort them all first and leave no
+    checkpoint at all instead of a torn one, depending on scheduling.
+    """
 
     def __init__(self, inner: Store, rank: int, step: int, obj: str, before: bool) -> None:
         super().__init__(inner)
@@ -40,6 +45,9 @@ class KillingStore(DelegatingStore):
         hit = (MPI.COMM_WORLD.Get_rank() == self.rank and f"/{self.step:012d}." in name
                and name.endswith("/" + self.obj))
         if hit and self.before:
+            where, deadline = name.rpartition("/")[0] + "/", time.monotonic() + 60
+            while not set(self.inner.names(where)) - {name} and time.monotonic() < deadline:
+                time.sleep(0.01)
             os.kill(os.getpid(), signal.SIGKILL)
         self.inner.put(name, data)
         if hit:
