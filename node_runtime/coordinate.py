@@ -10,19 +10,23 @@ from pathlib import Path
 
 from mpilaunch.errors import InvalidEnvironment
 from node_runtime import keys, sshd
-from node_runtime.addresses import local_addresses
+from node_runtime.addresses import local_addresses, parse_address
 from node_runtime.env import SECRET_VARIABLE, NodeEnvironment, parse_bool, parse_endpoint
 
 
 def current_environment(environ: Mapping[str, str] | None = None) -> NodeEnvironment:
-    """:meth:`NodeEnvironment.current`, sparing the primary the enumeration of every interface (psutil, ~10 ms):
-    Batch names its address in ``AZ_BATCH_MASTER_NODE``, and a socket binds to it only if it is this machine's."""
+    """:meth:`NodeEnvironment.current` without enumerating every interface (psutil, ~10 ms) when binding tells: the
+    primary's address is the one of ``AZ_BATCH_MASTER_NODE``, another node's the one host-list address that is this
+    machine's (a socket binds only to those). Otherwise (or to report a problem) the interfaces are enumerated."""
     environ = os.environ if environ is None else environ
     with contextlib.suppress(ValueError):
         if parse_bool(environ.get("AZ_BATCH_IS_CURRENT_NODE_MASTER", "")):
-            address, _ = parse_endpoint(environ.get("AZ_BATCH_MASTER_NODE", ""))
-            if is_local_address(address):
-                return NodeEnvironment.from_environ(environ, local_addresses=[address])
+            candidates = [parse_endpoint(environ.get("AZ_BATCH_MASTER_NODE", ""))[0]]
+        else:
+            candidates = [parse_address(h) for h in environ.get("AZ_BATCH_HOST_LIST", "").split(",")]
+        mine = [a for a in candidates if is_local_address(a)]
+        if len(mine) == 1:
+            return NodeEnvironment.from_environ(environ, local_addresses=mine)
     return NodeEnvironment.from_environ(environ, local_addresses=local_addresses())
 
 

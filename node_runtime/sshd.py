@@ -345,7 +345,7 @@ def _terminate(pid: int, timeout: float = 5.0) -> bool:
         return False
     deadline = time.monotonic() + timeout
     while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.005)
+        time.sleep(0.001)
     if _alive(pid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)

@@ -43,3 +43,19 @@ def test_a_secondary_is_found_among_the_interfaces(tmp_path: Path, monkeypatch: 
     env = current_environment(batch_environment(tmp_path, [NOT_LOCAL, "10.9.8.7"], 1, cores=1,
                                                 secret=secrets.token_urlsafe(32)))
     assert not env.is_master and env.current_address == "10.9.8.7"
+
+
+def test_a_secondary_is_found_by_binding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail() -> list[str]:
+        raise AssertionError("interfaces enumerated")
+
+    monkeypatch.setattr(coordinate, "local_addresses", fail)
+    env = current_environment(batch_environment(tmp_path, [NOT_LOCAL, "127.0.0.1", "192.0.2.8"], 1, cores=1,
+                                                secret=secrets.token_urlsafe(32)))
+    assert not env.is_master and env.current_address == "127.0.0.1"
+
+
+def test_a_secondary_with_no_local_address_is_refused(tmp_path: Path) -> None:
+    environ = batch_environment(tmp_path, [NOT_LOCAL, "192.0.2.8"], 1, cores=1, secret=secrets.token_urlsafe(32))
+    with pytest.raises(InvalidEnvironment, match="none of its addresses belong to this node"):
+        current_environment(environ)
