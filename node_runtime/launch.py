@@ -1,10 +1,11 @@
 """``node-runtime launch``: on the primary, wait for every node's service, run mpirun, stop the services.
 
 The run, in order: refuse unless this node is the primary; wait (in parallel, one deadline) until every host's
-sshd answers; build the mpirun argv with :mod:`node_runtime.mpirun`; run it with output streamed and SIGTERM/SIGINT
-forwarded; write ``launch-report.json`` in the working directory; stop every node's service. Remote services are
-stopped through a "stop channel" per host: an ssh session opened while mpirun runs whose remote side waits for EOF
-and then ends that node's sshd, so the services also go away if this process is killed outright.
+sshd answers, meanwhile building the mpirun argv with :mod:`node_runtime.mpirun`; run it with output streamed and
+SIGTERM/SIGINT forwarded; write ``launch-report.json`` in the working directory; stop every node's service. Remote
+services are stopped through a "stop session" per host (in process, :mod:`node_runtime.sshprobe`), whose opening is
+the wait for that host: its remote side waits for end-of-input and then ends that node's sshd, so the services also
+go away if this process is killed outright (the kernel closes its connections).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import selectors
 import shutil
 import signal
 import socket
@@ -27,10 +27,10 @@ from typing import Any
 
 from mpilaunch import proc
 from mpilaunch.errors import InvalidInput, MpilaunchError, ServiceError, TaskFailed
-from node_runtime import sshd
+from node_runtime import sshd, sshprobe
 from node_runtime.coordinate import prepare, service
 from node_runtime.env import SECRET_VARIABLE, NodeEnvironment
-from node_runtime.keys import write_private_file
+from node_runtime.keys import load_probe_keys, write_private_file
 from node_runtime.mpirun import (
     MpiFlavor,
     build_mpirun_argv,
@@ -43,7 +43,7 @@ from node_runtime.mpirun import (
 REPORT_NAME = "launch-report.json"
 DEFAULT_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
-# Runs on each remote node in its stop channel (sshd's SetEnv gives MPILAUNCH_SERVICE_DIR and TMPDIR): wait for EOF,
+# Runs on each remote node in its stop session (sshd's SetEnv gives MPILAUNCH_SERVICE_DIR and TMPDIR): wait for EOF,
 # remove the node-local TMPDIR, end that node's sshd listener if the pid file still names it (sessions already open,
 # like this one, finish normally), then say so.
 STOPPED = b"mpilaunch-service-stopped\n"
@@ -93,18 +93,22 @@ def launch(env: NodeEnvironment, environ: Mapping[str, str], command: Sequence[s
     report = Report(hosts=list(env.hosts_primary_first), command=list(command), ppn=ppn)
     svc = _client_side(env)
     remote = [h for h in env.hosts_primary_first if h != env.current_address]
-    channels: dict[str, subprocess.Popen[bytes]] = {}
+    sessions: dict[str, StopSession] = {}
     cancel = threading.Event()
+    waiting: Callable[[], dict[str, Any]] | None = None
     try:
         with _forwarding_signals(cancel) as forward:
-            # the services are waited for while mpirun is found, detected and its argv built
-            waiting = start_waiting(env.hosts_primary_first, env.ssh_port, timeout, cancel)
+            # the services are waited for while mpirun is found, detected and its argv built: ours until it sends
+            # its banner, each remote one until a stop session to it is open (a full ssh login)
+            waiting = _start_waiting(svc, env.current_address, remote, timeout, cancel)
             mpirun = _mpirun_path()
             chosen = _detect(mpirun, flavor)
             report.flavor = chosen.value
             argv, mpirun_env = _mpirun_command(env, environ, svc, flavor=chosen, ppn=ppn, command=command,
                                                mpirun=mpirun)
-            report.unreachable = waiting()
+            answered, waiting = waiting(), None
+            sessions = {h: v for h, v in answered.items() if isinstance(v, StopSession)}
+            report.unreachable = [h for h in env.hosts_primary_first if h not in answered]
             report.timings["wait_services_s"] = round(time.monotonic() - started, 4)
             if report.unreachable:
                 raise ServiceError(f"the coordination service did not answer within {timeout:g}s on "
@@ -116,7 +120,6 @@ def launch(env: NodeEnvironment, environ: Mapping[str, str], command: Sequence[s
             # (a terminal's Ctrl-C then reaches mpirun twice, which Open MPI takes as one abort)
             child = proc.spawn(argv, env=mpirun_env, cwd=env.working_dir, stdin=subprocess.DEVNULL)
             forward.append(child)
-            channels = {h: _open_stop_channel(svc, h) for h in remote}
             code = child.wait()
         report.timings["mpirun_s"] = round(time.monotonic() - mpirun_started, 4)
         report.exit_code = 128 - code if code < 0 else code
@@ -126,7 +129,10 @@ def launch(env: NodeEnvironment, environ: Mapping[str, str], command: Sequence[s
         raise
     finally:
         stopping = time.monotonic()
-        report.services_stopped = stop_services(svc, remote, channels, skip=report.unreachable)
+        if waiting is not None:  # failed or interrupted while waiting: keep the sessions that opened
+            cancel.set()
+            sessions = {h: v for h, v in waiting().items() if isinstance(v, StopSession)}
+        report.services_stopped = stop_services(svc, remote, sessions, skip=report.unreachable)
         report.timings["stop_services_s"] = round(time.monotonic() - stopping, 4)
         report.timings["total_s"] = round(time.monotonic() - started, 4)
         report.write(env.working_dir, env.task_secret)
@@ -186,102 +192,114 @@ def _interface_of(address: str) -> str | None:
 def wait_for_services(hosts: Sequence[str], port: int, timeout: float,
                       cancel: threading.Event | None = None) -> list[str]:
     """Wait until every host's sshd sends its banner; returns the hosts that did not within ``timeout``."""
-    return start_waiting(hosts, port, timeout, cancel)()
+    answered = _until_answered(hosts, lambda h, remaining: _banner(h, port, remaining), timeout, cancel)()
+    return [h for h in hosts if h not in answered]
 
 
-def start_waiting(hosts: Sequence[str], port: int, timeout: float,
-                  cancel: threading.Event | None = None) -> Callable[[], list[str]]:
-    """Start waiting (one thread per host, one deadline) until every host's sshd sends its banner; the returned
-    function blocks until done and returns the hosts that did not answer within ``timeout``."""
+@dataclass
+class StopSession:
+    """A logged-in ssh connection to a remote node running :data:`REMOTE_STOP`: it stops that node's service at
+    end-of-input, which also comes when this process dies and the kernel closes the socket."""
+
+    connection: sshprobe.Connection
+    channel: int
+
+    def stop(self, timeout: float) -> bool:
+        """End its input; True once the remote side says it stopped the service."""
+        self.connection.deadline = time.monotonic() + timeout
+        try:
+            return sshprobe.end_input_and_read(self.connection, self.channel, STOPPED)
+        except ServiceError:
+            return False
+        finally:
+            self.connection.close()
+
+
+def _start_waiting(svc: sshd.Service, local: str | None, remote: Sequence[str], timeout: float,
+                   cancel: threading.Event, *, retry: bool = True) -> Callable[[], dict[str, Any]]:
+    """Start waiting for our service's banner (``local``) and for a stop session to every remote node; the
+    returned function joins and returns {host: True or its StopSession} for the hosts that answered. Without
+    ``retry``, one attempt per remote host (the value False marks a failed one)."""
+
+    def attempt(host: str, remaining: float) -> Any:
+        if host == local:
+            return _banner(host, svc.port, remaining)
+        session = _open_stop_session(svc, host, remaining)
+        return session if session is not None or retry else False
+
+    return _until_answered([*([local] if local else []), *remote], attempt, timeout, cancel)
+
+
+def _until_answered(hosts: Sequence[str], attempt: Callable[[str, float], Any], timeout: float,
+                    cancel: threading.Event | None = None) -> Callable[[], dict[str, Any]]:
+    """Retry ``attempt(host, remaining)`` per host (one thread each, one deadline) until it returns non-None; the
+    returned function joins and returns {host: that value}."""
     deadline = time.monotonic() + timeout
     stop = cancel or threading.Event()
-    answered: set[str] = set()
+    answered: dict[str, Any] = {}
 
-    def wait(host: str) -> None:
-        if _wait_one(host, port, deadline, stop):
-            answered.add(host)
+    def run(host: str) -> None:
+        while not stop.is_set() and (remaining := deadline - time.monotonic()) > 0:
+            value = attempt(host, remaining)
+            if value is not None:
+                answered[host] = value
+                return
+            stop.wait(min(0.05, max(0.0, deadline - time.monotonic())))
 
-    threads = [threading.Thread(target=wait, args=(h,), daemon=True) for h in hosts]
+    threads = [threading.Thread(target=run, args=(h,), daemon=True) for h in hosts]
     for thread in threads:
         thread.start()
 
-    def result() -> list[str]:
+    def result() -> dict[str, Any]:
         for thread in threads:
             thread.join()
-        return [h for h in hosts if h not in answered]
+        return dict(answered)
 
     return result
 
 
-def _wait_one(host: str, port: int, deadline: float, cancel: threading.Event) -> bool:
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or cancel.is_set():
-            return False
-        try:
-            with socket.create_connection((host, port), timeout=min(1.0, remaining)) as conn:
-                if conn.recv(64).startswith(b"SSH-"):
-                    return True
-        except OSError:
-            pass
-        cancel.wait(min(0.05, max(0.0, deadline - time.monotonic())))
+def _banner(host: str, port: int, remaining: float) -> bool | None:
+    try:
+        with socket.create_connection((host, port), timeout=min(1.0, remaining)) as conn:
+            return True if conn.recv(64).startswith(b"SSH-") else None
+    except OSError:
+        return None
 
 
-def _open_stop_channel(svc: sshd.Service, host: str) -> subprocess.Popen[bytes]:
-    """An ssh session to ``host`` that stops its service when our end of stdin closes (EOF). In its own session,
-    so a Ctrl-C or a signal to our process group does not cut it short: it ends when we close it or die."""
-    return proc.spawn(sshd.ssh_argv(svc, host, [REMOTE_STOP], extra=["-T"]), env=sshd.clean_environ(),
-                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, new_session=True)
+def _open_stop_session(svc: sshd.Service, host: str, remaining: float) -> StopSession | None:
+    try:
+        host_key, user_key = load_probe_keys(svc.files, host, svc.port)
+        conn = sshprobe.login(host, svc.port, host_key=host_key, user_key=user_key, user=svc.user,
+                              timeout=min(2.0, remaining))
+    except ServiceError:
+        return None
+    try:
+        return StopSession(conn, sshprobe.start_command(conn, REMOTE_STOP))
+    except ServiceError:
+        conn.close()
+        return None
 
 
-def stop_services(svc: sshd.Service, remote: Sequence[str], channels: dict[str, subprocess.Popen[bytes]],
+def stop_services(svc: sshd.Service, remote: Sequence[str], sessions: dict[str, StopSession],
                   skip: Sequence[str] = ()) -> dict[str, bool]:
-    """Stop every node's service: remote ones through their stop channels (opened now if not yet), and ours
-    while they work. A remote service counts as stopped once its channel says so; the ssh client is then ended
-    rather than waited for (its teardown only waits on TCP delayed ACKs)."""
-    for host in remote:
-        if host not in channels and host not in skip:
-            channels[host] = _open_stop_channel(svc, host)
-    for channel in channels.values():
-        with contextlib.suppress(OSError):
-            if channel.stdin is not None:
-                channel.stdin.close()
-    deadline = time.monotonic() + STOP_TIMEOUT
-    stopped: dict[str, bool] = {h: False for h in remote}
+    """Stop every node's service: remote ones through their stop sessions (opened now if not yet), and ours
+    while they work. A remote service counts as stopped once its session says so."""
+    missing = [h for h in remote if h not in sessions and h not in skip]
+    if missing:
+        opened = _start_waiting(svc, None, missing, STOP_TIMEOUT, threading.Event(), retry=False)()
+        sessions.update({h: v for h, v in opened.items() if isinstance(v, StopSession)})
+    stopped: dict[str, bool] = dict.fromkeys(remote, False)
+
+    def stop(host: str, session: StopSession) -> None:
+        stopped[host] = session.stop(STOP_TIMEOUT)
+
+    threads = [threading.Thread(target=stop, args=item, daemon=True) for item in sessions.items()]
+    for thread in threads:
+        thread.start()
     stopped[svc.address] = sshd.stop(svc)
-    said = _read_until_stopped(channels, deadline)
-    for host, channel in channels.items():
-        stopped[host] = said[host]
-        if said[host]:
-            channel.terminate()
-        try:
-            channel.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            channel.kill()
-            channel.wait()
+    for thread in threads:
+        thread.join()
     return stopped
-
-
-def _read_until_stopped(channels: Mapping[str, subprocess.Popen[bytes]], deadline: float) -> dict[str, bool]:
-    """Read every stop channel's output until it says the service stopped, ends, or the deadline passes."""
-    said = dict.fromkeys(channels, False)
-    output = {h: b"" for h in channels}
-    with selectors.DefaultSelector() as selector:
-        for host, channel in channels.items():
-            if channel.stdout is not None:
-                selector.register(channel.stdout, selectors.EVENT_READ, host)
-        while selector.get_map() and (remaining := deadline - time.monotonic()) > 0:
-            for ready, _ in selector.select(remaining):
-                host = ready.data
-                chunk = os.read(ready.fd, 4096)
-                output[host] += chunk
-                if not chunk or STOPPED in output[host]:
-                    said[host] = STOPPED in output[host]
-                    selector.unregister(ready.fileobj)
-    for channel in channels.values():
-        if channel.stdout is not None:
-            channel.stdout.close()
-    return said
 
 
 @contextlib.contextmanager
