@@ -35,26 +35,35 @@ class TaskKeys:
         return f"TaskKeys(user={self.user_public.split()[1][:12]}..., host={self.host_public.split()[1][:12]}...)"
 
 
-def derive_keys(secret: str) -> TaskKeys:
-    """Derive the task's user and host keys from the (validated, base64url) secret: same secret, same keys."""
-    from cryptography.hazmat.primitives import hashes, serialization
+def derive_private_keys(secret: str) -> tuple[Any, Any]:
+    """The task's user and host keys (Ed25519 private key objects) derived from the (validated, base64url) secret:
+    same secret, same keys."""
+    from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
     raw = base64.urlsafe_b64decode(secret.rstrip("=") + "=" * (-len(secret.rstrip("=")) % 4))
     if len(raw) < MIN_SECRET_BYTES:
         raise InvalidEnvironment([f"{SECRET_VARIABLE} (value hidden): decodes to fewer than {MIN_SECRET_BYTES} bytes"])
+    seeds = (HKDF(algorithm=hashes.SHA256(), length=32, salt=_SALT, info=label).derive(raw)
+             for label in (b"user-key", b"host-key"))
+    user, host = (Ed25519PrivateKey.from_private_bytes(seed) for seed in seeds)
+    return user, host
 
-    def one(label: bytes) -> tuple[bytes, str]:
-        seed = HKDF(algorithm=hashes.SHA256(), length=32, salt=_SALT, info=label).derive(raw)
-        key = Ed25519PrivateKey.from_private_bytes(seed)
+
+def derive_keys(secret: str) -> TaskKeys:
+    """Derive the task's user and host keys from the (validated, base64url) secret, as OpenSSH files."""
+    from cryptography.hazmat.primitives import serialization
+
+    def one(key: Any) -> tuple[bytes, str]:
         private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                                     serialization.NoEncryption())
         public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
         return private, public.decode()
 
-    user_private, user_public = one(b"user-key")
-    host_private, host_public = one(b"host-key")
+    user, host = derive_private_keys(secret)
+    user_private, user_public = one(user)
+    host_private, host_public = one(host)
     return TaskKeys(user_private, user_public, host_private, host_public)
 
 

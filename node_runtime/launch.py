@@ -30,7 +30,7 @@ from mpilaunch.errors import InvalidInput, MpilaunchError, ServiceError, TaskFai
 from node_runtime import sshd, sshprobe
 from node_runtime.coordinate import prepare, service
 from node_runtime.env import SECRET_VARIABLE, NodeEnvironment
-from node_runtime.keys import load_probe_keys, write_private_file
+from node_runtime.keys import derive_private_keys, load_probe_keys, write_private_file
 from node_runtime.mpirun import (
     MpiFlavor,
     build_mpirun_argv,
@@ -100,7 +100,8 @@ def launch(env: NodeEnvironment, environ: Mapping[str, str], command: Sequence[s
         with _forwarding_signals(cancel) as forward:
             # the services are waited for while mpirun is found, detected and its argv built: ours until it sends
             # its banner, each remote one until a stop session to it is open (a full ssh login)
-            waiting = _start_waiting(svc, env.current_address, remote, timeout, cancel)
+            waiting = _start_waiting(svc, env.current_address, remote, timeout, cancel,
+                                     keys=_task_keys(env.task_secret))
             mpirun = _mpirun_path()
             chosen = _detect(mpirun, flavor)
             report.flavor = chosen.value
@@ -215,8 +216,18 @@ class StopSession:
             self.connection.close()
 
 
+def _task_keys(secret: str | None) -> tuple[Any, Any] | None:
+    """(host public key, user private key) derived from the secret, if we have it (else they are read from the
+    client files per host)."""
+    if secret is None:
+        return None
+    user, host = derive_private_keys(secret)
+    return host.public_key(), user
+
+
 def _start_waiting(svc: sshd.Service, local: str | None, remote: Sequence[str], timeout: float,
-                   cancel: threading.Event, *, retry: bool = True) -> Callable[[], dict[str, Any]]:
+                   cancel: threading.Event, *, retry: bool = True,
+                   keys: tuple[Any, Any] | None = None) -> Callable[[], dict[str, Any]]:
     """Start waiting for our service's banner (``local``) and for a stop session to every remote node; the
     returned function joins and returns {host: True or its StopSession} for the hosts that answered. Without
     ``retry``, one attempt per remote host (the value False marks a failed one)."""
@@ -224,7 +235,7 @@ def _start_waiting(svc: sshd.Service, local: str | None, remote: Sequence[str], 
     def attempt(host: str, remaining: float) -> Any:
         if host == local:
             return _banner(host, svc.port, remaining)
-        session = _open_stop_session(svc, host, remaining)
+        session = _open_stop_session(svc, host, remaining, keys)
         return session if session is not None or retry else False
 
     return _until_answered([*([local] if local else []), *remote], attempt, timeout, cancel)
@@ -266,9 +277,10 @@ def _banner(host: str, port: int, remaining: float) -> bool | None:
         return None
 
 
-def _open_stop_session(svc: sshd.Service, host: str, remaining: float) -> StopSession | None:
+def _open_stop_session(svc: sshd.Service, host: str, remaining: float,
+                       keys: tuple[Any, Any] | None = None) -> StopSession | None:
     try:
-        host_key, user_key = load_probe_keys(svc.files, host, svc.port)
+        host_key, user_key = keys or load_probe_keys(svc.files, host, svc.port)
         conn = sshprobe.login(host, svc.port, host_key=host_key, user_key=user_key, user=svc.user,
                               timeout=min(2.0, remaining))
     except ServiceError:

@@ -24,7 +24,6 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from mpilaunch.errors import ServiceError
 
@@ -51,7 +50,7 @@ def mpint(value: bytes) -> bytes:
 
 
 def ed25519_blob(key: Ed25519PublicKey) -> bytes:
-    return string(HOST_KEY_ALG) + string(key.public_bytes(Encoding.Raw, PublicFormat.Raw))
+    return string(HOST_KEY_ALG) + string(key.public_bytes_raw())
 
 
 class Reader:
@@ -274,7 +273,7 @@ def _key_exchange(conn: Connection, host_key: Ed25519PublicKey) -> tuple[bytes, 
         raise ServiceError(f"unexpected SSH message {server_kexinit[0]} instead of KEXINIT")
     _negotiated(server_kexinit)
     ephemeral = X25519PrivateKey.generate()
-    q_c = ephemeral.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    q_c = ephemeral.public_key().public_bytes_raw()
     conn.send(bytes([MSG_KEX_ECDH_INIT]) + string(q_c))
     reply = conn.expect(MSG_KEX_ECDH_REPLY, "the key exchange")
     k_s, q_s, signature = reply.string(), reply.string(), reply.string()
