@@ -173,7 +173,7 @@ def test_remote_services_stop_even_if_launch_is_killed_outright(netns_cluster: C
     try:
         assert child.stdout is not None
         assert "sleeping" in child.stdout.readline()
-        time.sleep(1)  # the stop channels are open by now
+        time.sleep(1)  # the stop sessions are open (since before mpirun)
         child.kill()  # launch only: no cleanup code of ours runs
         child.wait(10)
         deadline = time.monotonic() + 10
