@@ -10,8 +10,6 @@ import signal
 import time
 from pathlib import Path
 
-from mpi4py import MPI
-
 from node_runtime.checkpoint import run_items
 
 
@@ -41,6 +39,9 @@ def main() -> None:
     p.add_argument("--hold-at-end", action="store_true",
                    help="never finish: wait to be killed after the last item (so a kill trigger cannot come too late)")
     a = p.parse_args()
+    from mpi4py import MPI  # not at import: tests import value(), and importing mpi4py.MPI initialises MPI,
+    # making the pytest process an MPI singleton (an orted, PMIX_* in every child's environment) for the session
+
     rank = MPI.COMM_WORLD.Get_rank()
     if a.die_once:  # the first attempt dies, a retry of the task does not
         if a.die_once.exists():
