@@ -9,7 +9,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from mpilaunch.client import taskbuild
@@ -33,7 +33,6 @@ def spec(**kw: object) -> TaskSpec:
     return TaskSpec(**base)  # type: ignore[arg-type]
 
 
-@settings(deadline=None)  # a property of quoting, not of speed: a loaded CI box must not fail it on time
 @given(st.lists(st.text(alphabet=st.characters(exclude_characters="\0", exclude_categories=["Cs"])),
                 min_size=1),
        st.one_of(st.none(), st.integers(1, 64)), st.sampled_from([None, "openmpi", "mpich"]))
