@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from mpilaunch.errors import InvalidEnvironment
-from node_runtime import keys, sshd
+from node_runtime import keys, sshd, tmpdirs
 from node_runtime.addresses import local_addresses, parse_address
 from node_runtime.env import SECRET_VARIABLE, NodeEnvironment, parse_bool, parse_endpoint
 
@@ -64,6 +64,7 @@ def start_service(env: NodeEnvironment, sshd_path: str | None = None) -> tuple[s
     """Make this node's service run and answer a real ssh handshake; returns (status, pid)."""
     svc = prepare(env)
     binary = sshd.find_sshd(sshd_path)
+    tmpdirs.sweep(keep=svc.tmp_dir)  # TMPDIRs of earlier tasks' services that were killed, not stopped
     status = sshd.ensure(svc, binary)
     pid = sshd.running_pid(svc)
     return status, pid if pid is not None else -1

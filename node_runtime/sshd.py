@@ -19,7 +19,6 @@ import re
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from pathlib import Path
 
 from mpilaunch import proc
 from mpilaunch.errors import ServiceError
+from node_runtime import tmpdirs
 from node_runtime.env import SECRET_VARIABLE
 from node_runtime.keys import SERVICE_DIR_NAME, KeyFiles, ensure_private_dir, write_private_file
 
@@ -92,7 +92,7 @@ def node_tmp_dir(service_dir: Path, address: str, port: int) -> Path:
     their session directories, nor remove each other's.
     """
     digest = hashlib.sha256(f"{service_dir.resolve()}\0{address}\0{port}".encode()).hexdigest()[:12]
-    return Path(tempfile.gettempdir()) / f"mpl-{os.getuid()}-{digest}"
+    return tmpdirs.base() / f"{tmpdirs.prefix()}{digest}"
 
 
 def render_sshd_config(service: Service) -> str:
@@ -225,7 +225,6 @@ def start(service: Service, sshd: Path) -> tuple[int, bool]:
     if os.geteuid() == 0 and not PRIVSEP_DIR.is_dir():
         PRIVSEP_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
     service.pid_file.unlink(missing_ok=True)
-    service.tmp_dir.mkdir(mode=0o700, exist_ok=True)
     try:
         return _start_once(service, sshd), False
     except ServiceError:
@@ -235,9 +234,12 @@ def start(service: Service, sshd: Path) -> tuple[int, bool]:
 
 
 def _start_once(service: Service, sshd: Path) -> int:
-    with service.log.open("wb") as log:
-        child = proc.spawn([str(sshd), "-D", "-f", str(service.config), "-E", str(service.log)],
-                           env=clean_environ(), stdout=log.fileno(), stderr=subprocess.STDOUT, new_session=True)
+    with tmpdirs.locked():  # a concurrent sweep sees the dir only with its owner recorded
+        service.tmp_dir.mkdir(mode=0o700, exist_ok=True)
+        with service.log.open("wb") as log:
+            child = proc.spawn([str(sshd), "-D", "-f", str(service.config), "-E", str(service.log)],
+                               env=clean_environ(), stdout=log.fileno(), stderr=subprocess.STDOUT, new_session=True)
+        tmpdirs.write_owner(service.tmp_dir, child.pid, service.config)
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         code = child.poll()

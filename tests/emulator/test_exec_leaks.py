@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import secrets
 import shlex
 import shutil
@@ -145,11 +146,22 @@ def test_terminated_task_leaves_no_sshd_and_the_next_task_gets_the_port(engine: 
     wait_for(lambda: any((root / "workitems/job/job-1/t1/wd/running").exists() for root in roots), 60,
              "the command line running (coordination done)")
     processes = with_descendants(pids)
+    tmp_dirs = [_service_tmp_dir(root / "workitems/job/job-1/t1") for root in roots]
+    assert all(d.is_dir() for d in tmp_dirs), f"no TMPDIR for the task's services: {tmp_dirs}"
     r.store.update("task", ("job",), "t1", lambda d: d.update(_terminating=True))
     r.engine.wake()
     assert r.completed("t1", 30)["executionInfo"]["failureInfo"]["code"] == "TaskEnded"
     assert_nothing_survives(processes, addresses, port)
     _next_task_succeeds(r, port)
+    assert not [d for d in tmp_dirs if d.exists()], "the next task's coordinate left the killed task's TMPDIRs"
+
+
+def _service_tmp_dir(task_dir: Path) -> Path:
+    """The node-local TMPDIR the task's sshd gives its sessions (as the host sees it: /tmp is not per node)."""
+    config = (task_dir / ".mpilaunch" / "sshd_config").read_text()
+    found = re.search(r"^SetEnv TMPDIR=(\S+) ", config, re.MULTILINE)
+    assert found, config
+    return Path(found[1])
 
 
 def test_coordination_failure_on_one_node_leaves_no_sshd(engine: Rig) -> None:

@@ -1,0 +1,100 @@
+"""Node-local TMPDIRs of coordination services (``$TMPDIR/mpl-<uid>-<hash>``): who owns each, and the sweep that
+removes those whose service is gone.
+
+A service stopped by ``node-runtime`` removes its own dir; one that was killed (Batch terminating or retrying the
+task, a lost node) never does. So each dir records its owner (:data:`OWNER_FILE`: the sshd's pid and its config
+path), and every ``coordinate`` removes this uid's dirs whose owner is no longer that live sshd. Creating a dir and
+recording its owner, and the sweep, hold one per-uid lock, so a sweep never sees a dir of a service still starting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import stat
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+OWNER_FILE = ".mpilaunch-owner"
+ORPHAN_AGE = 3600.0
+"""Seconds after which a dir without a readable owner record counts as stale (written by a version without one)."""
+
+
+def base() -> Path:
+    return Path(tempfile.gettempdir())
+
+
+def prefix() -> str:
+    return f"mpl-{os.getuid()}-"
+
+
+@contextlib.contextmanager
+def locked() -> Iterator[None]:
+    """Hold this uid's lock on its service dirs (a file next to them); unserialised if it cannot be opened (e.g. a
+    file of that name belongs to another user) -- only a concurrent start's dir is then at risk, never a live one's."""
+    fd = None
+    with contextlib.suppress(OSError):
+        fd = os.open(base() / f"mpl-{os.getuid()}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def write_owner(directory: Path, pid: int, config: Path) -> None:
+    """Record that ``directory`` belongs to the sshd ``pid`` started with ``config`` (call holding :func:`locked`)."""
+    (directory / OWNER_FILE).write_text(f"{pid}\n{config}\n")
+
+
+def owner_alive(directory: Path) -> bool | None:
+    """Whether the sshd recorded in ``directory`` still runs with its config; None if there is no valid record."""
+    try:
+        pid_text, config = (directory / OWNER_FILE).read_text().splitlines()[:2]
+        pid = int(pid_text)
+    except (OSError, ValueError):
+        return None
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+    except OSError:
+        return False
+    return f" {config} ".encode() in cmdline  # sshd rewrites its title: a substring (as sshd.running_pid)
+
+
+def _stale(path: Path, st: os.stat_result) -> bool:
+    alive = owner_alive(path)
+    if alive is None:
+        return time.time() - st.st_mtime > ORPHAN_AGE
+    return not alive
+
+
+def sweep(keep: Path) -> list[Path]:
+    """Remove this uid's service dirs (except ``keep``) whose service is gone; return those removed. Other users'
+    dirs, symlinks and dirs of live services are left; so is a dir that cannot be removed (quietly: the next sweep
+    tries again)."""
+    removed = []
+    with locked():
+        try:
+            entries = [e.name for e in os.scandir(base()) if e.name.startswith(prefix())]
+        except OSError:
+            return []
+        for name in entries:
+            path = base() / name
+            if path == keep:
+                continue
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or not _stale(path, st):
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            if not os.path.lexists(path):
+                removed.append(path)
+    return removed
