@@ -14,11 +14,14 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,6 +37,10 @@ AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0  # Azurite waits for idle keep-alive connections to close; then SIGKILL
+_LISTENING = {  # what each service prints once it listens, with the port it bound
+    "azurite": re.compile(r"successfully listens on https?://\S+:(\d+)"),
+    "emulator": re.compile(r"Batch emulator listening on https?://\S+:(\d+)"),
+}
 
 
 @dataclass(frozen=True)
@@ -102,41 +109,61 @@ def azurite_command() -> list[str]:
 
 
 def _port(preferred: int) -> int:
-    """``preferred`` if free (stable endpoints for users), else any free port; 0 means any free port."""
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", preferred))
-        except OSError:
-            s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """``preferred`` if it is free now (stable endpoints for users), else 0: the server binds any free port itself
+    and reports it, so no port picked in advance can be taken by another process first."""
+    if preferred:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", preferred))
+            except OSError:
+                return 0
+    return preferred
 
 
-def _wait_port(port: int, child: object, name: str, log: Path) -> None:
+def _wait_listening(child: subprocess.Popen[bytes], name: str, log: Path, offset: int) -> int | None:
+    """The port ``child`` reports in ``log`` (after ``offset``) once it listens -- its own word, not a TCP probe
+    that another process on that port could answer -- or None if it exited first."""
     deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if getattr(child, "poll")() is not None:  # noqa: B009 - Popen
-            raise ServiceError(f"{name} exited while starting; see {log}",
-                               details=log.read_text(errors="replace").splitlines()[-10:])
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise ServiceError(f"{name} did not accept connections on port {port} within {START_TIMEOUT:.0f}s; see {log}")
+    while True:
+        with log.open("rb") as f:
+            f.seek(offset)
+            found = _LISTENING[name].search(f.read().decode(errors="replace"))
+        if found:
+            return int(found[1])
+        if child.poll() is not None:
+            return None
+        if time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+            raise ServiceError(f"{name} did not report listening within {START_TIMEOUT:.0f}s; see {log}")
+        time.sleep(0.05)
 
 
-def _start(argv: list[str], name: str, port: int, directory: Path) -> int:
+def _start(argv: Callable[[int], list[str]], name: str, preferred: int, directory: Path) -> tuple[int, int]:
+    """Start service ``name`` (``argv(port)``, output appended to its log) on ``preferred`` if free, else on a port
+    it binds itself; return its pid and port. If it exits at start on ``preferred`` (taken between the check and
+    its bind), it starts once more on a port of its own."""
     log = directory / f"{name}.log"
-    with log.open("ab") as out:
-        child = proc.spawn(argv, stdout=out.fileno(), stderr=out.fileno(), new_session=True)
-    _wait_port(port, child, name, log)
-    return child.pid
+    port = _port(preferred)
+    while True:
+        with log.open("ab") as out:
+            offset = out.tell()
+            child = proc.spawn(argv(port), stdout=out.fileno(), stderr=out.fileno(), new_session=True)
+        bound = _wait_listening(child, name, log, offset)
+        if bound is not None:
+            return child.pid, bound
+        if port == 0:
+            raise ServiceError(f"{name} exited while starting (code {child.returncode}); see {log}",
+                               details=log.read_text(errors="replace").splitlines()[-10:])
+        port = 0
 
 
 def up(nodes: int = 3, *, default_ports: bool = True) -> LocalState:
     """Start the emulator and Azurite unless they run, make sure pool ``local`` has ``nodes`` nodes; return state.
 
-    With ``default_ports`` they listen on 10000 (Azurite) and 10100 (emulator) when those are free.
+    With ``default_ports`` they listen on 10000 (Azurite) and 10100 (emulator) when those are free; otherwise (or
+    without) each binds a free port itself and reports it in its log.
     """
     from mpilaunch.emulator import defaults
 
@@ -146,16 +173,17 @@ def up(nodes: int = 3, *, default_ports: bool = True) -> LocalState:
             down()
         directory = local_dir()
         directory.mkdir(parents=True, exist_ok=True)
-        blob_port = _port(10000 if default_ports else 0)
-        azurite_pid = _start([*azurite_command(), "--blobHost", "127.0.0.1", "--blobPort", str(blob_port),
-                              "--location", str(directory / "azurite"), "--silent", "--skipApiVersionCheck",
-                              "--loose"], "azurite", blob_port, directory)
-        batch_port = _port(defaults.PORT if default_ports else 0)
+        azurite_pid, blob_port = _start(
+            lambda port: [*azurite_command(), "--blobHost", "127.0.0.1", "--blobPort", str(port),
+                          "--location", str(directory / "azurite"), "--silent", "--skipApiVersionCheck", "--loose"],
+            "azurite", 10000 if default_ports else 0, directory)
         try:
-            emulator_pid = _start([sys.executable, "-c", "from mpilaunch.cli import main; main()", "emulator",
-                                   "serve", "--host", "127.0.0.1", "--port", str(batch_port),
-                                   "--data", str(directory / "emulator"), "--nodes", "auto",
-                                   "--docker-scope", docker_scope()], "emulator", batch_port, directory)
+            emulator_pid, batch_port = _start(
+                lambda port: [sys.executable, "-u", "-c", "from mpilaunch.cli import main; main()", "emulator",
+                              "serve", "--host", "127.0.0.1", "--port", str(port),
+                              "--data", str(directory / "emulator"), "--nodes", "auto",
+                              "--docker-scope", docker_scope()],
+                "emulator", defaults.PORT if default_ports else 0, directory)
         except BaseException:
             _stop(azurite_pid, "azurite")
             raise
