@@ -107,7 +107,9 @@ def test_concurrent_writers_and_readers(store):
         t.start()
     for t in threads:
         t.join(60)
-    assert not errors
+    assert not errors and not any(t.is_alive() for t in threads)
+    written = store.list("task", ("j",))
+    assert len(written) == 400 and {d["state"] for d in written} == {"running"}
     docs = store.list("task", ("j",))
     assert len(docs) == 400 and {d["state"] for d in docs} == {"running"}
     assert len({d["eTag"] for d in docs}) == 400
