@@ -20,7 +20,6 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -291,11 +290,6 @@ def _diagnose(service: Service) -> str:
     if "Cannot assign requested address" in text:
         return f"{service.address} is not an address of this node"
     return "see its log"
-
-
-def ssh_argv(service: Service, host: str, command: Sequence[str], *, extra: Sequence[str] = ()) -> list[str]:
-    """argv of ``ssh`` to ``host`` with the task's client settings."""
-    return ["ssh", "-F", str(service.client_config), *extra, host, *command]
 
 
 def verify(service: Service, timeout: float = VERIFY_TIMEOUT) -> None:
