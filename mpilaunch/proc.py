@@ -30,6 +30,8 @@ def run(
         )
     except FileNotFoundError as exc:
         raise CommandFailed(argv, None, str(exc), reason="could not be started (not found)") from exc
+    except PermissionError as exc:
+        raise CommandFailed(argv, None, str(exc), reason="could not be started (permission denied)") from exc
     except subprocess.TimeoutExpired as exc:
         stderr = (exc.stderr or b"").decode(errors="replace")
         raise CommandFailed(argv, None, stderr, reason=f"timed out after {timeout}s") from exc

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import click
 import pytest
@@ -32,6 +33,13 @@ def test_run_missing_program_and_timeout() -> None:
         proc.run(["/nonexistent/program-xyz"])
     with pytest.raises(CommandFailed, match="timed out"):
         proc.run([sys.executable, "-c", "import time; time.sleep(5)"], timeout=0.2)
+
+
+def test_run_unexecutable_program_is_a_command_failure(tmp_path: Path) -> None:
+    script = tmp_path / "not-executable"
+    script.write_text("#!/bin/sh\n")
+    with pytest.raises(CommandFailed, match="permission denied"):
+        proc.run([str(script)])
 
 
 def test_run_without_check_returns_code() -> None:
