@@ -103,8 +103,7 @@ class CountingStore(DelegatingStore):
         return [self.get(n) for n in names]
 
 
-def test_a_completed_run_leaves_a_snapshot_and_a_corrupt_one_falls_back(tmp_path: Path,
-                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_completed_run_leaves_a_snapshot_and_a_corrupt_one_falls_back(tmp_path: Path) -> None:
     items = {i: i for i in range(100)}
     run_items(items, str, checkpoint=str(tmp_path), batch=10, comm=COMM)
     run_items({**items, 100: 100}, str, checkpoint=str(tmp_path), batch=10, comm=COMM)  # one more item
@@ -124,7 +123,7 @@ def test_flush_by_time_and_no_checkpoint_mode(tmp_path: Path) -> None:
     assert run_items({1: 1}, str, checkpoint=False, comm=COMM) == {1: "1"}
 
 
-def test_bad_items_are_refused(tmp_path: Path) -> None:
+def test_bad_items_are_refused() -> None:
     with pytest.raises(InvalidInput, match="duplicate work item key 'a'"):
         run_items([("a", 1), ("a", 2)], str, checkpoint=False, comm=COMM)
     with pytest.raises(InvalidInput, match=r"must be \(key, item\) pairs"):

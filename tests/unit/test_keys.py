@@ -126,6 +126,6 @@ def test_ipv6_listen_address_is_bracketed(tmp_path: Path) -> None:
     assert sshd.service_for(tmp_path, "fd00::1", 2222).listen == "[fd00::1]:2222"
 
 
-def test_missing_sshd_binary_is_a_clear_error(tmp_path: Path) -> None:
+def test_missing_sshd_binary_is_a_clear_error() -> None:
     with pytest.raises(ServiceError, match="sshd not found or not executable: /nonexistent/sshd"):
         sshd.find_sshd("/nonexistent/sshd")

@@ -75,7 +75,7 @@ def test_silent_or_foreign_services_are_reported_at_the_deadline(not_ssh: int) -
     assert 1.0 <= time.monotonic() - started < 3
 
 
-def test_a_service_that_comes_up_late_is_waited_for(tmp_path: Path) -> None:
+def test_a_service_that_comes_up_late_is_waited_for() -> None:
     port = closed_port()
     server = socket.socket()
     server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
