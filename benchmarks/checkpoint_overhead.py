@@ -94,30 +94,19 @@ def timed(checkpoint: str, items: int = ITEMS, item_seconds: float = ITEM_SECOND
     return float(doc["seconds"])
 
 
-def start_azurite(tmp: Path) -> tuple[str, subprocess.Popen[bytes]]:
-    """Azurite on a free loopback port, a container, and a container URL with a create-only SAS."""
+def start_azurite(tmp: Path) -> tuple[str, subprocess.Popen[str]]:
+    """Azurite on a loopback port it picks itself, a container, and a container URL with a SAS."""
     from azure.storage.blob import BlobServiceClient, ContainerSasPermissions, generate_container_sas
 
-    from tests.support.azurite import ACCOUNT, KEY, free_port
+    from tests.support.azurite import ACCOUNT, KEY
+    from tests.support.azurite import start_azurite as start_server
 
-    binary = REPO / ".tools/azurite/node_modules/.bin/azurite-blob"
-    port = free_port()
-    proc = subprocess.Popen([str(binary), "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location",
-                             str(tmp / "azurite"), "--silent", "--skipApiVersionCheck", "--loose"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}/{ACCOUNT}"
-    service = BlobServiceClient.from_connection_string(
-        f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={KEY};BlobEndpoint={endpoint};")
-    for _ in range(200):
-        try:
-            service.create_container("bench")
-            break
-        except Exception:
-            time.sleep(0.1)
+    server, proc = start_server(tmp / "azurite")
+    BlobServiceClient.from_connection_string(server.connection_string).create_container("bench")
     sas = generate_container_sas(ACCOUNT, "bench", account_key=KEY,
                                  permission=ContainerSasPermissions.from_string("rcdl"),
                                  expiry=datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=3))
-    return f"{endpoint}/bench/{{prefix}}?{sas}", proc
+    return f"{server.blob_endpoint}/bench/{{prefix}}?{sas}", proc
 
 
 CONFIGS = {"none": ("no checkpointing", BATCH), "dir": ("local directory (fsync)", BATCH),
@@ -265,6 +254,8 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
+    from tests.support.azurite import stop_azurite
+
     tmp = Path(tempfile.mkdtemp(prefix="ckpt-bench-"))
     azurite_url, azurite = start_azurite(tmp)
     try:
@@ -274,8 +265,7 @@ def main() -> None:
         resume = {"dir": resume_time(str(tmp / "resume-{prefix}")),
                   "azurite": resume_time(azurite_url.format(prefix="r-{prefix}"))}
     finally:
-        azurite.terminate()
-        azurite.wait(30)
+        stop_azurite(azurite)
         shutil.rmtree(tmp, ignore_errors=True)
     text = report(args.rounds, tp, redone, resume, rates)
     publish(text, BEGIN, END, write=not args.no_write)
