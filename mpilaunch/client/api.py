@@ -31,8 +31,6 @@ from mpilaunch.client.results import TaskResults, build_results
 from mpilaunch.client.spec import TaskSpec
 from mpilaunch.errors import BatchError, InvalidInput, MpilaunchError
 
-DEFAULT_JOB = "mpilaunch"
-
 
 @dataclass(frozen=True)
 class TaskRef:
