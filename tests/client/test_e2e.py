@@ -20,6 +20,8 @@ from mpilaunch.clickutil import run_cli
 from mpilaunch.client.api import Launcher, TaskRef
 from mpilaunch.client.local import LocalState
 from mpilaunch.client.results import SCHEMA_PATH
+from mpilaunch.client.spec import TaskSpec
+from mpilaunch.errors import PreflightError
 from tests.client.conftest import new_task_id
 
 pytestmark = [pytest.mark.slow, pytest.mark.azurite, pytest.mark.timeout(240)]
@@ -156,6 +158,11 @@ def test_preflight_refuses_pools_that_cannot_run_the_task(local_services: LocalS
         assert code == 2, err
         assert reason in err and "fix:" in err
         assert not list(launcher.batch.list_jobs(filter=f"id eq 'j-{pool_id}'"))  # nothing was created
+    # the same check through the documented Python API
+    spec = TaskSpec(job_id=f"j-api-{suffix}", task_id="t", nodes=2, argv=("python3", "x.py"))
+    with pytest.raises(PreflightError, match="does not enable inter-node communication"):
+        launcher.preflight(spec, pool=nocomm)
+    launcher.preflight(spec, pool="local")  # a pool that can run it: no PreflightError (warnings are fine)
 
 
 def test_pool_create(local_services: LocalState, capsys: pytest.CaptureFixture[str]) -> None:
