@@ -78,7 +78,6 @@ from typing import Any
 Doc = dict[str, Any]
 Parent = tuple[str, ...]
 
-KINDS = ("pool", "node", "job", "task", "subtask")
 _CHILDREN: dict[str, tuple[str, ...]] = {"pool": ("node",), "job": ("task", "subtask"), "task": ("subtask",)}
 
 _SCHEMA = """

@@ -67,10 +67,6 @@ def bad_query(name: str, value: str, reason: str, *, code: str = "InvalidQueryPa
                      QueryParameterName=name, QueryParameterValue=_short(value), Reason=reason)
 
 
-def conflict_state(code: str, message: str) -> WireError:
-    return WireError(409, code, message)
-
-
 def _short(value: Any) -> str:
     text = value if isinstance(value, str) else repr(value)
     return text if len(text) <= 200 else text[:200] + "..."
