@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import click
+
+from mpilaunch.client.cliopts import emit_json
 
 output_option = click.option("--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
 
@@ -17,7 +18,7 @@ def local() -> None:
 
 def _print(info: dict[str, Any], output: str) -> None:
     if output == "json":
-        click.echo(json.dumps(info, indent=2))
+        emit_json(info)
         return
     for key, value in info.items():
         click.echo(f"{key:16} {value}")
@@ -43,7 +44,7 @@ def down(output: str) -> int:
 
     stopped = services.down()
     if output == "json":
-        click.echo(json.dumps({"stopped": stopped}))
+        emit_json({"stopped": stopped})
     else:
         click.echo("stopped " + ", ".join(stopped) if stopped else "nothing was running")
     return 0
