@@ -158,6 +158,7 @@ class StepCheckpoints:
         """``(step, this rank's state)`` of the newest checkpoint that verifies on every rank, or None."""
         if self._looked:
             return self._restored
+        self._restored = None  # a fresh look: an earlier answer may have been deleted or corrupted since
         comm, rank, size = self.comm, self.comm.Get_rank(), self.comm.Get_size()
         candidates: list[Marker] | str = []
         if rank == 0:

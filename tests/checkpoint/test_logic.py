@@ -219,3 +219,14 @@ def test_at_most_batch_results_are_ever_uncommitted(tmp_path: Path) -> None:
     out = run_items({i: i for i in range(200)}, work, checkpoint=store, batch=8, comm=COMM)
     assert out == {i: i for i in range(200)} and store.durable == 200
     assert 4 < store.worst <= 8  # writes overlapped the work, and never more than `batch` results were at risk
+
+
+def test_restore_after_a_save_never_returns_a_stale_checkpoint(tmp_path: Path) -> None:
+    """restore() looks again after save(); if nothing verifies then, the answer is None, not the earlier result."""
+    ck = StepCheckpoints(str(tmp_path), keep=1, comm=COMM)
+    ck.save(1, "one")
+    assert ck.restore() == (1, "one")
+    ck.save(2, "two")  # keep=1: step 1 is gone
+    part = next((tmp_path / "steps/steps").glob("000000000002.*/part-00000"))
+    part.write_bytes(part.read_bytes()[:-3])  # torn
+    assert ck.restore() is None
