@@ -22,10 +22,11 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from mpilaunch.emulator import api_files, api_jobs, api_pools, api_tasks, defaults
 from mpilaunch.emulator.auth import Authenticator
+from mpilaunch.emulator.engine import Engine
 from mpilaunch.emulator.nodes.base import NodeProvider
 from mpilaunch.emulator.store import Store
 from mpilaunch.emulator.validation import MAX_BODY
-from mpilaunch.emulator.wire import Context, EngineLike, FileBody, Handler, Request, Response
+from mpilaunch.emulator.wire import Context, FileBody, Handler, Request, Response
 from mpilaunch.emulator.wire_errors import WireError, new_request_id
 from mpilaunch.errors import InvalidInput
 
@@ -107,20 +108,6 @@ def _match(pattern: tuple[str, ...], segments: list[str]) -> list[str] | None:
     return ids if len(segments) == len(pattern) else None
 
 
-def make_engine(store: Store, data_dir: Path, account: str, endpoint: str,
-                provider: NodeProvider | None = None) -> EngineLike | None:
-    """The execution engine running ``provider``'s nodes (process nodes if None), or None if this build has none."""
-    import importlib
-
-    try:
-        engine_module: Any = importlib.import_module("mpilaunch.emulator.engine")
-    except ImportError:
-        log.warning("no execution engine available: tasks will stay active")
-        return None
-    made: EngineLike = engine_module.Engine(store, data_dir, provider, account=account, account_url=endpoint)
-    return made
-
-
 def _lock_data_dir(data_dir: Path) -> IO[str]:
     """Hold an exclusive lock on the data dir: two emulators must never run one state."""
     handle = (data_dir / "emulator.lock").open("a+")
@@ -162,7 +149,8 @@ class EmulatorServer:
             self._lock_file.close()
             raise
         self.store = Store(self.data_dir / "state.sqlite3")
-        self.engine = make_engine(self.store, self.data_dir, account, self.endpoint, provider) if execute else None
+        self.engine = (Engine(self.store, self.data_dir, provider, account=account, account_url=self.endpoint)
+                       if execute else None)
         self.ctx = Context(self.store, account, self.data_dir, self.engine)
         self.httpd.emulator = self  # type: ignore[attr-defined]
         self._thread: threading.Thread | None = None
@@ -175,7 +163,7 @@ class EmulatorServer:
     def start(self) -> None:
         """Start the engine (it first recovers what a previous run left), then serve on a background thread."""
         if self.engine is not None:
-            self.engine.start()  # type: ignore[attr-defined]
+            self.engine.start()
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="emulator-http", daemon=True)
         self._thread.start()
 
@@ -186,7 +174,7 @@ class EmulatorServer:
         if self._thread is not None:
             self._thread.join(10)
         if self.engine is not None:
-            self.engine.stop()  # type: ignore[attr-defined]
+            self.engine.stop()
         self.store.close()
         self._lock_file.close()
 
