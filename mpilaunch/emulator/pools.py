@@ -181,7 +181,7 @@ class NodeManager:
                 transition(doc, "starting")
             self.ctx.update_node(pool_id, node_id, starting)
             self._run_start_task(pool, node)
-        except MpilaunchError as exc:
+        except (MpilaunchError, OSError) as exc:  # left 'creating', the node could never leave its pool
             log.warning("node %s could not be created: %s", node_id, exc)
             error = {"code": "NodeCreationFailed", "message": str(exc)}
 

@@ -212,6 +212,20 @@ def test_pool_resize_and_delete(tmp_path: Path) -> None:
         assert not (tmp_path / "nodes" / "pool").exists()
 
 
+
+def test_node_whose_root_cannot_be_made_is_unusable_and_its_pool_can_be_deleted(tmp_path: Path) -> None:
+    (tmp_path / "nodes").mkdir()
+    (tmp_path / "nodes" / "pool").write_text("a file where the pool's node roots should go")
+    with rig(tmp_path) as r:
+        r.pool(nodes=1)
+        (node,) = wait_for(lambda: (ns := r.store.list("node", ("pool",))) and ns[0]["state"] == "unusable" and ns,
+                           30, "the node to be unusable")
+        assert node["errors"][0]["code"] == "NodeCreationFailed"
+        assert str(tmp_path / "nodes" / "pool") in node["errors"][0]["message"]
+        r.store.update("pool", (), "pool", lambda d: d.update(state="deleting"))
+        r.engine.wake()
+        wait_for(lambda: r.store.get("pool", (), "pool") is None, 30, "pool deleted")
+
 RUNNER = """
 import sys, time
 from pathlib import Path
