@@ -121,13 +121,13 @@ class TaskRun:
         if outcome.failures:
             return self._fail(outcome)
         if self.multi:
-            argv = self._argv(self.task["multiInstanceSettings"].get("coordinationCommandLine"), outcome, 0)
+            argv = self._argv(self.task["multiInstanceSettings"].get("coordinationCommandLine"), outcome)
             if argv is None:
                 return self._fail(outcome)
             executions = {i: self._launch(i, argv, outcome) for i in range(len(self.nodes)) if argv}
             if argv and not self._wait_all(executions, outcome):
                 return self._fail(outcome)
-        argv = self._argv(self.task["commandLine"], outcome, 0)
+        argv = self._argv(self.task["commandLine"], outcome)
         if not argv:
             return self._fail(outcome)
         primary = self._launch(0, argv, outcome)
@@ -157,13 +157,14 @@ class TaskRun:
             list(pool.map(one, range(len(self.nodes))))
         self._check()
 
-    def _argv(self, command_line: str | None, outcome: Outcome, index: int) -> list[str] | None:
+    def _argv(self, command_line: str | None, outcome: Outcome) -> list[str] | None:
+        """The split command line ([] if None); None, with the failure recorded for the primary, if it cannot be."""
         if command_line is None:
             return []
         try:
             return mi.split_command(command_line)
         except ValueError as exc:
-            outcome.failures[index] = mi.failure_info("CommandLineParseError", str(exc))
+            outcome.failures[0] = mi.failure_info("CommandLineParseError", str(exc))
             return None
 
     def env(self, index: int) -> dict[str, str]:
