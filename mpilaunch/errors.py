@@ -12,7 +12,7 @@ message (plus details) and its ``exit_code``; anything else is a bug and keeps i
     ├── PreflightError             exit 2  the pool cannot run the task; .fix says how to make it able to
     ├── CommandFailed              exit 1  a subprocess failed; .argv, .returncode, .stderr
     ├── ServiceError               exit 3  the coordination service could not be started, verified or reached
-    ├── BatchError                 exit 4  the Batch service (or the emulator) answered with an error; .code
+    ├── BatchError                 exit 4  the Batch service, the emulator or Blob storage answered with an error
     ├── TaskFailed                 exit 1  the task ran and did not succeed
     └── CheckpointError            exit 5  a checkpoint store is unusable, or a checkpoint is corrupt
 
@@ -88,7 +88,7 @@ class ServiceError(MpilaunchError):
 
 
 class BatchError(MpilaunchError):
-    """The Batch service or the emulator answered with an error."""
+    """The Batch service, the emulator or Blob storage answered with an error (or could not be reached); ``code``."""
 
     exit_code = 4
 

@@ -13,7 +13,8 @@ Example (a notebook, against the local emulator started by ``mpilaunch local up`
     results = launcher.wait(ref)          # -> TaskResults; results.succeeded, results.instances
     launcher.download_logs(results, Path("logs"))
 
-Every error is an :mod:`mpilaunch.errors` exception; Azure SDK errors become :class:`BatchError`.
+Every error is an :mod:`mpilaunch.errors` exception; Azure SDK errors (Batch or Blob storage) become
+:class:`BatchError`.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ class TaskRef:
 
 @contextlib.contextmanager
 def batch_errors(endpoint: str) -> Iterator[None]:
-    """Turn Azure SDK exceptions into :class:`BatchError` (code + service message, never a key)."""
+    """Turn Azure SDK exceptions from ``endpoint`` (Batch or Blob storage) into :class:`BatchError` (code + service
+    message, never a key)."""
     from azure.core.exceptions import ClientAuthenticationError, HttpResponseError, ServiceRequestError
 
     try:
@@ -88,6 +90,9 @@ class Launcher:
 
     def errors(self) -> contextlib.AbstractContextManager[None]:
         return batch_errors(self.settings.batch.endpoint)
+
+    def storage_errors(self) -> contextlib.AbstractContextManager[None]:
+        return batch_errors(str(self.store.service.url))
 
     @property
     def store(self) -> Any:
@@ -141,9 +146,11 @@ class Launcher:
         store = self.store
         expiry = storage.sas_expiry(spec.wall_time, spec.retries)
         common, primary = storage.walk_inputs(spec.inputs), storage.walk_inputs(spec.primary_inputs)
-        storage.upload_with_progress(store, common + primary, show=progress)  # also creates the container
-        read_url = store.container_sas_url("r", expiry)
-        outputs = taskbuild.OutputTarget(store.container_sas_url("cw", expiry), f"outputs/{spec.job_id}/{spec.task_id}")
+        with self.storage_errors():
+            storage.upload_with_progress(store, common + primary, show=progress)  # also creates the container
+            read_url = store.container_sas_url("r", expiry)
+            write_url = store.container_sas_url("cw", expiry)
+        outputs = taskbuild.OutputTarget(write_url, f"outputs/{spec.job_id}/{spec.task_id}")
         return taskbuild.build_task(spec, common_files=store.staged(common, read_url),
                                     primary_files=store.staged(primary, read_url), outputs=outputs, secret=secret)
 
@@ -231,9 +238,10 @@ class Launcher:
         """The output files and logs the primary uploaded to Blob storage, into ``dest``."""
         prefix = f"outputs/{ref.job_id}/{ref.task_id}/"
         written = []
-        for name in self.store.list_names(prefix):
-            target = dest / name[len(prefix):]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(self.store.download(name))
-            written.append(target)
+        with self.storage_errors():
+            for name in self.store.list_names(prefix):
+                target = dest / name[len(prefix):]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(self.store.download(name))
+                written.append(target)
         return written

@@ -12,9 +12,11 @@ import pytest
 from azure.core.exceptions import HttpResponseError
 from azure.storage.blob import BlobClient, ContainerClient
 
-from mpilaunch.client.config import StorageConfig
+from mpilaunch.client.api import Launcher
+from mpilaunch.client.config import BatchConfig, Settings, StorageConfig
+from mpilaunch.client.spec import TaskSpec
 from mpilaunch.client.storage import BlobStore, sas_expiry, walk_inputs
-from mpilaunch.errors import InvalidInput
+from mpilaunch.errors import BatchError, InvalidInput
 from tests.support.azurite import Azurite
 
 pytestmark = pytest.mark.azurite
@@ -109,6 +111,17 @@ def test_account_key_configuration(azurite: Azurite, tree: Path) -> None:
     url = store.container_sas_url("r", datetime.now(UTC) + timedelta(hours=1))
     query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
     assert query["sp"] == ["r"] and "sig" in query
+
+
+def test_storage_failures_during_submit_are_errors_not_tracebacks(azurite: Azurite, tree: Path) -> None:
+    key = "A" * 86 + "=="  # well-formed base64, not the account's key
+    connection = azurite.connection_string.replace(azurite.key, key)
+    launcher = Launcher(Settings(BatchConfig("http://127.0.0.1:1", "acct", "a2V5"),
+                                 StorageConfig(connection_string=connection, container=f"e{uuid.uuid4().hex}")))
+    spec = TaskSpec(job_id="j", task_id="t", nodes=2, argv=("python3", "app.py"), inputs=(tree / "app.py",))
+    with pytest.raises(BatchError, match=r"^403: ") as err:
+        launcher.build(spec)
+    assert key not in str(err.value) and azurite.key not in str(err.value)
 
 
 def test_sas_expiry_follows_wall_time() -> None:
