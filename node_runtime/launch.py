@@ -1,25 +1,27 @@
 """``node-runtime launch``: on the primary, wait for every node's service, run mpirun, stop the services.
 
-The run, in order: refuse unless this node is the primary; wait (in parallel, one deadline) until every host's
-sshd answers, meanwhile building the mpirun argv with :mod:`node_runtime.mpirun`; run it with output streamed and
-SIGTERM/SIGINT forwarded; write ``launch-report.json`` in the working directory; stop every node's service. Remote
-services are stopped through a "stop session" per host (in process, :mod:`node_runtime.sshprobe`), whose opening is
-the wait for that host: its remote side waits for end-of-input and then ends that node's sshd, so the services also
-go away if this process is killed outright (the kernel closes its connections).
+The run, in order: refuse unless this node is the primary; close the gate (a lock file that every ssh of mpirun must
+take, shared, before it connects: :func:`node_runtime.mpirun.ssh_command`) and open a control master to every
+remote node (:mod:`node_runtime.masters`: its login is the wait for that node's service, mpirun's sessions to that
+node then go through it, and it stops that node's service at the end, even if launch is killed); meanwhile find
+mpirun, detect its flavour, build its argv and start it: it starts up while the services are awaited, but cannot
+reach another node before the gate opens. Once every service answered, open the gate (else kill mpirun and what it
+started, before it reached any node, and name the silent hosts); stream its output, forward SIGTERM/SIGINT, stop
+every node's service, and write ``launch-report.json`` in the working directory.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,10 +29,11 @@ from typing import Any
 
 from mpilaunch import proc
 from mpilaunch.errors import InvalidInput, MpilaunchError, ServiceError, TaskFailed
-from node_runtime import sshd, sshprobe
+from node_runtime import sshd
 from node_runtime.coordinate import prepare, service
 from node_runtime.env import SECRET_VARIABLE, NodeEnvironment
-from node_runtime.keys import derive_private_keys, load_probe_keys, write_private_file
+from node_runtime.keys import write_private_file
+from node_runtime.masters import Masters
 from node_runtime.mpirun import (
     MpiFlavor,
     build_mpirun_argv,
@@ -41,15 +44,10 @@ from node_runtime.mpirun import (
 )
 
 REPORT_NAME = "launch-report.json"
+GATE_NAME = "gate.lock"  # in the service directory: the same path on every node, like ssh_config
 DEFAULT_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
-# Runs on each remote node in its stop session (sshd's SetEnv gives MPILAUNCH_SERVICE_DIR and TMPDIR): wait for EOF,
-# remove the node-local TMPDIR, end that node's sshd listener if the pid file still names it (sessions already open,
-# like this one, finish normally), then say so.
-STOPPED = b"mpilaunch-service-stopped\n"
-REMOTE_STOP = ('read _ ; case $TMPDIR in */mpl-*) rm -rf "$TMPDIR" ;; esac; d=$MPILAUNCH_SERVICE_DIR; '
-               'p=$(cat "$d/sshd.pid") && grep -qs "$d/sshd_config" "/proc/$p/cmdline" && kill -TERM "$p" && '
-               f'rm -f "$d/sshd.pid" && echo {STOPPED.decode().strip()}')
+POLL = 0.05
 
 
 @dataclass
@@ -90,37 +88,39 @@ def launch(env: NodeEnvironment, environ: Mapping[str, str], command: Sequence[s
     if not command:
         raise InvalidInput("launch needs a command: node-runtime launch [options] -- COMMAND ARGS...")
     started = time.monotonic()
+    deadline = started + timeout
     report = Report(hosts=list(env.hosts_primary_first), command=list(command), ppn=ppn)
     svc = _client_side(env)
-    remote = [h for h in env.hosts_primary_first if h != env.current_address]
-    sessions: dict[str, StopSession] = {}
-    cancel = threading.Event()
-    waiting: Callable[[], dict[str, Any]] | None = None
+    masters = Masters(svc, [h for h in env.hosts_primary_first if h != env.current_address], timeout)
+    child: subprocess.Popen[bytes] | None = None
+    gate = _Gate(svc.files.directory / GATE_NAME)
     try:
-        with _forwarding_signals(cancel) as forward:
-            # the services are waited for while mpirun is found, detected and its argv built: ours until it sends
-            # its banner, each remote one until a stop session to it is open (a full ssh login)
-            waiting = _start_waiting(svc, env.current_address, remote, timeout, cancel,
-                                     keys=_task_keys(env.task_secret))
+        with _forwarding_signals() as signals:
+            gate.close()
+            masters.start()
             mpirun = _mpirun_path()
             chosen = _detect(mpirun, flavor)
             report.flavor = chosen.value
             argv, mpirun_env = _mpirun_command(env, environ, svc, flavor=chosen, ppn=ppn, command=command,
-                                               mpirun=mpirun)
-            answered, waiting = waiting(), None
-            sessions = {h: v for h, v in answered.items() if isinstance(v, StopSession)}
-            report.unreachable = [h for h in env.hosts_primary_first if h not in answered]
+                                               mpirun=mpirun, gate=gate.path if masters.hosts else None)
+            with signals.deferring():  # a signal must not come between the start and `child` knowing it
+                child = proc.spawn(argv, env=mpirun_env, cwd=env.working_dir, stdin=subprocess.DEVNULL)
+                mpirun_started = time.monotonic()
+            report.argv = argv
+            silent = set(_wait_for_own_service(svc, deadline)) | set(masters.wait())
+            report.unreachable = [h for h in env.hosts_primary_first if h in silent]
             report.timings["wait_services_s"] = round(time.monotonic() - started, 4)
             if report.unreachable:
                 raise ServiceError(f"the coordination service did not answer within {timeout:g}s on "
                                    f"{len(report.unreachable)} host(s): {', '.join(report.unreachable)} (port "
-                                   f"{env.ssh_port}; did 'node-runtime coordinate' succeed there?)")
-            report.argv = argv
-            mpirun_started = time.monotonic()
+                                   f"{env.ssh_port}; did 'node-runtime coordinate' succeed there?); mpirun was "
+                                   "stopped before it reached any node",
+                                   details=[f"{h}: {masters.failures[h]}" for h in report.unreachable
+                                            if h in masters.failures])
+            gate.open()
             # same process group: whoever kills our group kills mpirun too; a signal sent to us alone is forwarded
             # (a terminal's Ctrl-C then reaches mpirun twice, which Open MPI takes as one abort)
-            child = proc.spawn(argv, env=mpirun_env, cwd=env.working_dir, stdin=subprocess.DEVNULL)
-            forward.append(child)
+            signals.targets.append(child)
             code = child.wait()
         report.timings["mpirun_s"] = round(time.monotonic() - mpirun_started, 4)
         report.exit_code = 128 - code if code < 0 else code
@@ -130,10 +130,12 @@ def launch(env: NodeEnvironment, environ: Mapping[str, str], command: Sequence[s
         raise
     finally:
         stopping = time.monotonic()
-        if waiting is not None:  # failed or interrupted while waiting: keep the sessions that opened
-            cancel.set()
-            sessions = {h: v for h, v in waiting().items() if isinstance(v, StopSession)}
-        report.services_stopped = stop_services(svc, remote, sessions, skip=report.unreachable)
+        masters.cancel()
+        if child is not None and not gate.is_open:
+            _kill_gated(child)
+        gate.release()
+        masters.wait()
+        report.services_stopped = stop_services(svc, masters)
         report.timings["stop_services_s"] = round(time.monotonic() - stopping, 4)
         report.timings["total_s"] = round(time.monotonic() - started, 4)
         report.write(env.working_dir, env.task_secret)
@@ -142,8 +144,10 @@ def launch(env: NodeEnvironment, environ: Mapping[str, str], command: Sequence[s
 def _client_side(env: NodeEnvironment) -> sshd.Service:
     """This node's service description; (re)writes the client files if coordinate did not leave them."""
     svc = service(env)
-    needed = (svc.client_config, svc.files.user_key, svc.files.known_hosts)
-    return svc if all(p.is_file() for p in needed) else prepare(env)
+    if not (svc.files.user_key.is_file() and svc.files.known_hosts.is_file()):
+        return prepare(env)
+    sshd.write_client_config(svc)  # unless it is current already
+    return svc
 
 
 def _mpirun_path() -> str:
@@ -161,8 +165,12 @@ def _detect(mpirun: str, given: MpiFlavor | None) -> MpiFlavor:
 
 
 def _mpirun_command(env: NodeEnvironment, environ: Mapping[str, str], svc: sshd.Service, *, flavor: MpiFlavor,
-                    ppn: int, command: Sequence[str], mpirun: str) -> tuple[list[str], dict[str, str]]:
-    """The mpirun argv and its environment (never the secret; TMPDIR node-local, like on the other nodes)."""
+                    ppn: int, command: Sequence[str], mpirun: str,
+                    gate: Path | None = None) -> tuple[list[str], dict[str, str]]:
+    """The mpirun argv and its environment (never the secret; TMPDIR node-local, like on the other nodes); with a
+    ``gate``, mpirun's ssh commands wait at it (:func:`node_runtime.mpirun.ssh_command`)."""
+    if gate is not None and shutil.which("flock", path=environ.get("PATH")) is None:
+        raise InvalidInput("flock not found on PATH: install util-linux on the task's image")
     mpirun_env = {k: v for k, v in environ.items() if k != SECRET_VARIABLE}
     mpirun_env["TMPDIR"] = str(svc.tmp_dir)
     svc.tmp_dir.mkdir(mode=0o700, exist_ok=True)
@@ -171,14 +179,14 @@ def _mpirun_command(env: NodeEnvironment, environ: Mapping[str, str], svc: sshd.
     directory = svc.files.directory
     if flavor is not MpiFlavor.OPENMPI:
         wrapper = directory / "ssh-wrapper"
-        write_private_file(wrapper, ssh_wrapper_script(svc.client_config).encode())
+        write_private_file(wrapper, ssh_wrapper_script(svc.client_config, gate).encode())
         wrapper.chmod(0o700)
     if flavor is not MpiFlavor.OPENMPI or any(":" in h for h in env.hosts):
         hostfile = directory / "hostfile"
         write_private_file(hostfile, hostfile_text(flavor, env.hosts_primary_first, ppn).encode())
     spec = spec_for_node(env, mpirun_env, flavor=flavor, ppn=ppn, command=[program, *command[1:]],
                          ssh_config=svc.client_config, as_root=os.geteuid() == 0, hostfile=hostfile,
-                         ssh_wrapper=wrapper, mpirun=mpirun,
+                         ssh_wrapper=wrapper, gate=gate, mpirun=mpirun,
                          interface=None if flavor is MpiFlavor.OPENMPI else _interface_of(env.current_address))
     return build_mpirun_argv(spec), mpirun_env
 
@@ -190,149 +198,120 @@ def _interface_of(address: str) -> str | None:
                 None)
 
 
-def wait_for_services(hosts: Sequence[str], port: int, timeout: float,
-                      cancel: threading.Event | None = None) -> list[str]:
-    """Wait until every host's sshd sends its banner; returns the hosts that did not within ``timeout``."""
-    answered = _until_answered(hosts, lambda h, remaining: _banner(h, port, remaining), timeout, cancel)()
-    return [h for h in hosts if h not in answered]
+def _wait_for_own_service(svc: sshd.Service, deadline: float) -> list[str]:
+    """Wait until this node's sshd runs (its pid file names a live sshd of our config); [its address] if not by
+    ``deadline``. Its process is enough here: coordinate verified it with a login, and mpirun does not connect to it."""
+    while sshd.running_pid(svc) is None:
+        if time.monotonic() >= deadline:
+            return [svc.address]
+        time.sleep(POLL)
+    return []
 
 
-@dataclass
-class StopSession:
-    """A logged-in ssh connection to a remote node running :data:`REMOTE_STOP`: it stops that node's service at
-    end-of-input, which also comes when this process dies and the kernel closes the socket."""
+class _Gate:
+    """A lock file: mpirun's ssh commands wait for a shared lock on it, which they get once it is not closed (held
+    exclusively by us) any more."""
 
-    connection: sshprobe.Connection
-    channel: int
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.is_open = False
+        self._fd: int | None = None
 
-    def stop(self, timeout: float) -> bool:
-        """End its input; True once the remote side says it stopped the service."""
-        self.connection.deadline = time.monotonic() + timeout
+    def close(self) -> None:
+        self._fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600)  # not inherited by children (PEP 446)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def open(self) -> None:
+        assert self._fd is not None
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        self.is_open = True
+
+    def release(self) -> None:
+        """Let go of the file (open or not: call it only once whatever waits at the gate is gone)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _kill_gated(child: subprocess.Popen[bytes]) -> None:
+    """Kill an mpirun that never got through the gate, and everything it started (its ssh commands wait at the gate):
+    nothing of it reached another node, so nothing is left anywhere."""
+    import psutil
+
+    if child.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        child.send_signal(signal.SIGSTOP)  # no new children while we collect them
         try:
-            return sshprobe.end_input_and_read(self.connection, self.channel, STOPPED)
-        except ServiceError:
-            return False
-        finally:
-            self.connection.close()
+            family = psutil.Process(child.pid).children(recursive=True)
+        except psutil.Error:
+            family = []
+        for process in family:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        child.kill()
+    child.wait()
 
 
-def _task_keys(secret: str | None) -> tuple[Any, Any] | None:
-    """(host public key, user private key) derived from the secret, if we have it (else they are read from the
-    client files per host)."""
-    if secret is None:
-        return None
-    user, host = derive_private_keys(secret)
-    return host.public_key(), user
-
-
-def _start_waiting(svc: sshd.Service, local: str | None, remote: Sequence[str], timeout: float,
-                   cancel: threading.Event, *, retry: bool = True,
-                   keys: tuple[Any, Any] | None = None) -> Callable[[], dict[str, Any]]:
-    """Start waiting for our service's banner (``local``) and for a stop session to every remote node; the
-    returned function joins and returns {host: True or its StopSession} for the hosts that answered. Without
-    ``retry``, one attempt per remote host (the value False marks a failed one)."""
-
-    def attempt(host: str, remaining: float) -> Any:
-        if host == local:
-            return _banner(host, svc.port, remaining)
-        session = _open_stop_session(svc, host, remaining, keys)
-        return session if session is not None or retry else False
-
-    return _until_answered([*([local] if local else []), *remote], attempt, timeout, cancel)
-
-
-def _until_answered(hosts: Sequence[str], attempt: Callable[[str, float], Any], timeout: float,
-                    cancel: threading.Event | None = None) -> Callable[[], dict[str, Any]]:
-    """Retry ``attempt(host, remaining)`` per host (one thread each, one deadline) until it returns non-None; the
-    returned function joins and returns {host: that value}."""
-    deadline = time.monotonic() + timeout
-    stop = cancel or threading.Event()
-    answered: dict[str, Any] = {}
-
-    def run(host: str) -> None:
-        while not stop.is_set() and (remaining := deadline - time.monotonic()) > 0:
-            value = attempt(host, remaining)
-            if value is not None:
-                answered[host] = value
-                return
-            stop.wait(min(0.05, max(0.0, deadline - time.monotonic())))
-
-    threads = [threading.Thread(target=run, args=(h,), daemon=True) for h in hosts]
-    for thread in threads:
-        thread.start()
-
-    def result() -> dict[str, Any]:
-        for thread in threads:
-            thread.join()
-        return dict(answered)
-
-    return result
-
-
-def _banner(host: str, port: int, remaining: float) -> bool | None:
-    try:
-        with socket.create_connection((host, port), timeout=min(1.0, remaining)) as conn:
-            return True if conn.recv(64).startswith(b"SSH-") else None
-    except OSError:
-        return None
-
-
-def _open_stop_session(svc: sshd.Service, host: str, remaining: float,
-                       keys: tuple[Any, Any] | None = None) -> StopSession | None:
-    try:
-        host_key, user_key = keys or load_probe_keys(svc.files, host, svc.port)
-        conn = sshprobe.login(host, svc.port, host_key=host_key, user_key=user_key, user=svc.user,
-                              timeout=min(2.0, remaining))
-    except ServiceError:
-        return None
-    try:
-        return StopSession(conn, sshprobe.start_command(conn, REMOTE_STOP))
-    except ServiceError:
-        conn.close()
-        return None
-
-
-def stop_services(svc: sshd.Service, remote: Sequence[str], sessions: dict[str, StopSession],
-                  skip: Sequence[str] = ()) -> dict[str, bool]:
-    """Stop every node's service: remote ones through their stop sessions (opened now if not yet), and ours
-    while they work. A remote service counts as stopped once its session says so."""
-    missing = [h for h in remote if h not in sessions and h not in skip]
-    if missing:
-        opened = _start_waiting(svc, None, missing, STOP_TIMEOUT, threading.Event(), retry=False)()
-        sessions.update({h: v for h, v in opened.items() if isinstance(v, StopSession)})
-    stopped: dict[str, bool] = dict.fromkeys(remote, False)
-
-    def stop(host: str, session: StopSession) -> None:
-        stopped[host] = session.stop(STOP_TIMEOUT)
-
-    threads = [threading.Thread(target=stop, args=item, daemon=True) for item in sessions.items()]
-    for thread in threads:
-        thread.start()
+def stop_services(svc: sshd.Service, masters: Masters) -> dict[str, bool]:
+    """Stop every node's service: the remote ones through their masters, ours meanwhile. A remote service counts as
+    stopped once its master's session says so; one that never answered cannot be stopped (False)."""
+    stopped = dict.fromkeys(masters.hosts, False)
+    remote = threading.Thread(target=lambda: stopped.update(masters.stop(STOP_TIMEOUT)), daemon=True)
+    remote.start()
     stopped[svc.address] = sshd.stop(svc)
-    for thread in threads:
-        thread.join()
+    remote.join()
     return stopped
 
 
+@dataclass
+class _Signals:
+    """What SIGTERM and SIGINT do while :func:`_forwarding_signals` is active."""
+
+    targets: list[subprocess.Popen[bytes]] = field(default_factory=list)  # forwarded to these (mpirun), once any
+    deferred: bool = False  # no target yet, and now is no time to raise: keep the signal in ``pending``
+    pending: int | None = None
+
+    @contextlib.contextmanager
+    def deferring(self) -> Iterator[None]:
+        """Within the block a signal only sets ``pending`` (so mpirun cannot start unbeknown to us); after it, a
+        pending one ends the launch."""
+        self.deferred = True
+        try:
+            yield
+        finally:
+            self.deferred = False
+        if self.pending is not None:
+            raise _interrupted(self.pending)
+
+
+def _interrupted(signum: int) -> TaskFailed:
+    error = TaskFailed(f"launch interrupted by {signal.Signals(signum).name} while waiting for the coordination "
+                       "services, before mpirun reached any node")
+    error.exit_code = 128 + signum
+    return error
+
+
 @contextlib.contextmanager
-def _forwarding_signals(cancel: threading.Event) -> Iterator[list[subprocess.Popen[bytes]]]:
-    """While active, SIGTERM and SIGINT go to the processes in the yielded list (mpirun); before there is one,
-    they cancel the launch (TaskFailed, exit code 128+N) so the report is written and the services stopped."""
-    targets: list[subprocess.Popen[bytes]] = []
+def _forwarding_signals() -> Iterator[_Signals]:
+    """While active, SIGTERM and SIGINT go to the processes in ``targets`` (mpirun, once through the gate); before
+    there is one, they end the launch (TaskFailed, exit code 128+N): mpirun is killed, the report written and the
+    services stopped."""
+    state = _Signals()
 
     def forward(signum: int, _frame: object) -> None:
-        if not targets:
-            cancel.set()
-            error = TaskFailed(f"launch interrupted by {signal.Signals(signum).name} before mpirun started")
-            error.exit_code = 128 + signum
-            raise error
-        for child in targets:
+        if not state.targets:
+            if state.deferred:
+                state.pending = signum
+                return
+            raise _interrupted(signum)
+        for child in state.targets:
             with contextlib.suppress(ProcessLookupError):
                 child.send_signal(signum)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        yield targets
+        yield state
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

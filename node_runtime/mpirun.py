@@ -75,6 +75,7 @@ class LaunchSpec:
     environment_names: tuple[str, ...] = ()  # exported by name: the keys of ranks_environment()
     hostfile: Path | None = None  # use this hostfile (see hostfile_text) instead of listing hosts
     ssh_wrapper: Path | None = None  # MPICH/Intel MPI: executable running `ssh -F ssh_config "$@"`
+    gate: Path | None = None  # a lock file: each ssh of mpirun waits for a shared lock on it (see ssh_command)
     interface: str | None = None  # MPICH/Intel MPI: network interface name (-iface)
     as_root: bool = False
     mpirun: str = "mpirun"
@@ -123,11 +124,12 @@ def _spec_problems(spec: LaunchSpec) -> list[str]:
     elif spec.command[0].startswith("-"):
         problems.append(f"command {spec.command[0]!r}: a program cannot start with '-' (mpirun would read an option)")
     for label, path in (("ssh_config", spec.ssh_config), ("working_dir", spec.working_dir),
-                        ("hostfile", spec.hostfile), ("ssh_wrapper", spec.ssh_wrapper)):
+                        ("hostfile", spec.hostfile), ("ssh_wrapper", spec.ssh_wrapper), ("gate", spec.gate)):
         if path is not None and not path.is_absolute():
             problems.append(f"{label}={str(path)!r}: must be an absolute path")
-    if re.search(r"[\s'\"\\]", str(spec.ssh_config)):
-        problems.append(f"ssh_config={str(spec.ssh_config)!r}: must not contain blanks, quotes or backslashes")
+    for label, path in (("ssh_config", spec.ssh_config), ("gate", spec.gate)):  # both go into Open MPI's agent
+        if path is not None and re.search(r"[\s'\"\\]", str(path)):
+            problems.append(f"{label}={str(path)!r}: must not contain blanks, quotes or backslashes")
     for name in spec.environment_names:
         if name == SECRET_VARIABLE:
             problems.append(f"environment_names: {SECRET_VARIABLE} can never be exported to the ranks")
@@ -155,7 +157,7 @@ def _openmpi_options(spec: LaunchSpec) -> list[str]:
     else:
         options += ["--host", ",".join(f"{host}:{spec.ppn}" for host in spec.hosts)]
     for name, value in (("pml", "ob1"), ("btl", "self,vader,tcp"), ("btl_tcp_if_include", spec.networks),
-                        ("oob_tcp_if_include", spec.networks), ("plm_rsh_agent", "ssh"),
+                        ("oob_tcp_if_include", spec.networks), ("plm_rsh_agent", " ".join(ssh_command(spec.gate))),
                         ("plm_rsh_args", f"-F {spec.ssh_config}")):
         options += ["--mca", name, value]
     options += ["--wdir", str(spec.working_dir)]
@@ -190,9 +192,16 @@ def hostfile_text(flavor: MpiFlavor, hosts: Sequence[str], ppn: int) -> str:
     return "".join(f"{host}:{ppn}\n" for host in hosts)
 
 
-def ssh_wrapper_script(ssh_config: Path) -> str:
+def ssh_command(gate: Path | None) -> list[str]:
+    """How mpirun starts ssh: plain ``ssh``, or, with a ``gate``, ``flock -s -o GATE ssh``: it waits until it gets a
+    shared lock on the gate (launch holds it exclusively until every node's service answered), then runs ssh."""
+    return ["ssh"] if gate is None else ["flock", "-s", "-o", str(gate), "ssh"]
+
+
+def ssh_wrapper_script(ssh_config: Path, gate: Path | None = None) -> str:
     """A POSIX sh script that runs ssh with the task's config (for MPICH's and Intel MPI's launcher)."""
-    return f'#!/bin/sh\nexec ssh -F {shlex.quote(str(ssh_config))} "$@"\n'
+    command = " ".join(shlex.quote(word) for word in ssh_command(gate))
+    return f'#!/bin/sh\nexec {command} -F {shlex.quote(str(ssh_config))} "$@"\n'
 
 
 def spec_for_node(
@@ -206,6 +215,7 @@ def spec_for_node(
     as_root: bool,
     hostfile: Path | None = None,
     ssh_wrapper: Path | None = None,
+    gate: Path | None = None,
     interface: str | None = None,
     mpirun: str = "mpirun",
     extra_args: Sequence[str] = (),
@@ -215,5 +225,5 @@ def spec_for_node(
     return LaunchSpec(flavor=flavor, hosts=env.hosts_primary_first, ppn=ppn, command=tuple(command),
                       ssh_config=ssh_config, working_dir=env.working_dir,
                       environment_names=tuple(ranks_environment(environ, env.export_names)), hostfile=hostfile,
-                      ssh_wrapper=ssh_wrapper, interface=interface, as_root=as_root, mpirun=mpirun,
+                      ssh_wrapper=ssh_wrapper, gate=gate, interface=interface, as_root=as_root, mpirun=mpirun,
                       extra_args=tuple(extra_args))

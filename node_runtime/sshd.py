@@ -167,6 +167,9 @@ def render_client_config(service: Service, *, connect_timeout: int = 5) -> str:
         "  ForwardAgent no",
         "  ForwardX11 no",
         "  ServerAliveInterval 15",
+        # launch's master connection to a node (node_runtime/masters.py), if there is one, carries the session
+        f"  ControlPath {service.tmp_dir}/cm-%h",
+        "  ControlMaster no",
         "  LogLevel ERROR",
         "",
     ])

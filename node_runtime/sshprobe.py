@@ -33,8 +33,7 @@ HOST_KEY_ALG, CIPHER, MAC = b"ssh-ed25519", b"aes128-ctr", b"hmac-sha2-256"
 MSG_DISCONNECT, MSG_IGNORE, MSG_DEBUG, MSG_SERVICE_REQUEST, MSG_SERVICE_ACCEPT = 1, 2, 4, 5, 6
 MSG_EXT_INFO, MSG_KEXINIT, MSG_NEWKEYS, MSG_KEX_ECDH_INIT, MSG_KEX_ECDH_REPLY = 7, 20, 21, 30, 31
 MSG_USERAUTH_REQUEST, MSG_USERAUTH_FAILURE, MSG_USERAUTH_SUCCESS, MSG_USERAUTH_BANNER = 50, 51, 52, 53
-MSG_GLOBAL_REQUEST, MSG_CHANNEL_OPEN, MSG_CHANNEL_OPEN_CONFIRMATION, MSG_CHANNEL_WINDOW_ADJUST = 80, 90, 91, 93
-MSG_CHANNEL_DATA, MSG_CHANNEL_EOF, MSG_CHANNEL_CLOSE, MSG_CHANNEL_REQUEST, MSG_CHANNEL_SUCCESS = 94, 96, 97, 98, 99
+MSG_GLOBAL_REQUEST = 80
 SKIPPED = (MSG_IGNORE, MSG_DEBUG, MSG_EXT_INFO, MSG_USERAUTH_BANNER, MSG_GLOBAL_REQUEST)  # OpenSSH's: no reply wanted
 MAX_PACKET = 256 * 1024
 
@@ -204,17 +203,7 @@ def _negotiated(server_kexinit: bytes) -> bytes:
 def probe(address: str, port: int, *, host_key: Ed25519PublicKey, user_key: Ed25519PrivateKey, user: str,
           timeout: float = 10.0) -> None:
     """Log in to the SSH server on ``address``:``port`` as ``user`` with ``user_key``, requiring its host key to be
-    ``host_key``; raises :class:`ServiceError` naming the step that failed."""
-    conn = login(address, port, host_key=host_key, user_key=user_key, user=user, timeout=timeout)
-    try:
-        conn.send(bytes([MSG_DISCONNECT]) + struct.pack(">I", 11) + string(b"verified") + string(b""))
-    finally:
-        conn.close()
-
-
-def login(address: str, port: int, *, host_key: Ed25519PublicKey, user_key: Ed25519PrivateKey, user: str,
-          timeout: float = 10.0) -> Connection:
-    """:func:`probe`, but returns the logged-in connection (its deadline: ``timeout`` from now)."""
+    ``host_key``, then disconnect; raises :class:`ServiceError` naming the step that failed."""
     conn = Connection(address, port, time.monotonic() + timeout)
     try:
         shared, h = _key_exchange(conn, host_key)
@@ -228,36 +217,9 @@ def login(address: str, port: int, *, host_key: Ed25519PublicKey, user_key: Ed25
         conn.out = _Direction(conn.out.seq, aes(key(b"A", 16), key(b"C", 16)), key(b"E", 32))
         conn.inc = _Direction(conn.inc.seq, aes(key(b"B", 16), key(b"D", 16)), key(b"F", 32))
         _login(conn, h, user, user_key)
-    except BaseException:
+        conn.send(bytes([MSG_DISCONNECT]) + struct.pack(">I", 11) + string(b"verified") + string(b""))
+    finally:
         conn.close()
-        raise
-    return conn
-
-
-def start_command(conn: Connection, command: str) -> int:
-    """Open a session channel on a logged-in connection and run ``command`` in it; returns the server's channel id."""
-    conn.send(bytes([MSG_CHANNEL_OPEN]) + string(b"session") + struct.pack(">III", 0, 1 << 20, 32768))
-    (channel,) = struct.unpack(">I", conn.expect(MSG_CHANNEL_OPEN_CONFIRMATION, "the session open").take(8)[4:])
-    conn.send(bytes([MSG_CHANNEL_REQUEST]) + struct.pack(">I", channel) + string(b"exec") + b"\1"
-              + string(command.encode()))
-    while (answer := conn.recv())[0] == MSG_CHANNEL_WINDOW_ADJUST:
-        pass
-    if answer[0] != MSG_CHANNEL_SUCCESS:
-        raise ServiceError(f"the SSH server refused to run the command (message {answer[0]})")
-    return int(channel)
-
-
-def end_input_and_read(conn: Connection, channel: int, until: bytes) -> bool:
-    """Send end-of-input to ``channel``, then read its output until it contains ``until`` (True) or ends (False)."""
-    conn.send(bytes([MSG_CHANNEL_EOF]) + struct.pack(">I", channel))
-    output = b""
-    while until not in output:
-        payload = conn.recv()
-        if payload[0] == MSG_CHANNEL_DATA:
-            output += Reader(payload[5:]).string()
-        elif payload[0] in (MSG_CHANNEL_EOF, MSG_CHANNEL_CLOSE):
-            return False
-    return True
 
 
 def _key_exchange(conn: Connection, host_key: Ed25519PublicKey) -> tuple[bytes, bytes]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import time
@@ -51,6 +52,39 @@ def test_ranks_run_on_distinct_nodes_and_collectives_agree(netns_cluster: Cluste
     # The launch stopped every node's service.
     assert data["services_stopped"] == dict.fromkeys(cluster.addresses, True)
     assert not any(sshd_running(cluster, i) for i in range(3))
+    # One login per remote node besides coordinate's own check: launch's master, which mpirun's session went through.
+    assert [logins(cluster, i) for i in (1, 2)] == [2, 2]
+
+
+def logins(cluster: NetnsCluster, i: int) -> int:
+    """The logins node ``i``'s service accepted (its log starts afresh with each start of the service)."""
+    return (cluster.nodes[i].task_dir / ".mpilaunch" / "sshd.log").read_text().count("Accepted publickey")
+
+
+def test_a_service_that_comes_up_late_is_waited_for(netns_cluster: Cluster) -> None:
+    cluster = netns_cluster(3)
+    coordinate(cluster, 0, 1)
+    node = cluster.nodes[0]
+    argv = cluster.argv_on(0, [str(VENV_BIN / "node-runtime"), "launch", "--timeout", "60", "--", *PROBE])
+    with reaped(subprocess.Popen(argv, env=node.env, cwd=node.working_dir, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)) as child:
+        time.sleep(1.5)
+        coordinate(cluster, 2)
+        stdout, stderr = child.communicate(timeout=120)
+    assert child.returncode == 0, stderr
+    assert [r["hostname"] for r in ranks(stdout)] == ["node0", "node1", "node2"]
+    assert report(cluster)["timings"]["wait_services_s"] >= 1.5
+
+
+def test_a_node_with_another_host_key_is_named_with_sshs_reason(netns_cluster: Cluster) -> None:
+    cluster = netns_cluster(2)
+    coordinate(cluster, 0)
+    other = cluster.node_runtime(1, "coordinate", env={"MPILAUNCH_TASK_SECRET": secrets.token_urlsafe(32)})
+    assert other.returncode == 0, other.stderr  # a service with another task's keys
+    done = cluster.node_runtime(0, "launch", "--timeout", "2", "--", *PROBE, timeout=60)
+    assert done.returncode == 3, done.stderr
+    assert f"{cluster.addresses[1]}: Host key verification failed." in done.stderr
+    assert report(cluster)["unreachable"] == [cluster.addresses[1]]
 
 
 def test_processes_per_node_and_exit_code_propagate(netns_cluster: Cluster) -> None:
@@ -76,8 +110,12 @@ def test_a_node_that_never_coordinated_fails_the_launch_in_time(netns_cluster: C
     assert f"1 host(s): {missing} " in done.stderr
     assert 2 <= elapsed < 10
     data = report(cluster)
-    assert data["unreachable"] == [missing] and data["exit_code"] == 3 and data["argv"] == []
+    assert data["unreachable"] == [missing] and data["exit_code"] == 3
+    assert "mpirun was stopped before it reached any node" in done.stderr
+    assert f"{missing}: " in done.stderr and "Connection refused" in done.stderr  # ssh's own words, per host
     assert not sshd_running(cluster, 0) and not sshd_running(cluster, 1)  # the others were still stopped
+    # mpirun started meanwhile, but its ssh commands waited at the gate: it and they are gone, and no daemon ran
+    assert not cluster.pids(0) and not cluster.pids(1), done.stderr
 
 
 def test_a_node_whose_link_is_down_fails_the_launch_in_time(netns_cluster: Cluster) -> None:
@@ -156,10 +194,12 @@ def test_sigterm_while_waiting_for_services_ends_the_launch_cleanly(netns_cluste
         _, stderr = child.communicate(timeout=30)
     assert child.returncode == 128 + signal.SIGTERM, stderr
     assert time.monotonic() - started < 10
-    assert "interrupted by SIGTERM before mpirun started" in stderr
+    assert "interrupted by SIGTERM while waiting for the coordination services" in stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr  # ours only: mpirun's ssh never got past the gate
     data = report(cluster)
-    assert data["exit_code"] == 128 + signal.SIGTERM and data["argv"] == []
+    assert data["exit_code"] == 128 + signal.SIGTERM
     assert not sshd_running(cluster, 0)
+    assert not cluster.pids(0)  # mpirun and its ssh commands waiting at the gate were killed
 
 
 def test_remote_services_stop_even_if_launch_is_killed_outright(netns_cluster: Cluster) -> None:

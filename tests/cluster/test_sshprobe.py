@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from mpilaunch.errors import ServiceError
 from node_runtime import keys, sshd
-from node_runtime.sshprobe import end_input_and_read, login, probe, start_command
+from node_runtime.sshprobe import probe
 
 
 def free_port(address: str) -> int:
@@ -75,18 +75,6 @@ def test_verify_fails_when_authorized_keys_do_not_hold_the_task_key(service: ssh
     service.files.authorized_keys.write_text(keys.derive_keys(secrets.token_urlsafe(32)).user_public + "\n")
     with pytest.raises(ServiceError, match=f"{service.listen} failed its check: .*does not accept"):
         sshd.verify(service)
-
-
-@pytest.mark.parametrize(("said", "seen"), [("the-marker", True), ("something-else", False)])
-def test_a_command_runs_until_end_of_input_and_its_output_is_read(service: sshd.Service, said: str,
-                                                                   seen: bool) -> None:
-    host_key, user_key = keys.load_probe_keys(service.files, service.address, service.port)
-    conn = login(service.address, service.port, host_key=host_key, user_key=user_key, user=service.user)
-    try:
-        channel = start_command(conn, f"read _ ; echo {said}")
-        assert end_input_and_read(conn, channel, b"the-marker\n") is seen
-    finally:
-        conn.close()
 
 
 def serve_once(answer: bytes | None) -> tuple[int, threading.Thread]:

@@ -1,100 +1,73 @@
-"""Pieces of launch that need no cluster: waiting for services under a deadline, the report's secret scrubbing."""
+"""Pieces of launch that need no cluster: the gate mpirun's ssh waits at, the report's secret scrubbing, the
+MPICH/Intel MPI wrapper."""
 
 from __future__ import annotations
 
 import json
 import secrets
 import shutil
-import socket
 import stat
-import threading
+import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
+from mpilaunch import proc
 from node_runtime.coordinate import prepare
 from node_runtime.env import NodeEnvironment
-from node_runtime.launch import REPORT_NAME, Report, _mpirun_command, wait_for_services
-from node_runtime.mpirun import MpiFlavor
+from node_runtime.launch import REPORT_NAME, Report, _Gate, _kill_gated, _mpirun_command
+from node_runtime.mpirun import MpiFlavor, ssh_command
 
 
-def serve(banner: bytes) -> Iterator[int]:
-    """A TCP server on 127.0.0.1 that greets every connection with ``banner``; yields its port."""
-    server = socket.create_server(("127.0.0.1", 0))
-    stop = threading.Event()
-
-    def accept() -> None:
-        server.settimeout(0.05)
-        while not stop.is_set():
-            try:
-                conn, _ = server.accept()
-            except TimeoutError:
-                continue
-            with conn:
-                conn.sendall(banner)
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
+def test_mpiruns_ssh_waits_at_the_gate_until_it_opens(tmp_path: Path) -> None:
+    """The real ``flock`` of :func:`ssh_command` (with ``true`` standing in for ssh) waits while launch holds the
+    gate, and goes on as soon as it opens."""
+    gate = _Gate(tmp_path / "gate.lock")
+    gate.close()
     try:
-        yield server.getsockname()[1]
+        argv = [*ssh_command(gate.path)[:-1], "true"]
+        waiting = subprocess.Popen(argv)
+        with pytest.raises(subprocess.TimeoutExpired):
+            waiting.wait(0.5)
+        gate.open()
+        assert waiting.wait(10) == 0
+        assert subprocess.run(argv, timeout=10, check=False).returncode == 0  # open stays open
     finally:
-        stop.set()
-        thread.join(5)
-        server.close()
+        gate.release()
+        if waiting.poll() is None:
+            waiting.kill()
 
 
-@pytest.fixture
-def ssh_like() -> Iterator[int]:
-    yield from serve(b"SSH-2.0-OpenSSH_9.2\r\n")
-
-
-@pytest.fixture
-def not_ssh() -> Iterator[int]:
-    yield from serve(b"HTTP/1.1 400 Bad Request\r\n\r\n")
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def test_answering_services_are_found_at_once(ssh_like: int) -> None:
-    started = time.monotonic()
-    assert wait_for_services(["127.0.0.1"], ssh_like, timeout=5) == []
-    assert time.monotonic() - started < 1
-
-
-def test_silent_or_foreign_services_are_reported_at_the_deadline(not_ssh: int) -> None:
-    port = closed_port()
-    started = time.monotonic()
-    assert wait_for_services(["127.0.0.1"], port, timeout=0.5) == ["127.0.0.1"]
-    assert wait_for_services(["127.0.0.1"], not_ssh, timeout=0.5) == ["127.0.0.1"]
-    assert 1.0 <= time.monotonic() - started < 3
-
-
-def test_a_service_that_comes_up_late_is_waited_for() -> None:
-    port = closed_port()
-    server = socket.socket()
-    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-
-    def late() -> None:
-        time.sleep(0.3)
-        server.bind(("127.0.0.1", port))
-        server.listen()
-        conn, _ = server.accept()
-        conn.sendall(b"SSH-2.0-late\r\n")
-        conn.close()
-
-    thread = threading.Thread(target=late, daemon=True)
-    thread.start()
+def dead(process: psutil.Process) -> bool:
     try:
-        assert wait_for_services(["127.0.0.1"], port, timeout=5) == []
+        return process.status() == psutil.STATUS_ZOMBIE  # orphans need not be reaped at once
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_killing_a_gated_mpirun_kills_what_waits_at_the_gate(tmp_path: Path) -> None:
+    """An "mpirun" whose children wait at the gate: killed with them, none of them ever runs its command."""
+    gate = _Gate(tmp_path / "gate.lock")
+    gate.close()
+    ran = tmp_path / "ran"
+    waiter = " ".join([*ssh_command(gate.path)[:-1], "touch", str(ran)])
+    child = proc.spawn(["sh", "-c", f"{waiter} & {waiter} & wait"])
+    try:
+        time.sleep(0.5)
+        family = psutil.Process(child.pid).children(recursive=True)
+        assert len(family) == 2
+        _kill_gated(child)
+        assert child.returncode is not None
+        deadline = time.monotonic() + 5
+        while not all(map(dead, family)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert all(map(dead, family))
     finally:
-        thread.join(5)
-        server.close()
+        gate.release()
+    time.sleep(0.3)
+    assert not ran.exists()
 
 
 def test_report_never_contains_the_secret(tmp_path: Path) -> None:
@@ -126,12 +99,12 @@ def test_hydra_flavours_get_an_ssh_wrapper_and_a_hostfile(tmp_path: Path, flavor
     svc = prepare(env)
     try:
         argv, mpirun_env = _mpirun_command(env, environ, svc, flavor=flavor, ppn=2, command=["python3", "app.py"],
-                                           mpirun="/usr/bin/mpiexec")
+                                           mpirun="/usr/bin/mpiexec", gate=svc.files.directory / "gate.lock")
     finally:
         shutil.rmtree(svc.tmp_dir, ignore_errors=True)
     wrapper, hostfile = svc.files.directory / "ssh-wrapper", svc.files.directory / "hostfile"
     assert stat.S_IMODE(wrapper.stat().st_mode) == 0o700
-    assert f"ssh -F {svc.client_config}" in wrapper.read_text()
+    assert f"flock -s -o {svc.files.directory / 'gate.lock'} ssh -F {svc.client_config}" in wrapper.read_text()
     assert hostfile.read_text() == "10.0.0.4:2\n10.0.0.5:2\n"  # the primary first: rank 0 runs there
     assert str(wrapper) in argv and str(hostfile) in argv
     assert argv[-2:] == [shutil.which("python3", path="/usr/bin:/bin"), "app.py"]  # resolved on PATH

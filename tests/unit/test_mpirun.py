@@ -13,6 +13,7 @@ import shutil
 import stat
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,7 @@ ENVIRON = {
 }
 SSH_CONFIG = Path(f"{TASK}/.mpilaunch/ssh_config")
 WRAPPER = Path(f"{TASK}/.mpilaunch/ssh")
+GATE = Path(f"{TASK}/.mpilaunch/gate.lock")
 COMMAND = ("/opt/venv/bin/python", "app.py", "--steps", "10")
 
 
@@ -54,7 +56,7 @@ def node() -> NodeEnvironment:
 
 
 GOLDEN_SPECS = {
-    "openmpi": dict(flavor=MpiFlavor.OPENMPI, ppn=2, as_root=True),
+    "openmpi": dict(flavor=MpiFlavor.OPENMPI, ppn=2, as_root=True, gate=GATE),
     "openmpi-hostfile": dict(flavor=MpiFlavor.OPENMPI, ppn=1, as_root=False, hostfile=Path(f"{TASK}/wd/hostfile"),
                              extra_args=("--bind-to", "none")),
     "mpich": dict(flavor=MpiFlavor.MPICH, ppn=4, as_root=True, ssh_wrapper=WRAPPER, interface="eth0"),
@@ -94,6 +96,8 @@ def test_open_mpi_command_line_essentials() -> None:
     mca = {argv[i + 1]: argv[i + 2] for i, a in enumerate(argv) if a == "--mca"}
     assert mca == {"pml": "ob1", "btl": "self,vader,tcp", "btl_tcp_if_include": "10.0.0.4/30",
                    "oob_tcp_if_include": "10.0.0.4/30", "plm_rsh_agent": "ssh", "plm_rsh_args": f"-F {SSH_CONFIG}"}
+    gated = build_mpirun_argv(replace(spec, gate=GATE))
+    assert ("plm_rsh_agent", f"flock -s -o {GATE} ssh") in itertools.pairwise(gated)
     exported = [argv[i + 1] for i, a in enumerate(argv) if a == "-x"]
     assert exported == ["PATH", "VIRTUAL_ENV", "MPILAUNCH_CHECKPOINT_URL", "MPILAUNCH_EXPORT_ENV",
                         "MPILAUNCH_SSH_PORT", "OMP_NUM_THREADS", "DATA"]
@@ -138,6 +142,8 @@ def _spec(**changes: object) -> LaunchSpec:
     ({"command": ()}, "a program to run"), ({"command": ("-x", "y")}, "'-x'"),
     ({"ssh_config": Path("ssh_config")}, "ssh_config='ssh_config'"),
     ({"ssh_config": Path("/my dir/ssh_config")}, "'/my dir/ssh_config': must not contain blanks"),
+    ({"gate": Path("/my dir/gate.lock")}, "gate='/my dir/gate.lock': must not contain blanks"),
+    ({"gate": Path("gate.lock")}, "gate='gate.lock': must be an absolute path"),
     ({"working_dir": Path("wd")}, "working_dir='wd'"),
     ({"environment_names": ("PATH", SECRET_VARIABLE)}, f"{SECRET_VARIABLE} can never be exported"),
     ({"environment_names": ("A,B",)}, "'A,B' is not a variable name"),
@@ -220,6 +226,13 @@ def test_ssh_wrapper_passes_every_argument(tmp_path: Path) -> None:
     done = subprocess.run([str(wrapper), "-x", "10.0.0.5", "proxy --arg 'two words'"], capture_output=True,
                           text=True, env={"PATH": f"{bin_dir}:/usr/bin:/bin"}, timeout=10, check=True)
     assert done.stdout.splitlines() == ["-F", str(config), "-x", "10.0.0.5", "proxy --arg 'two words'"]
+    gate = tmp_path / "odd dir" / "gate lock"
+    wrapper.write_text(ssh_wrapper_script(config, gate))
+    gate.parent.mkdir()
+    done = subprocess.run([str(wrapper), "10.0.0.5", "cmd"], capture_output=True, text=True,
+                          env={"PATH": f"{bin_dir}:/usr/bin:/bin"}, timeout=10, check=True)
+    assert done.stdout.splitlines() == ["-F", str(config), "10.0.0.5", "cmd"]  # through flock, once it got the lock
+    assert gate.exists()
 
 
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="Open MPI is not installed")

@@ -1,0 +1,180 @@
+"""The remote nodes' services seen from the primary: one OpenSSH control master per remote node.
+
+A master is ``ssh -M -S <control socket> HOST <SESSION>`` with the task's ``ssh_config``, and it does three jobs:
+
+- its login is launch's wait for that node's service: the host key is pinned by the derived known_hosts and the
+  task's user key must be accepted, and the remote session says :data:`READY` once it runs;
+- mpirun's own ssh connections to that node go through its control socket (``ControlPath`` in ``ssh_config``)
+  instead of logging in again, so the wait costs mpirun nothing;
+- its session is that node's stop switch: after :data:`READY` it waits for end-of-input, then removes the node's
+  TMPDIR, ends its sshd listener (sessions already open, like mpirun's, finish normally) and says :data:`STOPPED`.
+  End-of-input also comes when launch dies, however it dies (its end of the socket closes), so the services never
+  outlive the launch.
+
+Each master's stdin, stdout and stderr are one socket of a socketpair (one descriptor per node on our side).
+Masters run in their own session: a terminal's Ctrl-C reaches mpirun, not the switches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mpilaunch import proc
+from mpilaunch.errors import InvalidInput
+from node_runtime.sshd import Service, clean_environ
+
+READY = "mpilaunch-service-ready"
+STOPPED = "mpilaunch-service-stopped"
+SESSION = (f'echo {READY}; read _ ; case $TMPDIR in */mpl-*) rm -rf "$TMPDIR" ;; esac; d=$MPILAUNCH_SERVICE_DIR; '
+           'p=$(cat "$d/sshd.pid") && grep -qs "$d/sshd_config" "/proc/$p/cmdline" && kill -TERM "$p" && '
+           f'rm -f "$d/sshd.pid" && echo {STOPPED}')
+RETRY_PAUSE = 0.2  # between attempts at a node that did not answer (its service may still be starting)
+CONNECT_TIMEOUT = 5.0
+
+
+def control_path(service: Service, host: str) -> Path:
+    """The control socket of the master to ``host``; ``ssh_config``'s ``ControlPath`` names the same file."""
+    return service.tmp_dir / f"cm-{host}"
+
+
+@dataclass
+class Master:
+    """A logged-in master: its process and our end of its stdin/stdout/stderr."""
+
+    host: str
+    process: subprocess.Popen[bytes]
+    end: socket.socket
+
+    def stop(self, timeout: float) -> bool:
+        """End its input; True once the remote side says it stopped the service. The master then exits."""
+        deadline = time.monotonic() + timeout
+        try:
+            self.end.shutdown(socket.SHUT_WR)
+            said = _read_until(self.end, STOPPED.encode(), deadline)
+        except OSError:
+            said = b""
+        finally:
+            self.end.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(max(0.1, deadline - time.monotonic()))
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        return STOPPED.encode() in said
+
+
+@dataclass
+class Masters:
+    """Open a master to every host of ``hosts`` in parallel (threads), retrying until ``timeout``.
+
+    :meth:`wait` joins them and returns the hosts that never answered; :meth:`cancel` ends the waiting early;
+    :meth:`stop` stops every opened master's node.
+    """
+
+    service: Service
+    hosts: Sequence[str]
+    timeout: float
+    opened: dict[str, Master] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)  # host: ssh's last words, for a node that never answered
+    _cancelled: threading.Event = field(default_factory=threading.Event)
+    _attempts: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _threads: list[threading.Thread] = field(default_factory=list)
+
+    def start(self) -> None:
+        ssh = shutil.which("ssh")
+        if ssh is None:
+            raise InvalidInput("ssh not found on PATH: install an ssh client (Debian: openssh-client) on the task's "
+                               "image")
+        self.service.tmp_dir.mkdir(mode=0o700, exist_ok=True)
+        deadline = time.monotonic() + self.timeout
+        self._threads = [threading.Thread(target=self._open, args=(ssh, h, deadline), daemon=True)
+                         for h in self.hosts]
+        for thread in self._threads:
+            thread.start()
+
+    def wait(self) -> list[str]:
+        """Join the openers; the hosts that did not answer, in ``hosts`` order."""
+        for thread in self._threads:
+            thread.join()
+        return [h for h in self.hosts if h not in self.opened]
+
+    def cancel(self) -> None:
+        """Stop waiting: attempts under way are killed, none is started again (opened masters stay)."""
+        self._cancelled.set()
+        with self._lock:
+            for attempt in self._attempts.values():
+                with contextlib.suppress(ProcessLookupError):
+                    attempt.kill()
+
+    def stop(self, timeout: float) -> dict[str, bool]:
+        """Stop the services of every opened master (in parallel); {host: whether it said it stopped}."""
+        stopped = dict.fromkeys(self.opened, False)
+
+        def run(master: Master) -> None:
+            stopped[master.host] = master.stop(timeout)
+
+        threads = [threading.Thread(target=run, args=(m,), daemon=True) for m in self.opened.values()]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return stopped
+
+    def _open(self, ssh: str, host: str, deadline: float) -> None:
+        while not self._cancelled.is_set() and (remaining := deadline - time.monotonic()) > 0:
+            master = self._attempt(ssh, host, remaining)
+            if master is not None:
+                self.opened[host] = master
+                return
+            self._cancelled.wait(min(RETRY_PAUSE, max(0.0, deadline - time.monotonic())))
+
+    def _attempt(self, ssh: str, host: str, remaining: float) -> Master | None:
+        path = control_path(self.service, host)
+        path.unlink(missing_ok=True)  # a master refuses an existing socket (one a killed launch left)
+        ours, theirs = socket.socketpair()
+        argv = [ssh, "-F", str(self.service.client_config), "-M", "-S", str(path), "-o", "ControlPersist=no",
+                "-o", f"ConnectTimeout={math.ceil(min(CONNECT_TIMEOUT, remaining))}", host, SESSION]
+        with self._lock:
+            if self._cancelled.is_set():
+                ours.close()
+                theirs.close()
+                return None
+            process = proc.spawn(argv, env=clean_environ(), stdin=theirs.fileno(), stdout=theirs.fileno(),
+                                 stderr=theirs.fileno(), new_session=True)
+            self._attempts[host] = process
+        theirs.close()
+        said = _read_until(ours, READY.encode(), time.monotonic() + remaining)
+        with self._lock:
+            del self._attempts[host]
+        if READY.encode() in said:
+            return Master(host, process, ours)
+        ours.close()
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        lines = said.decode(errors="replace").strip().splitlines()
+        self.failures[host] = lines[-1] if lines else f"ssh exited with code {process.returncode}"
+        return None
+
+
+def _read_until(end: socket.socket, marker: bytes, deadline: float) -> bytes:
+    """What ``end`` says until ``marker`` (included), end-of-file, or ``deadline``."""
+    seen = b""
+    with contextlib.suppress(OSError):
+        while marker not in seen and (remaining := deadline - time.monotonic()) > 0:
+            end.settimeout(remaining)
+            chunk = end.recv(4096)
+            if not chunk:
+                break
+            seen += chunk
+    return seen
