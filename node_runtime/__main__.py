@@ -1,5 +1,7 @@
 """``python -m node_runtime`` is ``node-runtime``."""
 
+import sys
+
 from node_runtime.cli import main
 
-main()
+sys.exit(main())

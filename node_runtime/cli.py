@@ -1,23 +1,56 @@
-"""The ``node-runtime`` command line. Subcommands live in their own modules and are imported on use."""
+"""The ``node-runtime`` command line (argparse: it starts on every node in every task's critical path).
+
+Each subcommand is a ``node_runtime.cmd_*`` module with ``configure(parser)`` and ``run(args)``, whose docstring is
+its help; a module imports what its command needs only when ``run`` is called, so ``--help`` stays fast.
+"""
 
 from __future__ import annotations
 
-import click
+import argparse
+import sys
+from collections.abc import Sequence
 
 from mpilaunch import __version__
-from mpilaunch.clickutil import LazyGroup, entry_point
+from mpilaunch.errors import MpilaunchError
+from node_runtime import cmd_coordinate, cmd_env, cmd_launch
 
-COMMANDS: dict[str, str] = {
-    "env": "node_runtime.cmd_env:env",
-    "coordinate": "node_runtime.cmd_coordinate:coordinate",
-    "launch": "node_runtime.cmd_launch:launch",
-}
+PROG = "node-runtime"
+COMMANDS = (cmd_env, cmd_coordinate, cmd_launch)
 
 
-@click.group(cls=LazyGroup, lazy=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="node-runtime")
-def cli() -> None:
-    """Per-node runtime of an mpilaunch multi-instance task: environment, coordination service, MPI launch."""
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``node-runtime``; ``args.run(args)`` runs the chosen subcommand."""
+    parser = argparse.ArgumentParser(
+        prog=PROG, allow_abbrev=False,
+        description="Per-node runtime of an mpilaunch multi-instance task: environment, coordination service, "
+                    "MPI launch.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s, version {__version__}")
+    commands = parser.add_subparsers(prog=PROG, title="commands", metavar="COMMAND", required=True)
+    for module in COMMANDS:
+        doc = " ".join((module.run.__doc__ or "").split())
+        command = commands.add_parser(module.__name__.removeprefix("node_runtime.cmd_"), allow_abbrev=False,
+                                      help=doc.split(". ")[0].rstrip(".") + ".", description=doc)
+        module.configure(command)
+        command.set_defaults(run=module.run)
+    return parser
 
 
-main = entry_point(cli, "node-runtime")
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``node-runtime`` on ``argv`` (default: the command line) and return its exit code.
+
+    Usage errors exit 2 (argparse's message), :class:`MpilaunchError` becomes ``node-runtime: error: message`` and
+    its ``exit_code``, Ctrl-C exits 130; a command's int result is the exit code.
+    """
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # -h, --version or a usage error, already printed
+        return exc.code if isinstance(exc.code, int) else 0
+    try:
+        result = args.run(args)
+    except MpilaunchError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    return result if isinstance(result, int) else 0

@@ -2,27 +2,29 @@
 
 from __future__ import annotations
 
+import argparse
 import time
 
-import click
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--stop", action="store_true",
+                        help="Stop this node's coordination service instead of starting it.")
+    parser.add_argument("--sshd", dest="sshd_path", metavar="PATH",
+                        help="The sshd binary to run (default: sshd on PATH, else /usr/sbin/sshd).")
 
 
-@click.command("coordinate")
-@click.option("--stop", is_flag=True, help="Stop this node's coordination service instead of starting it.")
-@click.option("--sshd", "sshd_path", metavar="PATH",
-              help="The sshd binary to run (default: sshd on PATH, else /usr/sbin/sshd).")
-def coordinate(stop: bool, sshd_path: str | None) -> None:
+def run(args: argparse.Namespace) -> None:
     """Start this node's coordination service (sshd on the task port, task keys), verify it with a real ssh
     handshake, and exit 0. Idempotent: a live service is kept, a stale one replaced."""
     from node_runtime.coordinate import current_environment, start_service, stop_service
 
     started = time.monotonic()
     env = current_environment()
-    if stop:
+    if args.stop:
         stopped = stop_service(env)
-        click.echo(f"coordinate: service on {env.current_address}:{env.ssh_port} "
-                   + ("stopped" if stopped else "was not running"))
+        print(f"coordinate: service on {env.current_address}:{env.ssh_port} "
+              + ("stopped" if stopped else "was not running"))
         return
-    status, pid = start_service(env, sshd_path)
-    click.echo(f"coordinate: sshd on {env.current_address}:{env.ssh_port} {status} (pid {pid}), verified in "
-               f"{(time.monotonic() - started) * 1000:.0f} ms")
+    status, pid = start_service(env, args.sshd_path)
+    print(f"coordinate: sshd on {env.current_address}:{env.ssh_port} {status} (pid {pid}), verified in "
+          f"{(time.monotonic() - started) * 1000:.0f} ms")

@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
-import json
-
-import click
-
-from node_runtime.env import NodeEnvironment
+import argparse
 
 
-@click.command()
-@click.option("--json", "as_json", is_flag=True, help="Print the model as JSON.")
-def env(as_json: bool) -> None:
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", dest="as_json", action="store_true", help="Print the model as JSON.")
+
+
+def run(args: argparse.Namespace) -> None:
     """Print this node's environment model; exit 2 listing every problem if it is invalid."""
-    model = NodeEnvironment.current()
-    data = model.to_dict()
-    if as_json:
-        click.echo(json.dumps(data, indent=2))
+    from node_runtime.env import NodeEnvironment
+
+    data = NodeEnvironment.current().to_dict()
+    if args.as_json:
+        import json
+
+        print(json.dumps(data, indent=2))
         return
     width = max(map(len, data))
     for name, value in data.items():
         shown = "-" if value in (None, "", []) else ",".join(map(str, value)) if isinstance(value, list) else value
-        click.echo(f"{name:<{width}}  {shown}")
+        print(f"{name:<{width}}  {shown}")

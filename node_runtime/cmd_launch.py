@@ -1,18 +1,58 @@
-"""``node-runtime launch [--ppn N] [--mpi F] [--timeout S] -- COMMAND ARGS...``: the task's command line."""
+"""``node-runtime launch [--ppn N] [--mpi F] [--timeout S] [--] COMMAND ARGS...``: the task's command line."""
 
 from __future__ import annotations
 
-import click
+import argparse
 
 
-@click.command("launch", context_settings={"allow_interspersed_args": False})
-@click.option("--ppn", type=click.IntRange(min=1), default=1, show_default=True, help="MPI processes per node.")
-@click.option("--mpi", "flavor", type=click.Choice(["openmpi", "mpich", "intelmpi"]), default=None,
-              help="The MPI implementation of mpirun (default: detected from 'mpirun --version').")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
-              help="Seconds to wait for every node's coordination service to answer.")
-@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def launch(ppn: int, flavor: str | None, timeout: float, command: tuple[str, ...]) -> int:
+def _ppn(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
+    return value
+
+
+def _timeout(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number > 0")
+    return value
+
+
+class _Command(argparse.Action):
+    """COMMAND ARGS...: every argument from the program on (our options included), without a leading ``--``."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        command = list(values) if isinstance(values, list) else []
+        if command[:1] == ["--"]:
+            del command[0]
+        if not command:
+            parser.error("the following arguments are required: COMMAND")
+        setattr(namespace, self.dest, command)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.usage = "%(prog)s [-h] [--ppn N] [--mpi F] [--timeout S] [--] COMMAND ARGS..."
+    parser.add_argument("--ppn", type=_ppn, default=1, metavar="N",
+                        help="MPI processes per node (default: %(default)s).")
+    parser.add_argument("--mpi", dest="flavor", choices=["openmpi", "mpich", "intelmpi"], metavar="F",
+                        help="The MPI implementation of mpirun: %(choices)s (default: detected from "
+                             "'mpirun --version').")
+    parser.add_argument("--timeout", type=_timeout, default=30.0, metavar="S",
+                        help="Seconds to wait for every node's coordination service to answer (default: "
+                             "%(default)s).")
+    parser.add_argument("command", nargs=argparse.REMAINDER, action=_Command, metavar="COMMAND ARGS...",
+                        help="The program and its arguments; from the program on, options are the program's.")
+
+
+def run(args: argparse.Namespace) -> int:
     """Run COMMAND on every node of the task under mpirun (primary node only). Waits for every node's
     coordination service, streams output, forwards SIGTERM/SIGINT, exits with mpirun's exit code, writes
     launch-report.json in the working directory and stops every node's service at the end."""
@@ -23,5 +63,5 @@ def launch(ppn: int, flavor: str | None, timeout: float, command: tuple[str, ...
     from node_runtime.mpirun import MpiFlavor
 
     env = current_environment()
-    return launching.launch(env, os.environ, command, ppn=ppn, flavor=MpiFlavor(flavor) if flavor else None,
-                            timeout=timeout)
+    return launching.launch(env, os.environ, args.command, ppn=args.ppn,
+                            flavor=MpiFlavor(args.flavor) if args.flavor else None, timeout=args.timeout)

@@ -360,22 +360,23 @@ def _clean_environ(**changes: str) -> dict[str, str]:
     return environ
 
 
-def test_env_command_table_and_json() -> None:
-    from click.testing import CliRunner
-
-    from node_runtime.cli import cli
+def test_env_command_table_and_json(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from node_runtime.cli import main
 
     secret = secret_of(32, 9)
-    environ = base_environ(MPILAUNCH_NODE_ADDRESS="10.1.0.5", MPILAUNCH_TASK_SECRET=secret)
-    runner = CliRunner(env={**{v.name: None for v in VARIABLES}, **environ})  # None unsets
-    shown = runner.invoke(cli, ["env", "--json"])
-    assert shown.exit_code == 0, shown.output
-    data = json.loads(shown.output)
+    for variable in VARIABLES:
+        monkeypatch.delenv(variable.name, raising=False)
+    for name, value in base_environ(MPILAUNCH_NODE_ADDRESS="10.1.0.5", MPILAUNCH_TASK_SECRET=secret).items():
+        monkeypatch.setenv(name, value)
+    assert main(["env", "--json"]) == 0
+    shown = capsys.readouterr().out
+    data = json.loads(shown)
     assert data["hosts"] == ["10.1.0.4", "10.1.0.5", "10.1.0.6"] and data["current_address"] == "10.1.0.5"
-    assert data["task_secret_set"] is True and secret not in shown.output
-    table = runner.invoke(cli, ["env"])
-    assert table.exit_code == 0 and "10.1.0.4,10.1.0.5,10.1.0.6" in table.output and secret not in table.output
-    assert any(line.split() == ["current_address", "10.1.0.5"] for line in table.output.splitlines())
+    assert data["task_secret_set"] is True and secret not in shown
+    assert main(["env"]) == 0
+    table = capsys.readouterr().out
+    assert "10.1.0.4,10.1.0.5,10.1.0.6" in table and secret not in table
+    assert any(line.split() == ["current_address", "10.1.0.5"] for line in table.splitlines())
 
 
 def test_env_command_invalid_environment_exits_2_listing_problems() -> None:

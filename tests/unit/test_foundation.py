@@ -80,12 +80,16 @@ def _lazy_command() -> None:
     raise ServiceError("sshd did not answer on 10.0.0.2:2222")
 
 
-@pytest.mark.parametrize("module", ["mpilaunch.cli", "node_runtime.cli"])
+HELP = {"mpilaunch.cli": "from mpilaunch.cli import cli; from mpilaunch.clickutil import run_cli; "
+                         "code = run_cli(cli, 'prog', ['--help'])",
+        "node_runtime.cli": "from node_runtime.cli import main; code = main(['--help'])"}
+
+
+@pytest.mark.parametrize("module", HELP)
 def test_help_imports_no_azure(module: str) -> None:
     """``--help`` lists every subcommand, so it imports every command module: none may pull in an Azure SDK."""
-    code = (f"import sys; from {module} import cli; from mpilaunch.clickutil import run_cli; "
-            "code = run_cli(cli, 'prog', ['--help']); "
+    code = (f"import sys; {HELP[module]}; "
             "assert code == 0, code; assert not [m for m in sys.modules if m.startswith('azure')], 'azure imported'")
     done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert "Commands:" in done.stdout
+    assert "commands:" in done.stdout.lower()
