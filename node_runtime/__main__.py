@@ -1,7 +1,5 @@
 """``python -m node_runtime`` is ``node-runtime``."""
 
-import sys
+from node_runtime.cli import entry
 
-from node_runtime.cli import main
-
-sys.exit(main())
+entry()

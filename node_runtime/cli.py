@@ -7,6 +7,7 @@ its help; a module imports what its command needs only when ``run`` is called, s
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -54,3 +55,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     return result if isinstance(result, int) else 0
+
+
+def entry() -> None:
+    """The ``node-runtime`` program: :func:`main`, then exit at once with both streams flushed. This skips the
+    interpreter's teardown (~8 ms of module finalization), which every node pays in every task; nothing of ours
+    needs it (no atexit handlers, every file is closed by then)."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
