@@ -3,11 +3,12 @@
 A master is ``ssh -M -S <control socket> HOST <SESSION>`` with the task's ``ssh_config``, and it does three jobs:
 
 - its login is launch's wait for that node's service: the host key is pinned by the derived known_hosts and the
-  task's user key must be accepted, and the remote session says :data:`READY` once it runs;
+  task's user key must be accepted; ssh creates the control socket only once logged in, so its appearance is the
+  answer (ssh exiting instead, with its reason, is a failed attempt);
 - mpirun's own ssh connections to that node go through its control socket (``ControlPath`` in ``ssh_config``)
   instead of logging in again, so the wait costs mpirun nothing;
-- its session is that node's stop switch: after :data:`READY` it waits for end-of-input, then removes the node's
-  TMPDIR, ends its sshd listener (sessions already open, like mpirun's, finish normally) and says :data:`STOPPED`.
+- its session is that node's stop switch: it waits for end-of-input, then ends the node's sshd
+  listener (sessions already open, like mpirun's, finish normally), says :data:`STOPPED` and removes its TMPDIR.
   End-of-input also comes when launch dies, however it dies (its end of the socket closes), so the services never
   outlive the launch.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import select
 import shutil
 import socket
 import subprocess
@@ -32,13 +34,15 @@ from mpilaunch import proc
 from mpilaunch.errors import InvalidInput
 from node_runtime.sshd import Service, clean_environ
 
-READY = "mpilaunch-service-ready"
 STOPPED = "mpilaunch-service-stopped"
-SESSION = (f'echo {READY}; read _ ; case $TMPDIR in */mpl-*) rm -rf "$TMPDIR" ;; esac; d=$MPILAUNCH_SERVICE_DIR; '
-           'p=$(cat "$d/sshd.pid") && grep -qs "$d/sshd_config" "/proc/$p/cmdline" && kill -TERM "$p" && '
-           f'rm -f "$d/sshd.pid" && echo {STOPPED}')
+# The remote session: at end-of-input, end the node's sshd listener if its pid file still names it, say so, then
+# clean up (the pid file, the node-local TMPDIR) in the background, so the session ends at once.
+SESSION = ('read _ ; d=$MPILAUNCH_SERVICE_DIR; read p < "$d/sshd.pid" && '
+           f'grep -qs "$d/sshd_config" "/proc/$p/cmdline" && kill -TERM "$p" && echo {STOPPED}; '
+           '{ rm -f "$d/sshd.pid"; case $TMPDIR in */mpl-*) rm -rf "$TMPDIR" ;; esac; } </dev/null >/dev/null 2>&1 &')
 RETRY_PAUSE = 0.2  # between attempts at a node that did not answer (its service may still be starting)
 CONNECT_TIMEOUT = 5.0
+POLL = 0.002  # how often an attempt looks for its control socket
 
 
 def control_path(service: Service, host: str) -> Path:
@@ -153,10 +157,10 @@ class Masters:
                                  stderr=theirs.fileno(), new_session=True)
             self._attempts[host] = process
         theirs.close()
-        said = _read_until(ours, READY.encode(), time.monotonic() + remaining)
+        said = _until_logged_in(ours, path, time.monotonic() + remaining)
         with self._lock:
             del self._attempts[host]
-        if READY.encode() in said:
+        if said is None:
             return Master(host, process, ours)
         ours.close()
         if process.poll() is None:
@@ -165,6 +169,21 @@ class Masters:
         lines = said.decode(errors="replace").strip().splitlines()
         self.failures[host] = lines[-1] if lines else f"ssh exited with code {process.returncode}"
         return None
+
+
+def _until_logged_in(end: socket.socket, path: Path, deadline: float) -> bytes | None:
+    """None as soon as the control socket ``path`` exists (the master logged in); else, once ssh ended its output
+    (it gave up) or at ``deadline``, what it said."""
+    said = b""
+    with contextlib.suppress(OSError):
+        while not path.exists() and (remaining := deadline - time.monotonic()) > 0:
+            if select.select([end], [], [], min(POLL, remaining))[0]:
+                chunk = end.recv(4096)
+                if not chunk:
+                    return None if path.exists() else said
+                said += chunk
+        return None if path.exists() else said
+    return said
 
 
 def _read_until(end: socket.socket, marker: bytes, deadline: float) -> bytes:
