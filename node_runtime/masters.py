@@ -7,10 +7,10 @@ A master is ``ssh -M -S <control socket> HOST <SESSION>`` with the task's ``ssh_
   answer (ssh exiting instead, with its reason, is a failed attempt);
 - mpirun's own ssh connections to that node go through its control socket (``ControlPath`` in ``ssh_config``)
   instead of logging in again, so the wait costs mpirun nothing;
-- its session is that node's stop switch: it waits for end-of-input, then ends the node's sshd
-  listener (sessions already open, like mpirun's, finish normally), says :data:`STOPPED` and removes its TMPDIR.
-  End-of-input also comes when launch dies, however it dies (its end of the socket closes), so the services never
-  outlive the launch.
+- its session is that node's stop switch: it waits for end-of-input, then ends the node's sshd listener (sessions
+  already open, like mpirun's, finish normally), says :data:`STOPPED` and removes the node's TMPDIR. End-of-input
+  also comes when launch dies, however it dies (its end of the socket closes), so the services never outlive the
+  launch.
 
 Each master's stdin, stdout and stderr are one socket of a socketpair (one descriptor per node on our side).
 Masters run in their own session: a terminal's Ctrl-C reaches mpirun, not the switches.
