@@ -1,4 +1,4 @@
-"""Click plumbing shared by both CLIs: lazily imported subcommands and friendly error reporting."""
+"""Click plumbing of the mpilaunch CLI: lazily imported subcommands and friendly error reporting."""
 
 from __future__ import annotations
 
