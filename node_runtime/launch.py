@@ -44,7 +44,6 @@ from node_runtime.mpirun import (
 )
 
 REPORT_NAME = "launch-report.json"
-GATE_NAME = "gate.lock"  # in the service directory: the same path on every node, like ssh_config
 DEFAULT_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 POLL = 0.05
@@ -88,16 +87,18 @@ def launch(env: NodeEnvironment, environ: Mapping[str, str], command: Sequence[s
     if not command:
         raise InvalidInput("launch needs a command: node-runtime launch [options] -- COMMAND ARGS...")
     started = time.monotonic()
-    deadline = started + timeout
     report = Report(hosts=list(env.hosts_primary_first), command=list(command), ppn=ppn)
     svc = _client_side(env)
     masters = Masters(svc, [h for h in env.hosts_primary_first if h != env.current_address], timeout)
+    # in the service directory, the same path on every node like ssh_config; a launch's own (an mpirun of an earlier
+    # launch that still runs holds its gate)
+    gate = _Gate(svc.files.directory / f"gate-{os.getpid()}.lock")
     child: subprocess.Popen[bytes] | None = None
-    gate = _Gate(svc.files.directory / GATE_NAME)
-    try:
-        with _forwarding_signals() as signals:
-            gate.close()
-            masters.start()
+    with _forwarding_signals() as signals:
+        try:
+            with signals.deferring():  # a signal must not leave a half-started wait behind
+                gate.close()
+                masters.start()
             mpirun = _mpirun_path()
             chosen = _detect(mpirun, flavor)
             report.flavor = chosen.value
@@ -105,40 +106,35 @@ def launch(env: NodeEnvironment, environ: Mapping[str, str], command: Sequence[s
                                                mpirun=mpirun, gate=gate.path if masters.hosts else None)
             with signals.deferring():  # a signal must not come between the start and `child` knowing it
                 child = proc.spawn(argv, env=mpirun_env, cwd=env.working_dir, stdin=subprocess.DEVNULL)
-                mpirun_started = time.monotonic()
             report.argv = argv
-            silent = set(_wait_for_own_service(svc, deadline)) | set(masters.wait())
+            silent = _wait_for_services(svc, masters, child, started + timeout)
             report.unreachable = [h for h in env.hosts_primary_first if h in silent]
             report.timings["wait_services_s"] = round(time.monotonic() - started, 4)
-            if report.unreachable:
+            if report.unreachable and child.poll() is None:  # (an mpirun that ended already says why itself)
                 raise ServiceError(f"the coordination service did not answer within {timeout:g}s on "
                                    f"{len(report.unreachable)} host(s): {', '.join(report.unreachable)} (port "
                                    f"{env.ssh_port}; did 'node-runtime coordinate' succeed there?); mpirun was "
                                    "stopped before it reached any node",
                                    details=[f"{h}: {masters.failures[h]}" for h in report.unreachable
                                             if h in masters.failures])
-            gate.open()
-            # same process group: whoever kills our group kills mpirun too; a signal sent to us alone is forwarded
-            # (a terminal's Ctrl-C then reaches mpirun twice, which Open MPI takes as one abort)
-            signals.targets.append(child)
+            through = time.monotonic()
+            with signals.deferring():
+                # same process group: whoever kills our group kills mpirun too; a signal sent to us alone is
+                # forwarded (a terminal's Ctrl-C then reaches mpirun twice, which Open MPI takes as one abort)
+                signals.targets.append(child)
+                gate.open()
             code = child.wait()
-        report.timings["mpirun_s"] = round(time.monotonic() - mpirun_started, 4)
-        report.exit_code = 128 - code if code < 0 else code
-        return report.exit_code
-    except MpilaunchError as exc:
-        report.error, report.exit_code = exc.message, exc.exit_code
-        raise
-    finally:
-        stopping = time.monotonic()
-        masters.cancel()
-        if child is not None and not gate.is_open:
-            _kill_gated(child)
-        gate.release()
-        masters.wait()
-        report.services_stopped = stop_services(svc, masters)
-        report.timings["stop_services_s"] = round(time.monotonic() - stopping, 4)
-        report.timings["total_s"] = round(time.monotonic() - started, 4)
-        report.write(env.working_dir, env.task_secret)
+            report.timings["mpirun_s"] = round(time.monotonic() - through, 4)
+            report.exit_code = 128 - code if code < 0 else code
+            return report.exit_code
+        except MpilaunchError as exc:
+            report.error, report.exit_code = exc.message, exc.exit_code
+            raise
+        finally:
+            signals.deferred = True  # from here on a signal is only noted: the clean-up must end
+            _wind_up(report, svc, masters, gate, child)
+            report.timings["total_s"] = round(time.monotonic() - started, 4)
+            report.write(env.working_dir, env.task_secret)
 
 
 def _client_side(env: NodeEnvironment) -> sshd.Service:
@@ -198,14 +194,34 @@ def _interface_of(address: str) -> str | None:
                 None)
 
 
-def _wait_for_own_service(svc: sshd.Service, deadline: float) -> list[str]:
-    """Wait until this node's sshd runs (its pid file names a live sshd of our config); [its address] if not by
-    ``deadline``. Its process is enough here: coordinate verified it with a login, and mpirun does not connect to it."""
-    while sshd.running_pid(svc) is None:
-        if time.monotonic() >= deadline:
-            return [svc.address]
-        time.sleep(POLL)
-    return []
+def _wind_up(report: Report, svc: sshd.Service, masters: Masters, gate: _Gate,
+             child: subprocess.Popen[bytes] | None) -> None:
+    """Whatever happened: stop waiting, kill an mpirun still held at the gate, stop every node's service."""
+    stopping = time.monotonic()
+    masters.cancel()
+    if child is not None and not gate.is_open:
+        _kill_gated(child)
+    gate.release()
+    masters.wait()
+    report.services_stopped = stop_services(svc, masters)
+    report.timings["stop_services_s"] = round(time.monotonic() - stopping, 4)
+
+
+def _wait_for_services(svc: sshd.Service, masters: Masters, child: subprocess.Popen[bytes],
+                       deadline: float) -> list[str]:
+    """Wait until every remote node answered or gave up (``masters.finished``) and this node's sshd runs (its pid
+    file names a live sshd of our config: coordinate checked it with a login, and mpirun does not connect to it),
+    or until mpirun ended on its own; returns the hosts that did not answer."""
+    own = sshd.running_pid(svc) is not None
+    while child.poll() is None:
+        own = own or sshd.running_pid(svc) is not None
+        if masters.finished.is_set() and (own or time.monotonic() >= deadline):
+            break
+        if own:
+            masters.finished.wait(POLL)  # returns as soon as the last node answered
+        else:
+            time.sleep(POLL)
+    return [*([] if own else [svc.address]), *masters.silent()]
 
 
 class _Gate:
@@ -219,7 +235,11 @@ class _Gate:
 
     def close(self) -> None:
         self._fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600)  # not inherited by children (PEP 446)
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise ServiceError(f"{self.path} is locked by another process (an mpirun of an earlier launch that "
+                               "is still running?)") from exc
 
     def open(self) -> None:
         assert self._fd is not None
@@ -227,8 +247,9 @@ class _Gate:
         self.is_open = True
 
     def release(self) -> None:
-        """Let go of the file (open or not: call it only once whatever waits at the gate is gone)."""
+        """Let go of the file and remove it (open or not: call it only once whatever waits at the gate is gone)."""
         if self._fd is not None:
+            self.path.unlink(missing_ok=True)
             os.close(self._fd)
             self._fd = None
 
@@ -269,20 +290,29 @@ class _Signals:
     """What SIGTERM and SIGINT do while :func:`_forwarding_signals` is active."""
 
     targets: list[subprocess.Popen[bytes]] = field(default_factory=list)  # forwarded to these (mpirun), once any
-    deferred: bool = False  # no target yet, and now is no time to raise: keep the signal in ``pending``
+    deferred: bool = False  # now is no time to act on a signal: keep it in ``pending``
     pending: int | None = None
+
+    def deliver(self, signum: int) -> None:
+        """Forward the signal to the targets; without any, end the launch (:class:`TaskFailed`, exit 128+N)."""
+        if not self.targets:
+            raise _interrupted(signum)
+        for child in self.targets:
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(signum)
 
     @contextlib.contextmanager
     def deferring(self) -> Iterator[None]:
-        """Within the block a signal only sets ``pending`` (so mpirun cannot start unbeknown to us); after it, a
-        pending one ends the launch."""
+        """Within the block a signal is only kept (so mpirun cannot start, or pass the gate, unbeknown to us); after
+        it, a kept one is delivered."""
         self.deferred = True
         try:
             yield
         finally:
             self.deferred = False
         if self.pending is not None:
-            raise _interrupted(self.pending)
+            signum, self.pending = self.pending, None
+            self.deliver(signum)
 
 
 def _interrupted(signum: int) -> TaskFailed:
@@ -296,18 +326,14 @@ def _interrupted(signum: int) -> TaskFailed:
 def _forwarding_signals() -> Iterator[_Signals]:
     """While active, SIGTERM and SIGINT go to the processes in ``targets`` (mpirun, once through the gate); before
     there is one, they end the launch (TaskFailed, exit code 128+N): mpirun is killed, the report written and the
-    services stopped."""
+    services stopped. Set ``deferred`` for good to make them wait for the end (the clean-up)."""
     state = _Signals()
 
     def forward(signum: int, _frame: object) -> None:
-        if not state.targets:
-            if state.deferred:
-                state.pending = signum
-                return
-            raise _interrupted(signum)
-        for child in state.targets:
-            with contextlib.suppress(ProcessLookupError):
-                child.send_signal(signum)
+        if state.deferred:
+            state.pending = signum
+        else:
+            state.deliver(signum)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:

@@ -3,14 +3,15 @@
 A master is ``ssh -M -S <control socket> HOST <SESSION>`` with the task's ``ssh_config``, and it does three jobs:
 
 - its login is launch's wait for that node's service: the host key is pinned by the derived known_hosts and the
-  task's user key must be accepted; ssh creates the control socket only once logged in, so its appearance is the
-  answer (ssh exiting instead, with its reason, is a failed attempt);
+  task's user key must be accepted. Once logged in (and listening on its control socket), ssh runs its
+  ``LocalCommand``, which says :data:`LOGGED_IN`; ssh exiting instead, with its reason, is a failed attempt;
 - mpirun's own ssh connections to that node go through its control socket (``ControlPath`` in ``ssh_config``)
-  instead of logging in again, so the wait costs mpirun nothing;
+  instead of logging in again, so the wait costs mpirun nothing (unless the node's TMPDIR is too long for a Unix
+  socket path: see :func:`node_runtime.sshd.control_dir`; then mpirun logs in itself);
 - its session is that node's stop switch: it waits for end-of-input, then ends the node's sshd listener (sessions
   already open, like mpirun's, finish normally), says :data:`STOPPED` and removes the node's TMPDIR. End-of-input
-  also comes when launch dies, however it dies (its end of the socket closes), so the services never outlive the
-  launch.
+  also comes when launch dies, however it dies (its end of the socket closes), so the remote services never
+  outlive the launch.
 
 Each master's stdin, stdout and stderr are one socket of a socketpair (one descriptor per node on our side).
 Masters run in their own session: a terminal's Ctrl-C reaches mpirun, not the switches.
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import select
 import shutil
 import socket
 import subprocess
@@ -32,8 +32,9 @@ from pathlib import Path
 
 from mpilaunch import proc
 from mpilaunch.errors import InvalidInput
-from node_runtime.sshd import Service, clean_environ
+from node_runtime.sshd import Service, clean_environ, control_dir
 
+LOGGED_IN = "mpilaunch-logged-in"
 STOPPED = "mpilaunch-service-stopped"
 # The remote session: at end-of-input, end the node's sshd listener if its pid file still names it, say so, then
 # clean up (the pid file, the node-local TMPDIR) in the background, so the session ends at once.
@@ -42,12 +43,13 @@ SESSION = ('read _ ; d=$MPILAUNCH_SERVICE_DIR; read p < "$d/sshd.pid" && '
            '{ rm -f "$d/sshd.pid"; case $TMPDIR in */mpl-*) rm -rf "$TMPDIR" ;; esac; } </dev/null >/dev/null 2>&1 &')
 RETRY_PAUSE = 0.2  # between attempts at a node that did not answer (its service may still be starting)
 CONNECT_TIMEOUT = 5.0
-POLL = 0.002  # how often an attempt looks for its control socket
 
 
-def control_path(service: Service, host: str) -> Path:
-    """The control socket of the master to ``host``; ``ssh_config``'s ``ControlPath`` names the same file."""
-    return service.tmp_dir / f"cm-{host}"
+def control_path(service: Service, host: str) -> Path | None:
+    """The control socket of the master to ``host`` (``ssh_config``'s ``ControlPath`` names the same file), or None
+    without multiplexing."""
+    directory = control_dir(service)
+    return None if directory is None else directory / f"cm-{host}"
 
 
 @dataclass
@@ -78,10 +80,11 @@ class Master:
 
 @dataclass
 class Masters:
-    """Open a master to every host of ``hosts`` in parallel (threads), retrying until ``timeout``.
+    """Open a master to every host of ``hosts`` in parallel (a thread each), retrying until ``timeout``.
 
-    :meth:`wait` joins them and returns the hosts that never answered; :meth:`cancel` ends the waiting early;
-    :meth:`stop` stops every opened master's node.
+    ``finished`` is set once every host answered or gave up; :meth:`silent` names those that did not answer,
+    :meth:`cancel` ends the waiting early, :meth:`wait` joins the threads, :meth:`stop` stops every opened master's
+    node.
     """
 
     service: Service
@@ -89,10 +92,12 @@ class Masters:
     timeout: float
     opened: dict[str, Master] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)  # host: ssh's last words, for a node that never answered
+    finished: threading.Event = field(default_factory=threading.Event)
     _cancelled: threading.Event = field(default_factory=threading.Event)
     _attempts: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _threads: list[threading.Thread] = field(default_factory=list)
+    _pending: int = 0
 
     def start(self) -> None:
         ssh = shutil.which("ssh")
@@ -101,16 +106,22 @@ class Masters:
                                "image")
         self.service.tmp_dir.mkdir(mode=0o700, exist_ok=True)
         deadline = time.monotonic() + self.timeout
-        self._threads = [threading.Thread(target=self._open, args=(ssh, h, deadline), daemon=True)
-                         for h in self.hosts]
-        for thread in self._threads:
+        self._pending = len(self.hosts)
+        if not self.hosts:
+            self.finished.set()
+        for host in self.hosts:
+            thread = threading.Thread(target=self._open, args=(ssh, host, deadline), daemon=True)
             thread.start()
+            self._threads.append(thread)
 
-    def wait(self) -> list[str]:
-        """Join the openers; the hosts that did not answer, in ``hosts`` order."""
+    def silent(self) -> list[str]:
+        """The hosts that have not answered (yet), in ``hosts`` order."""
+        return [h for h in self.hosts if h not in self.opened]
+
+    def wait(self) -> None:
+        """Join the openers."""
         for thread in self._threads:
             thread.join()
-        return [h for h in self.hosts if h not in self.opened]
 
     def cancel(self) -> None:
         """Stop waiting: attempts under way are killed, none is started again (opened masters stay)."""
@@ -135,18 +146,29 @@ class Masters:
         return stopped
 
     def _open(self, ssh: str, host: str, deadline: float) -> None:
-        while not self._cancelled.is_set() and (remaining := deadline - time.monotonic()) > 0:
-            master = self._attempt(ssh, host, remaining)
-            if master is not None:
-                self.opened[host] = master
-                return
-            self._cancelled.wait(min(RETRY_PAUSE, max(0.0, deadline - time.monotonic())))
+        try:
+            while not self._cancelled.is_set() and (remaining := deadline - time.monotonic()) > 0:
+                master = self._attempt(ssh, host, remaining)
+                if master is not None:
+                    self.opened[host] = master
+                    return
+                self._cancelled.wait(min(RETRY_PAUSE, max(0.0, deadline - time.monotonic())))
+        except Exception as exc:  # a thread has nobody to raise to: the host is reported with it
+            self.failures[host] = f"{type(exc).__name__}: {exc}"
+        finally:
+            with self._lock:
+                self._pending -= 1
+                if self._pending == 0:
+                    self.finished.set()
 
     def _attempt(self, ssh: str, host: str, remaining: float) -> Master | None:
         path = control_path(self.service, host)
-        path.unlink(missing_ok=True)  # a master refuses an existing socket (one a killed launch left)
+        if path is not None:
+            path.unlink(missing_ok=True)  # a master refuses an existing socket (one a killed launch left)
         ours, theirs = socket.socketpair()
-        argv = [ssh, "-F", str(self.service.client_config), "-M", "-S", str(path), "-o", "ControlPersist=no",
+        multiplexing = [] if path is None else ["-M", "-S", str(path), "-o", "ControlPersist=no"]
+        argv = [ssh, "-F", str(self.service.client_config), *multiplexing, "-o", "PermitLocalCommand=yes",
+                "-o", f"LocalCommand=echo {LOGGED_IN}",
                 "-o", f"ConnectTimeout={math.ceil(min(CONNECT_TIMEOUT, remaining))}", host, SESSION]
         with self._lock:
             if self._cancelled.is_set():
@@ -157,10 +179,10 @@ class Masters:
                                  stderr=theirs.fileno(), new_session=True)
             self._attempts[host] = process
         theirs.close()
-        said = _until_logged_in(ours, path, time.monotonic() + remaining)
+        said = _read_until(ours, LOGGED_IN.encode(), time.monotonic() + remaining)
         with self._lock:
             del self._attempts[host]
-        if said is None:
+        if LOGGED_IN.encode() in said:
             return Master(host, process, ours)
         ours.close()
         if process.poll() is None:
@@ -169,21 +191,6 @@ class Masters:
         lines = said.decode(errors="replace").strip().splitlines()
         self.failures[host] = lines[-1] if lines else f"ssh exited with code {process.returncode}"
         return None
-
-
-def _until_logged_in(end: socket.socket, path: Path, deadline: float) -> bytes | None:
-    """None as soon as the control socket ``path`` exists (the master logged in); else, once ssh ended its output
-    (it gave up) or at ``deadline``, what it said."""
-    said = b""
-    with contextlib.suppress(OSError):
-        while not path.exists() and (remaining := deadline - time.monotonic()) > 0:
-            if select.select([end], [], [], min(POLL, remaining))[0]:
-                chunk = end.recv(4096)
-                if not chunk:
-                    return None if path.exists() else said
-                said += chunk
-        return None if path.exists() else said
-    return said
 
 
 def _read_until(end: socket.socket, marker: bytes, deadline: float) -> bytes:

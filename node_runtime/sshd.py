@@ -167,12 +167,28 @@ def render_client_config(service: Service, *, connect_timeout: int = 5) -> str:
         "  ForwardAgent no",
         "  ForwardX11 no",
         "  ServerAliveInterval 15",
-        # launch's master connection to a node (node_runtime/masters.py), if there is one, carries the session
-        f"  ControlPath {service.tmp_dir}/cm-%h",
-        "  ControlMaster no",
+        *_multiplexing(service),
         "  LogLevel ERROR",
         "",
     ])
+
+
+UNIX_PATH_MAX = 108  # bytes, the terminating NUL included
+LONGEST_HOST = 39  # an IPv6 address
+MASTER_SUFFIX = 17  # a master creates its socket as <path>.<16 random characters>, then renames it
+
+
+def control_dir(service: Service) -> Path | None:
+    """Where launch's control masters listen (``cm-<host>``), or None if the node's TMPDIR is too long for a Unix
+    socket path there: any ssh given a too long ControlPath dies, so then there is no multiplexing at all."""
+    longest = len(os.fsencode(service.tmp_dir)) + len("/cm-") + LONGEST_HOST + MASTER_SUFFIX
+    return service.tmp_dir if longest < UNIX_PATH_MAX else None
+
+
+def _multiplexing(service: Service) -> list[str]:
+    """The client settings that send a session through launch's master connection to its node, if there is one."""
+    directory = control_dir(service)
+    return [] if directory is None else [f"  ControlPath {directory}/cm-%h", "  ControlMaster no"]
 
 
 def find_sshd(explicit: str | None = None) -> Path:

@@ -87,6 +87,38 @@ def test_a_node_with_another_host_key_is_named_with_sshs_reason(netns_cluster: C
     assert report(cluster)["unreachable"] == [cluster.addresses[1]]
 
 
+def test_a_tmpdir_too_long_for_control_sockets_runs_without_multiplexing(netns_cluster: Cluster,
+                                                                        tmp_path: Path) -> None:
+    long_tmp = tmp_path / ("t" * max(1, 60 - len(str(tmp_path))))  # 60+ bytes: no room for cm-<host> below it
+    long_tmp.mkdir()
+    cluster = netns_cluster(2, extra_env={"TMPDIR": str(long_tmp)})
+    coordinate(cluster)
+    done = cluster.node_runtime(0, "launch", "--", *PROBE, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert [r["hostname"] for r in ranks(done.stdout)] == ["node0", "node1"]
+    assert report(cluster)["services_stopped"] == dict.fromkeys(cluster.addresses, True)
+    assert logins(cluster, 1) == 3  # coordinate's check, the master, and mpirun's own login
+
+
+def test_an_mpirun_that_fails_while_the_services_are_awaited_ends_the_launch_with_its_code(
+        netns_cluster: Cluster, tmp_path: Path) -> None:
+    fake = tmp_path / "bin" / "mpirun"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\n[ "$1" = --version ] && echo "mpirun (Open MPI) 4.1.4" && exit 0\n'
+                    'echo "mpirun: cannot do it" >&2\nexit 7\n')
+    fake.chmod(0o755)
+    cluster = netns_cluster(2)
+    coordinate(cluster, 0)  # node 1 never answers
+    path = f"{fake.parent}:{cluster.nodes[0].env['PATH']}"
+    started = time.monotonic()
+    done = cluster.node_runtime(0, "launch", "--timeout", "30", "--", *PROBE, env={"PATH": path}, timeout=60)
+    assert done.returncode == 7, done.stderr
+    assert time.monotonic() - started < 15  # not the 30 s wait for node 1
+    assert "mpirun: cannot do it" in done.stderr
+    data = report(cluster)
+    assert data["exit_code"] == 7 and data["unreachable"] == [cluster.addresses[1]]
+
+
 def test_processes_per_node_and_exit_code_propagate(netns_cluster: Cluster) -> None:
     cluster = netns_cluster(2)
     coordinate(cluster)
@@ -220,6 +252,14 @@ def test_remote_services_stop_even_if_launch_is_killed_outright(netns_cluster: C
         while Path(f"/proc/{listener}").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not Path(f"/proc/{listener}").exists(), "node 1's sshd outlived the killed launch"
+        # the old mpirun still runs (holding its gate): the launch of a next attempt is not held up by it
+        old = [p for p in cluster.pids(0) if Path(f"/proc/{p}/comm").read_text().strip() == "mpirun"]
+        assert old, "the killed launch's mpirun is gone: the scenario did not happen"
+        coordinate(cluster)
+        started = time.monotonic()
+        again = cluster.node_runtime(0, "launch", "--timeout", "10", "--", *PROBE, timeout=60)
+        assert again.returncode == 0, again.stderr
+        assert time.monotonic() - started < 20 and all(Path(f"/proc/{p}").exists() for p in old)
     finally:
         os.killpg(child.pid, signal.SIGKILL)  # mpirun, left behind in the group
         child.wait()

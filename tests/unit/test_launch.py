@@ -4,21 +4,27 @@ MPICH/Intel MPI wrapper."""
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import shutil
+import signal
 import stat
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
 import pytest
 
 from mpilaunch import proc
+from mpilaunch.errors import TaskFailed
 from node_runtime.coordinate import prepare
 from node_runtime.env import NodeEnvironment
-from node_runtime.launch import REPORT_NAME, Report, _Gate, _kill_gated, _mpirun_command
+from node_runtime.launch import REPORT_NAME, Report, _forwarding_signals, _Gate, _kill_gated, _mpirun_command
+from node_runtime.masters import control_path
 from node_runtime.mpirun import MpiFlavor, ssh_command
+from node_runtime.sshd import render_client_config, service_for
 
 
 def test_mpiruns_ssh_waits_at_the_gate_until_it_opens(tmp_path: Path) -> None:
@@ -109,3 +115,47 @@ def test_hydra_flavours_get_an_ssh_wrapper_and_a_hostfile(tmp_path: Path, flavor
     assert str(wrapper) in argv and str(hostfile) in argv
     assert argv[-2:] == [shutil.which("python3", path="/usr/bin:/bin"), "app.py"]  # resolved on PATH
     assert "MPILAUNCH_TASK_SECRET" not in mpirun_env and mpirun_env["TMPDIR"] == str(svc.tmp_dir)
+
+
+def test_a_signal_while_deferring_ends_the_launch_after_the_block() -> None:
+    with _forwarding_signals() as signals:
+        with pytest.raises(TaskFailed, match="SIGTERM") as caught, signals.deferring():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            reached = True  # the block was not cut short
+        assert reached and caught.value.exit_code == 128 + signal.SIGTERM
+
+
+def test_a_signal_while_deferring_goes_to_mpirun_once_it_is_a_target() -> None:
+    child = proc.spawn(["sleep", "30"])
+    try:
+        with _forwarding_signals() as signals, signals.deferring():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            assert child.poll() is None  # kept, not yet delivered
+            signals.targets.append(child)
+        assert child.wait(10) == -signal.SIGTERM
+    finally:
+        child.kill()
+
+
+def test_signals_during_the_clean_up_are_only_noted() -> None:
+    with _forwarding_signals() as signals:
+        signals.deferred = True
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert signals.pending == signal.SIGINT
+
+
+@pytest.mark.parametrize(("tmp_dir", "multiplexed"), [("/tmp/mpl-0-0123456789ab", True), ("/" + "t" * 46, True),
+                                                      ("/" + "t" * 47, False), ("/" + "x" * 200, False)])
+def test_control_sockets_only_where_any_host_name_fits_a_unix_socket_path(tmp_dir: str, multiplexed: bool) -> None:
+    """ssh dies on a ControlPath too long for a Unix socket, so then the config names none and masters make none."""
+    svc = replace(service_for("/task", "10.0.0.4", 2222), tmp_dir=Path(tmp_dir))
+    config = render_client_config(svc)
+    path = control_path(svc, "fd00:1234:5678:9abc:def0:1234:5678:9abc")
+    if multiplexed:
+        assert path is not None and len(str(path)) + len(".0123456789abcdef") < 108
+        assert f"ControlPath {tmp_dir}/cm-%h" in config and "ControlMaster no" in config
+    else:
+        assert path is None and "Control" not in config
