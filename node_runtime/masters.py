@@ -189,7 +189,11 @@ class Masters:
             process.kill()
         process.wait()
         lines = said.decode(errors="replace").strip().splitlines()
-        self.failures[host] = lines[-1] if lines else f"ssh exited with code {process.returncode}"
+        if lines:
+            self.failures[host] = lines[-1]
+        elif host not in self.failures:  # an attempt cut short at the deadline must not hide an earlier reason
+            self.failures[host] = ("no answer before the deadline" if process.returncode < 0
+                                   else f"ssh exited with code {process.returncode}")
         return None
 
 
