@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from mpilaunch.errors import MpilaunchError
+from mpilaunch.errors import MpilaunchError, failed, interrupted
 
 
 class LazyGroup(click.Group):
@@ -40,11 +40,9 @@ def run_cli(group: click.Command, prog_name: str, argv: list[str] | None = None)
     try:
         result = group.main(args=argv, prog_name=prog_name, standalone_mode=False)
     except MpilaunchError as exc:
-        click.echo(f"{prog_name}: error: {exc}", err=True)
-        return exc.exit_code
+        return failed(prog_name, exc)
     except click.exceptions.Abort:
-        click.echo(f"{prog_name}: interrupted", err=True)
-        return 130
+        return interrupted(prog_name)
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code

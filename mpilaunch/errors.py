@@ -21,7 +21,10 @@ Secrets never appear in messages: code that raises must not put keys, SAS signat
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
+
+INTERRUPTED = 130  # the exit code after Ctrl-C (128 + SIGINT), as shells report it
 
 
 class MpilaunchError(Exception):
@@ -105,3 +108,15 @@ class CheckpointError(MpilaunchError):
     """A checkpoint store cannot be used, or a checkpoint failed verification."""
 
     exit_code = 5
+
+
+def failed(prog: str, error: MpilaunchError) -> int:
+    """How a CLI ends on ``error``: ``prog: error: message`` (and its details) on stderr; returns its exit code."""
+    print(f"{prog}: error: {error}", file=sys.stderr)
+    return error.exit_code
+
+
+def interrupted(prog: str) -> int:
+    """How a CLI ends on Ctrl-C: ``prog: interrupted`` on stderr; returns :data:`INTERRUPTED`."""
+    print(f"{prog}: interrupted", file=sys.stderr)
+    return INTERRUPTED

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from mpilaunch import __version__
-from mpilaunch.errors import MpilaunchError
+from mpilaunch.errors import MpilaunchError, failed, interrupted
 from node_runtime import cmd_coordinate, cmd_env, cmd_launch
 
 PROG = "node-runtime"
@@ -49,11 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = args.run(args)
     except MpilaunchError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return failed(PROG, exc)
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+        return interrupted(PROG)
     return result if isinstance(result, int) else 0
 
 

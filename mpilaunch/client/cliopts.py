@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from mpilaunch.errors import INTERRUPTED
+
 if TYPE_CHECKING:
     from mpilaunch.client.api import Launcher, TaskRef
     from mpilaunch.client.results import TaskResults
@@ -130,7 +132,7 @@ def wait_and_report(launch: Launcher, task: TaskRef, opts: dict[str, Any]) -> in
             note(f"interrupted: task {task} keeps running. Resume with: mpilaunch wait --job {task.job_id} "
                  f"{task.task_id}{' --local' if opts.get('local') else ''}  (stop it: mpilaunch terminate "
                  f"--job {task.job_id} {task.task_id})")
-        raise click.exceptions.Exit(130) from None
+        raise click.exceptions.Exit(INTERRUPTED) from None
     show_results(results, opts["output"])
     if opts["output"] == "table":
         explain_failure(launch, results)
