@@ -19,6 +19,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -47,6 +48,7 @@ REPORT_NAME = "launch-report.json"
 DEFAULT_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 POLL = 0.05
+WAIT_NOTICE = 5.0  # seconds of waiting for the services after which launch says whom it waits for
 
 
 @dataclass
@@ -107,7 +109,7 @@ def launch(env: NodeEnvironment, environ: Mapping[str, str], command: Sequence[s
             with signals.deferring():  # a signal must not come between the start and `child` knowing it
                 child = proc.spawn(argv, env=mpirun_env, cwd=env.working_dir, stdin=subprocess.DEVNULL)
             report.argv = argv
-            silent = _wait_for_services(svc, masters, child, started + timeout)
+            silent = _wait_for_services(svc, masters, child, started, timeout)
             report.unreachable = [h for h in env.hosts_primary_first if h in silent]
             report.timings["wait_services_s"] = round(time.monotonic() - started, 4)
             if report.unreachable and child.poll() is None:  # (an mpirun that ended already says why itself)
@@ -207,21 +209,32 @@ def _wind_up(report: Report, svc: sshd.Service, masters: Masters, gate: _Gate,
     report.timings["stop_services_s"] = round(time.monotonic() - stopping, 4)
 
 
-def _wait_for_services(svc: sshd.Service, masters: Masters, child: subprocess.Popen[bytes],
-                       deadline: float) -> list[str]:
+def _wait_for_services(svc: sshd.Service, masters: Masters, child: subprocess.Popen[bytes], started: float,
+                       timeout: float) -> list[str]:
     """Wait until every remote node answered or gave up (``masters.finished``) and this node's sshd runs (its pid
     file names a live sshd of our config: coordinate checked it with a login, and mpirun does not connect to it),
-    or until mpirun ended on its own; returns the hosts that did not answer."""
-    own = sshd.running_pid(svc) is not None
-    while child.poll() is None:
+    or until mpirun ended on its own; returns the hosts that did not answer. A wait longer than
+    :data:`WAIT_NOTICE` seconds says on stderr whom it waits for."""
+    own = noticed = False
+
+    def silent() -> list[str]:
+        return [*([] if own else [svc.address]), *masters.silent()]
+
+    while True:
         own = own or sshd.running_pid(svc) is not None
-        if masters.finished.is_set() and (own or time.monotonic() >= deadline):
-            break
+        waited = time.monotonic() - started
+        if child.poll() is not None or (masters.finished.is_set() and (own or waited >= timeout)):
+            return silent()
+        if not noticed and waited >= WAIT_NOTICE:
+            noticed = True
+            reasons = [f"{h}: {masters.failures[h]}" for h in silent() if h in masters.failures]
+            print(f"node-runtime: launch: still waiting (up to {timeout:g}s) for the coordination service on "
+                  f"{', '.join(silent())}" + (f" ({'; '.join(reasons)})" if reasons else ""), file=sys.stderr,
+                  flush=True)
         if own:
             masters.finished.wait(POLL)  # returns as soon as the last node answered
         else:
             time.sleep(POLL)
-    return [*([] if own else [svc.address]), *masters.silent()]
 
 
 class _Gate:

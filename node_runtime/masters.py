@@ -175,10 +175,15 @@ class Masters:
                 ours.close()
                 theirs.close()
                 return None
-            process = proc.spawn(argv, env=clean_environ(), stdin=theirs.fileno(), stdout=theirs.fileno(),
-                                 stderr=theirs.fileno(), new_session=True)
+            try:
+                process = proc.spawn(argv, env=clean_environ(), stdin=theirs.fileno(), stdout=theirs.fileno(),
+                                     stderr=theirs.fileno(), new_session=True)
+            except BaseException:
+                ours.close()
+                raise
+            finally:
+                theirs.close()
             self._attempts[host] = process
-        theirs.close()
         said = _read_until(ours, LOGGED_IN.encode(), time.monotonic() + remaining)
         with self._lock:
             del self._attempts[host]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from node_runtime.launch import WAIT_NOTICE
 from tests.cluster.helpers import PROBE, coordinate, ranks, report, sshd_running
 from tests.support.netns import VENV_BIN, NetnsCluster
 from tests.support.procs import reaped
@@ -68,12 +69,17 @@ def test_a_service_that_comes_up_late_is_waited_for(netns_cluster: Cluster) -> N
     argv = cluster.argv_on(0, [str(VENV_BIN / "node-runtime"), "launch", "--timeout", "60", "--", *PROBE])
     with reaped(subprocess.Popen(argv, env=node.env, cwd=node.working_dir, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True)) as child:
-        time.sleep(1.5)
+        time.sleep(WAIT_NOTICE + 1)
         coordinate(cluster, 2)
         stdout, stderr = child.communicate(timeout=120)
     assert child.returncode == 0, stderr
     assert [r["hostname"] for r in ranks(stdout)] == ["node0", "node1", "node2"]
-    assert report(cluster)["timings"]["wait_services_s"] >= 1.5
+    assert report(cluster)["timings"]["wait_services_s"] >= WAIT_NOTICE + 1
+    # meanwhile it said whom it waited for, and why (once)
+    late = cluster.addresses[2]
+    assert stderr.count("still waiting") == 1, stderr
+    assert f"for the coordination service on {late} ({late}: ssh: connect to host {late} port 2222: Connection " \
+           "refused)" in stderr
 
 
 def test_a_node_with_another_host_key_is_named_with_sshs_reason(netns_cluster: Cluster) -> None:
