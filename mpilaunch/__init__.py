@@ -3,4 +3,6 @@
 Importing this package is cheap on purpose: the Azure SDKs are imported lazily by the modules that need them.
 """
 
-__version__ = "0.1.0"
+from node_runtime import __version__
+
+__all__ = ["__version__"]

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from mpilaunch.errors import MpilaunchError, failed, interrupted
+from node_runtime.errors import MpilaunchError, failed, interrupted
 
 
 class LazyGroup(click.Group):

@@ -32,7 +32,7 @@ def pool() -> None:
 def create(**opts: Any) -> int:
     """Create POOL_ID with inter-node communication and one task slot per node (or grow it if it exists)."""
     from mpilaunch.client.pools import ensure_pool
-    from mpilaunch.errors import InvalidInput
+    from node_runtime.errors import InvalidInput
 
     parts = tuple(opts["image"].split(":"))
     if len(parts) != 3 or not all(parts):

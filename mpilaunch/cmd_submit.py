@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import sys
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,6 @@ import click
 
 from mpilaunch.client import cliopts
 from mpilaunch.client.spec import (
-    MPI_FLAVOURS,
     BindMount,
     ContainerSpec,
     HostMount,
@@ -22,12 +21,13 @@ from mpilaunch.client.spec import (
     parse_duration,
     parse_env,
 )
+from node_runtime.contract import DEFAULT_SSH_PORT, FLAVORS
 
 task_options = cliopts.stack(
     click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED),
     click.option("-n", "--nodes", type=int, default=2, show_default=True, help="Number of nodes (instances)."),
     click.option("--ppn", type=int, help="MPI processes per node (default: what the runtime detects)."),
-    click.option("--mpi", type=click.Choice(MPI_FLAVOURS), help="MPI flavour on the nodes (default openmpi)."),
+    click.option("--mpi", type=click.Choice(FLAVORS), help="MPI flavor on the nodes (default openmpi)."),
     click.option("--pool", help="Pool id [MPILAUNCH_POOL]; --local uses pool 'local'."),
     click.option("--job", default=cliopts.DEFAULT_JOB, show_default=True, envvar="MPILAUNCH_JOB",
                  help="Job id (created on the pool if missing)."),
@@ -52,7 +52,7 @@ task_options = cliopts.stack(
     click.option("--retries", type=int, default=0, show_default=True, help="Task retries (-1: unlimited)."),
     click.option("--elevated", is_flag=True, help="Run as the pool's admin auto-user."),
     click.option("--display-name", help="Task display name."),
-    click.option("--ssh-port", type=int, default=2222, show_default=True, help="Coordination (sshd) port."),
+    click.option("--ssh-port", type=int, default=DEFAULT_SSH_PORT, show_default=True, help="Coordination (sshd) port."),
     click.option("--checkpoint", "--checkpoint-url", "checkpoint", metavar="LOCATION",
                  help="Checkpoint location for node_runtime.checkpoint (MPILAUNCH_CHECKPOINT_URL): /abs/dir, "
                       "file:///dir, a Blob container[/prefix] URL (the client adds a least-privilege SAS) or "
@@ -63,7 +63,7 @@ task_options = cliopts.stack(
 
 
 def new_task_id() -> str:
-    return f"mpi-{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+    return f"mpi-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
 
 
 def spec_from(opts: dict[str, Any]) -> TaskSpec:

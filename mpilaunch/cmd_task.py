@@ -62,7 +62,7 @@ def results(**opts: Any) -> int:
 def logs(**opts: Any) -> int:
     """Print one instance's stdout (or --stderr) as its node has it now."""
     from mpilaunch.client.results import node_file_path
-    from mpilaunch.errors import InvalidInput
+    from node_runtime.errors import InvalidInput
 
     launch = cliopts.launcher(opts)
     res = launch.results(cliopts.ref(opts))

@@ -11,9 +11,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from mpilaunch import __version__
-from mpilaunch.errors import MpilaunchError, failed, interrupted
-from node_runtime import cmd_coordinate, cmd_env, cmd_launch
+from node_runtime import __version__, cmd_coordinate, cmd_env, cmd_launch
+from node_runtime.errors import MpilaunchError, failed, interrupted
 
 PROG = "node-runtime"
 COMMANDS = (cmd_env, cmd_coordinate, cmd_launch)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from node_runtime.contract import FLAVORS
+
 
 def _ppn(text: str) -> int:
     try:
@@ -42,7 +44,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.usage = "%(prog)s [-h] [--ppn N] [--mpi F] [--timeout S] [--] COMMAND ARGS..."
     parser.add_argument("--ppn", type=_ppn, default=1, metavar="N",
                         help="MPI processes per node (default: %(default)s).")
-    parser.add_argument("--mpi", dest="flavor", choices=["openmpi", "mpich", "intelmpi"], metavar="F",
+    parser.add_argument("--mpi", dest="flavor", choices=FLAVORS, metavar="F",
                         help="The MPI implementation of mpirun: %(choices)s (default: detected from "
                              "'mpirun --version').")
     parser.add_argument("--timeout", type=_timeout, default=30.0, metavar="S",
@@ -59,8 +61,8 @@ def run(args: argparse.Namespace) -> int:
     import os
 
     from node_runtime import launch as launching
+    from node_runtime.contract import MpiFlavor
     from node_runtime.coordinate import current_environment
-    from node_runtime.mpirun import MpiFlavor
 
     env = current_environment()
     return launching.launch(env, os.environ, args.command, ppn=args.ppn,

@@ -8,10 +8,11 @@ import socket
 from collections.abc import Mapping
 from pathlib import Path
 
-from mpilaunch.errors import InvalidEnvironment
 from node_runtime import keys, sshd, tmpdirs
 from node_runtime.addresses import local_addresses, parse_address
-from node_runtime.env import SECRET_VARIABLE, NodeEnvironment, parse_bool, parse_endpoint
+from node_runtime.contract import RUNTIME_VERSION, SECRET_VARIABLE, VERSION_VARIABLE
+from node_runtime.env import NodeEnvironment, parse_bool, parse_endpoint
+from node_runtime.errors import InvalidEnvironment, ServiceError
 
 
 def current_environment(environ: Mapping[str, str] | None = None) -> NodeEnvironment:
@@ -60,8 +61,21 @@ def prepare(env: NodeEnvironment) -> sshd.Service:
     return svc
 
 
+def check_version(env: NodeEnvironment) -> None:
+    """Refuse a node whose runtime is not the version of the client that built the task (when the client said)."""
+    if env.client_version and env.client_version != RUNTIME_VERSION:
+        raise ServiceError(
+            f"node {env.node_id} runs mpilaunch runtime {RUNTIME_VERSION}, but the client that submitted the task "
+            f"runs {env.client_version} ({VERSION_VARIABLE})",
+            details=[f"fix: install runtime {env.client_version} on the pool's nodes: recreate the pool with "
+                     "`mpilaunch pool create --install-runtime` from that client, or rebuild the task image "
+                     "(scripts/build-image) from the same source"])
+
+
 def start_service(env: NodeEnvironment, sshd_path: str | None = None) -> tuple[str, int]:
-    """Make this node's service run and answer a real ssh handshake; returns (status, pid)."""
+    """Check the runtime version, then make this node's service run and answer a real ssh handshake; returns
+    (status, pid)."""
+    check_version(env)
     svc = prepare(env)
     binary = sshd.find_sshd(sshd_path)
     tmpdirs.sweep(keep=svc.tmp_dir)  # TMPDIRs of earlier tasks' services that were killed, not stopped

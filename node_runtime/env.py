@@ -1,8 +1,8 @@
 """The node's environment: Azure Batch and mpilaunch variables, parsed and cross-checked into :class:`NodeEnvironment`.
 
 :data:`VARIABLES` is the one table of every variable we read; :meth:`NodeEnvironment.from_environ` is pure and reports
-every problem at once (:class:`~mpilaunch.errors.InvalidEnvironment`), each naming the variable and its value — except
-``MPILAUNCH_TASK_SECRET``, whose value never appears in a message, a repr or :meth:`NodeEnvironment.to_dict`.
+every problem at once (:class:`~node_runtime.errors.InvalidEnvironment`), each naming the variable and its value --
+except ``MPILAUNCH_TASK_SECRET``, whose value never appears in a message, a repr or :meth:`NodeEnvironment.to_dict`.
 """
 
 from __future__ import annotations
@@ -16,12 +16,19 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from mpilaunch.errors import InvalidEnvironment
 from node_runtime.addresses import canonical, local_addresses, parse_address
+from node_runtime.contract import (
+    CHECKPOINT_VARIABLE,
+    DEFAULT_SSH_PORT,
+    EXPORT_VARIABLE,
+    NODE_ADDRESS_VARIABLE,
+    NODE_COUNT_VARIABLE,
+    SECRET_VARIABLE,
+    SSH_PORT_VARIABLE,
+    VERSION_VARIABLE,
+)
+from node_runtime.errors import InvalidEnvironment
 
-SECRET_VARIABLE = "MPILAUNCH_TASK_SECRET"  # noqa: S105 (a variable name, not a secret)
-NODE_ADDRESS_VARIABLE = "MPILAUNCH_NODE_ADDRESS"
-DEFAULT_SSH_PORT = 2222
 MIN_SECRET_BYTES = 32
 
 VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -169,7 +176,7 @@ VARIABLES: tuple[Variable, ...] = (
              "true on the primary (subtask 0), else false."),
     Variable("CCP_NODES", "", parse_ccp_nodes, False,
              "'n ip cores ip cores…'; if set, n and the ips must match AZ_BATCH_HOST_LIST."),
-    Variable("AZ_BATCH_NODE_COUNT", "", parse_count, False,
+    Variable(NODE_COUNT_VARIABLE, "", parse_count, False,
              "Node count set by the mpilaunch client (Azure does not set it); must equal the host count."),
     Variable("AZ_BATCH_TASK_ID", "task_id", parse_id, True, "Task id."),
     Variable("AZ_BATCH_JOB_ID", "job_id", parse_id, True, "Job id."),
@@ -186,17 +193,20 @@ VARIABLES: tuple[Variable, ...] = (
              "R/shared, shared by all tasks on the node."),
     Variable("AZ_BATCH_NODE_STARTUP_DIR", "node_startup_dir", parse_directory, False,
              "R/startup, the start task's directory."),
-    Variable("MPILAUNCH_SSH_PORT", "ssh_port", parse_port, False,
+    Variable(SSH_PORT_VARIABLE, "ssh_port", parse_port, False,
              "Port of the task's sshd; must differ from the AZ_BATCH_MASTER_NODE port.", default=DEFAULT_SSH_PORT),
     Variable(SECRET_VARIABLE, "task_secret", parse_secret, False,
              f"base64url secret (>= {MIN_SECRET_BYTES} bytes) the task's ssh keys derive from; never shown, "
              "never exported to the ranks.", secret=True),
-    Variable("MPILAUNCH_EXPORT_ENV", "export_names", parse_names, False,
+    Variable(EXPORT_VARIABLE, "export_names", parse_names, False,
              "Comma-separated names of the user's variables the ranks must see.", default=()),
     Variable(NODE_ADDRESS_VARIABLE, "", parse_address, False,
              "This node's address in AZ_BATCH_HOST_LIST (set by the emulator; Azure never sets it)."),
-    Variable("MPILAUNCH_CHECKPOINT_URL", "checkpoint_url", parse_text, False,
+    Variable(CHECKPOINT_VARIABLE, "checkpoint_url", parse_text, False,
              "Where checkpointed work is stored (may carry a SAS: its query is hidden)."),
+    Variable(VERSION_VARIABLE, "client_version", parse_text, False,
+             "The runtime version of the client that built the task; coordinate refuses a node whose runtime "
+             "differs.", default=""),
 )
 
 
@@ -235,6 +245,7 @@ class NodeEnvironment:
     export_names: tuple[str, ...]
     task_secret: str | None = field(default=None, repr=False)
     checkpoint_url: str | None = field(default=None, repr=False)
+    client_version: str = ""
 
     @property
     def hosts_primary_first(self) -> tuple[str, ...]:
@@ -246,8 +257,8 @@ class NodeEnvironment:
         """Parse and cross-check ``environ``; ``local_addresses`` are this machine's interface addresses."""
         raw, problems = _parse_table(environ)
         hosts, master, cores = raw["AZ_BATCH_HOST_LIST"], raw["AZ_BATCH_MASTER_NODE"], None
-        if master is not _BAD and raw["MPILAUNCH_SSH_PORT"] == master[1]:
-            problems.append(f"{_show(environ, 'MPILAUNCH_SSH_PORT')}: Batch reserves that port "
+        if master is not _BAD and raw[SSH_PORT_VARIABLE] == master[1]:
+            problems.append(f"{_show(environ, SSH_PORT_VARIABLE)}: Batch reserves that port "
                             f"({_show(environ, 'AZ_BATCH_MASTER_NODE')}); choose another")
         if hosts is not _BAD:
             problems += _check_hosts(raw, environ)
@@ -323,9 +334,9 @@ def _check_hosts(raw: dict[str, Any], environ: Mapping[str, str]) -> list[str]:
     ccp = raw["CCP_NODES"]
     if isinstance(ccp, tuple) and {ip for ip, _ in ccp} != set(hosts):
         problems.append(f"{_show(environ, 'CCP_NODES')}: not the same addresses as {host_list}")
-    count = raw["AZ_BATCH_NODE_COUNT"]
+    count = raw[NODE_COUNT_VARIABLE]
     if isinstance(count, int) and count != len(hosts):
-        problems.append(f"{_show(environ, 'AZ_BATCH_NODE_COUNT')}: {host_list} has {len(hosts)} host(s)")
+        problems.append(f"{_show(environ, NODE_COUNT_VARIABLE)}: {host_list} has {len(hosts)} host(s)")
     return problems
 
 

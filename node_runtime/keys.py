@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mpilaunch.errors import InvalidEnvironment, ServiceError
-from node_runtime.env import MIN_SECRET_BYTES, SECRET_VARIABLE
+from node_runtime.contract import SECRET_VARIABLE
+from node_runtime.env import MIN_SECRET_BYTES
+from node_runtime.errors import InvalidEnvironment, ServiceError
 
 _SALT = b"mpilaunch/task-keys/v1"
 SERVICE_DIR_NAME = ".mpilaunch"

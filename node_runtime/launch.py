@@ -24,19 +24,18 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from mpilaunch import proc
-from mpilaunch.errors import InvalidInput, MpilaunchError, ServiceError, TaskFailed
-from node_runtime import sshd
+from node_runtime import proc, sshd
+from node_runtime.contract import SECRET_VARIABLE, MpiFlavor
 from node_runtime.coordinate import prepare, service
-from node_runtime.env import SECRET_VARIABLE, NodeEnvironment
+from node_runtime.env import NodeEnvironment
+from node_runtime.errors import InvalidInput, MpilaunchError, ServiceError, TaskFailed
 from node_runtime.keys import write_private_file
 from node_runtime.masters import Masters
 from node_runtime.mpirun import (
-    MpiFlavor,
     build_mpirun_argv,
     detect_flavor,
     hostfile_text,
@@ -57,7 +56,7 @@ class Report:
 
     hosts: Sequence[str]
     command: Sequence[str]
-    started_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="milliseconds"))
+    started_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="milliseconds"))
     flavor: str | None = None
     ppn: int | None = None
     argv: list[str] = field(default_factory=list)
@@ -68,7 +67,8 @@ class Report:
     error: str | None = None
 
     def write(self, directory: Path, secret: str | None) -> Path:
-        data: dict[str, Any] = {**self.__dict__, "finished_at": datetime.now(UTC).isoformat(timespec="milliseconds")}
+        finished = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+        data: dict[str, Any] = {**self.__dict__, "finished_at": finished}
         text = json.dumps(data, indent=2, default=list) + "\n"
         if secret:
             text = text.replace(secret, "<hidden>")

@@ -30,8 +30,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mpilaunch import proc
-from mpilaunch.errors import InvalidInput
+from node_runtime import proc
+from node_runtime.errors import InvalidInput
 from node_runtime.sshd import Service, clean_environ, control_dir
 
 LOGGED_IN = "mpilaunch-logged-in"

@@ -9,34 +9,21 @@ environment by default, so their command lines start the list from nothing (``-g
 
 from __future__ import annotations
 
-import enum
 import re
 import shlex
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from mpilaunch.errors import InvalidInput
 from node_runtime.addresses import interface_networks, parse_address
-from node_runtime.env import (
-    NODE_ADDRESS_VARIABLE,
-    SECRET_VARIABLE,
-    VARIABLE_NAME,
-    NodeEnvironment,
-)
+from node_runtime.contract import NODE_ADDRESS_VARIABLE, SECRET_VARIABLE, MpiFlavor
+from node_runtime.env import VARIABLE_NAME, NodeEnvironment
+from node_runtime.errors import InvalidInput
 
 #: Variables the ranks always get when the launching process has them.
 RANK_VARIABLES = ("PATH", "VIRTUAL_ENV", "PYTHONPATH", "LD_LIBRARY_PATH")
 #: Never exported: the secret, and this node's own address (wrong on every other node).
 NEVER_EXPORTED = frozenset({SECRET_VARIABLE, NODE_ADDRESS_VARIABLE})
-
-
-class MpiFlavor(enum.StrEnum):
-    """The MPI implementations whose ``mpirun`` we drive."""
-
-    OPENMPI = "openmpi"
-    MPICH = "mpich"
-    INTELMPI = "intelmpi"
 
 
 def detect_flavor(version_text: str) -> MpiFlavor:

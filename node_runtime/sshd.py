@@ -23,10 +23,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mpilaunch import proc
-from mpilaunch.errors import ServiceError
-from node_runtime import tmpdirs
-from node_runtime.env import SECRET_VARIABLE
+from node_runtime import proc, tmpdirs
+from node_runtime.contract import SECRET_VARIABLE
+from node_runtime.errors import ServiceError
 from node_runtime.keys import SERVICE_DIR_NAME, KeyFiles, ensure_private_dir, write_private_file
 
 SSHD_SEARCH_PATH = ("/usr/sbin", "/usr/local/sbin", "/sbin")

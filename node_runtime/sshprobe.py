@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from mpilaunch.errors import ServiceError
+from node_runtime.errors import ServiceError
 
 VERSION = b"SSH-2.0-mpilaunch_probe"
 KEX = b"curve25519-sha256,curve25519-sha256@libssh.org"

@@ -13,7 +13,7 @@ Example (a notebook, against the local emulator started by ``mpilaunch local up`
     results = launcher.wait(ref)          # -> TaskResults; results.succeeded, results.instances
     launcher.download_logs(results, Path("logs"))
 
-Every error is an :mod:`mpilaunch.errors` exception; Azure SDK errors (Batch or Blob storage) become
+Every error is an :mod:`node_runtime.errors` exception; Azure SDK errors (Batch or Blob storage) become
 :class:`BatchError`.
 """
 
@@ -30,7 +30,7 @@ from typing import Any
 from mpilaunch.client import config as cfg
 from mpilaunch.client.results import TaskResults, build_results
 from mpilaunch.client.spec import TaskSpec
-from mpilaunch.errors import BatchError, InvalidInput, MpilaunchError
+from node_runtime.errors import BatchError, InvalidInput, MpilaunchError
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,11 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
-from mpilaunch.errors import CheckpointError, InvalidInput
+from node_runtime.errors import CheckpointError, InvalidInput
 
 if TYPE_CHECKING:
     from mpilaunch.client.config import StorageConfig
@@ -150,7 +150,7 @@ def _check_sas(shown: str, query: str) -> None:
         raise _bad(shown, f"its SAS grants {sas.get('sp', '')!r}, the checkpoint store also needs "
                           f"{''.join(missing)!r} (needs {PERMISSION!r})")
     expiry = _expiry(sas.get("se", ""))
-    if expiry is not None and expiry <= datetime.now(UTC):
+    if expiry is not None and expiry <= datetime.now(timezone.utc):
         raise _bad(shown, f"its SAS expired at {sas['se']}")
 
 
@@ -159,7 +159,7 @@ def _expiry(text: str) -> datetime | None:
         when = datetime.fromisoformat(text)
     except ValueError:
         return None
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
 
 
 def sas_warnings(location: CheckpointLocation, needed_until: datetime) -> list[str]:

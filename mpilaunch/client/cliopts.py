@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from mpilaunch.errors import INTERRUPTED
+from node_runtime.errors import INTERRUPTED
 
 if TYPE_CHECKING:
     from mpilaunch.client.api import Launcher, TaskRef
@@ -102,7 +102,7 @@ def explain_failure(launch: Launcher, results: TaskResults) -> None:
 
 def exit_for(results: TaskResults) -> int:
     """0 if the task succeeded; raise :class:`TaskFailed` naming the failed instances otherwise."""
-    from mpilaunch.errors import MpilaunchError, TaskFailed
+    from node_runtime.errors import MpilaunchError, TaskFailed
 
     if results.succeeded:
         note(results.summary())

@@ -14,13 +14,18 @@ is used. Keys are kept out of ``repr`` and messages.
 from __future__ import annotations
 
 import os
-import tomllib
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the backport (a dependency of the client there)
+    import tomli as tomllib
 from typing import Any
 
-from mpilaunch.errors import InvalidInput
+from node_runtime.errors import InvalidInput
 
 # profile key -> environment variable
 PROFILE_KEYS: dict[str, str] = {

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import psutil
 
-from mpilaunch import proc
 from mpilaunch.client.config import home
-from mpilaunch.errors import InvalidInput, ServiceError
+from node_runtime import proc
+from node_runtime.errors import InvalidInput, ServiceError
 
 LOCAL_POOL = "local"
 AZURITE_ACCOUNT = "devstoreaccount1"

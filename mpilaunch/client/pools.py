@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mpilaunch.client.spec import check_id
-from mpilaunch.errors import InvalidInput
+from node_runtime.errors import InvalidInput
 
 # Ubuntu 22.04 LTS, the marketplace image Batch documents for Linux MPI pools.
 DEFAULT_IMAGE = ("canonical", "0001-com-ubuntu-server-jammy", "22_04-lts")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from mpilaunch.client.spec import TaskSpec
-from mpilaunch.errors import PreflightError
+from node_runtime.errors import PreflightError
 
 
 def check_pool(pool: Any, spec: TaskSpec) -> list[str]:

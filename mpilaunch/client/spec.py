@@ -14,15 +14,14 @@ from datetime import timedelta
 from pathlib import Path
 
 from mpilaunch.client.checkpoint import parse_location
-from mpilaunch.errors import InvalidInput, InvalidRequest
+from node_runtime.contract import DEFAULT_SSH_PORT, FLAVORS
+from node_runtime.errors import InvalidInput, InvalidRequest
 
 ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MAX_DISPLAY_NAME = 1024
-MPI_FLAVOURS = ("openmpi", "mpich", "intelmpi")
 BIND_SOURCES = ("Shared", "Startup", "VfsMounts", "Task", "JobPrep", "Applications")
 RESERVED_ENV_PREFIXES = ("AZ_BATCH_", "MPILAUNCH_", "CCP_")
-DEFAULT_SSH_PORT = 2222
 
 
 def check_id(kind: str, value: str) -> str:
@@ -147,8 +146,8 @@ class TaskSpec:
             problems.append("a command argument contains a NUL character")
         if self.ppn is not None and self.ppn < 1:
             problems.append(f"processes per node must be >= 1, got {self.ppn}")
-        if self.mpi is not None and self.mpi not in MPI_FLAVOURS:
-            problems.append(f"unknown MPI flavour {self.mpi!r}: expected one of {', '.join(MPI_FLAVOURS)}")
+        if self.mpi is not None and self.mpi not in FLAVORS:
+            problems.append(f"unknown MPI flavor {self.mpi!r}: expected one of {', '.join(FLAVORS)}")
         if self.display_name is not None and len(self.display_name) > MAX_DISPLAY_NAME:
             problems.append(f"display name is {len(self.display_name)} characters long, the limit is "
                             f"{MAX_DISPLAY_NAME}")

@@ -15,14 +15,14 @@ import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 from mpilaunch.client.config import StorageConfig, default_credential
 from mpilaunch.client.taskbuild import StagedFile
-from mpilaunch.errors import InvalidInput
+from node_runtime.errors import InvalidInput
 
 INPUT_PREFIX = "inputs"
 QUEUE_MARGIN = timedelta(hours=12)
@@ -32,7 +32,7 @@ MAX_DELEGATION = timedelta(days=7)  # user delegation keys live at most 7 days
 
 def sas_expiry(wall_time: timedelta | None, retries: int, now: datetime | None = None) -> datetime:
     """When SAS URLs for a task expire: every attempt's wall time plus a margin for queueing; 7 days if unbounded."""
-    now = now or datetime.now(UTC)
+    now = now or datetime.now(timezone.utc)
     if wall_time is None or retries < 0:
         return now + NO_WALL_TIME_EXPIRY
     return now + wall_time * (retries + 1) + QUEUE_MARGIN
@@ -121,7 +121,7 @@ class BlobStore:
         """The container URL with a SAS of ``permission`` (e.g. ``"r"``, ``"cw"``) valid until ``expiry``."""
         from azure.storage.blob import generate_container_sas
 
-        start = datetime.now(UTC) - timedelta(minutes=5)  # tolerate clock skew between us and the nodes
+        start = datetime.now(timezone.utc) - timedelta(minutes=5)  # tolerate clock skew between us and the nodes
         if self._account_key:
             sas = generate_container_sas(self.account_name, self.config.container, account_key=self._account_key,
                                          permission=permission, expiry=expiry, start=start)

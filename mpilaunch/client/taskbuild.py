@@ -11,16 +11,25 @@ from __future__ import annotations
 import base64
 import json
 import secrets
-import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from azure.batch import models as bm
 
 from mpilaunch.client.spec import BindMount, ContainerSpec, TaskSpec
-from mpilaunch.errors import InvalidRequest
+from node_runtime.contract import (
+    CHECKPOINT_VARIABLE,
+    COORDINATION_COMMAND_LINE,
+    EXPORT_VARIABLE,
+    NODE_COUNT_VARIABLE,
+    RUNTIME_VERSION,
+    SECRET_VARIABLE,
+    SSH_PORT_VARIABLE,
+    VERSION_VARIABLE,
+    launch_command_line,
+)
+from node_runtime.errors import InvalidRequest
 
-COORDINATION_COMMAND = "node-runtime coordinate"
 # Batch refuses larger Add Task bodies (RequestEntityTooLarge); the exact limit is not documented, 1 MiB is safe.
 MAX_REQUEST_BYTES = 1024 * 1024
 LOG_PATTERN = "../std*.txt"
@@ -51,24 +60,15 @@ def new_task_secret() -> str:
     return base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode()
 
 
-def launch_command_line(argv: Sequence[str], *, ppn: int | None = None, mpi: str | None = None) -> str:
-    """The primary's command line; ``shlex.split`` of it gives back ``node-runtime launch ... -- *argv``."""
-    options: list[str] = []
-    if ppn is not None:
-        options += ["--ppn", str(ppn)]
-    if mpi is not None:
-        options += ["--mpi", mpi]
-    return shlex.join(["node-runtime", "launch", *options, "--", *argv])
-
-
 def environment_settings(spec: TaskSpec, secret: str) -> list[bm.EnvironmentSetting]:
-    """The task's environment: our contract variables first, then the user's (exported to every rank)."""
-    env = [("AZ_BATCH_NODE_COUNT", str(spec.nodes)), ("MPILAUNCH_TASK_SECRET", secret),
-           ("MPILAUNCH_SSH_PORT", str(spec.ssh_port))]
+    """The task's environment: our contract variables first (:mod:`node_runtime.contract`), then the user's
+    (exported to every rank)."""
+    env = [(NODE_COUNT_VARIABLE, str(spec.nodes)), (SECRET_VARIABLE, secret), (SSH_PORT_VARIABLE, str(spec.ssh_port)),
+           (VERSION_VARIABLE, RUNTIME_VERSION)]
     if spec.env:
-        env.append(("MPILAUNCH_EXPORT_ENV", ",".join(name for name, _ in spec.env)))
+        env.append((EXPORT_VARIABLE, ",".join(name for name, _ in spec.env)))
     if spec.checkpoint_url:
-        env.append(("MPILAUNCH_CHECKPOINT_URL", spec.checkpoint_url))
+        env.append((CHECKPOINT_VARIABLE, spec.checkpoint_url))
     env += list(spec.env)
     return [bm.EnvironmentSetting(name=n, value=v) for n, v in env]
 
@@ -138,7 +138,7 @@ def build_task(
         command_line=launch_command_line(spec.argv, ppn=spec.ppn, mpi=spec.mpi),
         multi_instance_settings=bm.MultiInstanceSettings(
             number_of_instances=spec.nodes,
-            coordination_command_line=COORDINATION_COMMAND,
+            coordination_command_line=COORDINATION_COMMAND_LINE,
             common_resource_files=resource_files(common_files, COMMON_FILES_DIR) or None,
         ),
         resource_files=resource_files(primary_files) or None,

@@ -20,7 +20,7 @@ import binascii
 import hashlib
 import hmac
 from collections.abc import Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from email.utils import parsedate_to_datetime
 from urllib.parse import parse_qs
 
@@ -70,7 +70,7 @@ def request_time(headers: Mapping[str, str]) -> datetime:
         when = parsedate_to_datetime(raw)
     except (TypeError, ValueError, IndexError) as exc:
         raise failed(f"The date header {raw!r} is not an RFC 1123 date.") from exc
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
 
 
 class Authenticator:
@@ -101,7 +101,7 @@ class Authenticator:
         if account != self.account:
             raise failed(f"The account {account!r} is not this emulator's account.")
         when = request_time(headers)
-        now = now or datetime.now(UTC)
+        now = now or datetime.now(timezone.utc)
         if abs(now - when) > SKEW:
             raise failed(f"The request time {when:%Y-%m-%dT%H:%M:%SZ} is more than 15 minutes from the server "
                          f"time {now:%Y-%m-%dT%H:%M:%SZ}.")

@@ -10,7 +10,7 @@ from types import FrameType
 import click
 
 from mpilaunch.emulator import defaults
-from mpilaunch.errors import InvalidInput
+from node_runtime.errors import InvalidInput
 
 DEFAULT_DATA = Path(".mpilaunch") / "emulator"
 

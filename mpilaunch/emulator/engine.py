@@ -20,7 +20,7 @@ import secrets
 import socket
 import threading
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 from mpilaunch.emulator import defaults, records
@@ -30,7 +30,7 @@ from mpilaunch.emulator.nodes.base import Node, NodeProvider
 from mpilaunch.emulator.pools import START_TAG, NodeManager
 from mpilaunch.emulator.store import Doc, Store, now_iso, transition
 from mpilaunch.emulator.taskrun import Outcome, TaskRun
-from mpilaunch.errors import MpilaunchError
+from node_runtime.errors import MpilaunchError
 
 Key = tuple[str, str]
 
@@ -60,7 +60,7 @@ def _expired(job: Doc) -> bool:
         created = datetime.fromisoformat(str(job.get("creationTime")))
     except ValueError:
         return False
-    return limit is not None and (datetime.now(UTC) - created).total_seconds() >= limit
+    return limit is not None and (datetime.now(timezone.utc) - created).total_seconds() >= limit
 
 
 def _expire(job: Doc) -> None:

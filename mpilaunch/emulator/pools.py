@@ -20,7 +20,7 @@ from mpilaunch.emulator import resourcefiles
 from mpilaunch.emulator.context import Context, log, wipe
 from mpilaunch.emulator.nodes.base import Node
 from mpilaunch.emulator.store import Doc, now_iso, transition
-from mpilaunch.errors import MpilaunchError
+from node_runtime.errors import MpilaunchError
 
 START_TAG = "starttask"
 GONE = ("leavingpool",)

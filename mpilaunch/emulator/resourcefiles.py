@@ -19,7 +19,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from mpilaunch.errors import MpilaunchError
+from node_runtime.errors import MpilaunchError
 
 TIMEOUT = 120.0
 _CHUNK = 1 << 20

@@ -28,7 +28,7 @@ from mpilaunch.emulator.store import Store
 from mpilaunch.emulator.validation import MAX_BODY
 from mpilaunch.emulator.wire import Context, FileBody, Handler, Request, Response
 from mpilaunch.emulator.wire_errors import WireError, new_request_id
-from mpilaunch.errors import InvalidInput
+from node_runtime.errors import InvalidInput
 
 log = logging.getLogger("mpilaunch.emulator")
 access = logging.getLogger("mpilaunch.emulator.access")

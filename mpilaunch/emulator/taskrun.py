@@ -21,7 +21,7 @@ from mpilaunch.emulator import resourcefiles
 from mpilaunch.emulator.context import Context, log, wipe
 from mpilaunch.emulator.nodes.base import Execution, Node
 from mpilaunch.emulator.pools import is_dedicated
-from mpilaunch.errors import MpilaunchError
+from node_runtime.errors import MpilaunchError
 
 POLL = 0.02
 

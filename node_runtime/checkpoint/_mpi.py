@@ -9,7 +9,7 @@ import time
 import traceback
 from typing import Any, NoReturn
 
-from mpilaunch.errors import MpilaunchError
+from node_runtime.errors import MpilaunchError
 
 
 def world(comm: Any = None) -> Any:

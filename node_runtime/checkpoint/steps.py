@@ -16,9 +16,9 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from mpilaunch.errors import CheckpointError, InvalidInput
 from node_runtime.checkpoint._mpi import new_run_id, say, world
 from node_runtime.checkpoint.stores import Store, open_store, seal, sha256, unseal
+from node_runtime.errors import CheckpointError, InvalidInput
 
 MARKER = "COMPLETE"
 FORMAT = 1
@@ -37,7 +37,7 @@ class Marker:
     def to_bytes(self, name: str) -> bytes:
         doc = {"format": FORMAT, "name": name, "step": self.step, "run": self.run, "ranks": self.ranks,
                "parts": [{"sha256": h, "bytes": n} for h, n in self.parts],
-               "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+               "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         return seal(json.dumps(doc, indent=1).encode())
 
     @classmethod

@@ -11,8 +11,8 @@ import ipaddress
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
-from mpilaunch.errors import CheckpointError
 from node_runtime.checkpoint.stores import ConcurrentGetStore, check_name, sha256
+from node_runtime.errors import CheckpointError
 
 _META = "sha256"
 

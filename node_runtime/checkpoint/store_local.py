@@ -11,8 +11,8 @@ import os
 import secrets
 from pathlib import Path
 
-from mpilaunch.errors import CheckpointError
 from node_runtime.checkpoint.stores import Store, check_name
+from node_runtime.errors import CheckpointError
 
 
 def _fsync_dir(path: Path) -> None:

@@ -2,7 +2,7 @@
 
 A store holds immutable objects under ``/``-separated names. ``put`` is *create-only*: writing a name that exists
 succeeds only if the existing content is byte-identical (so a retried write whose response was lost is recognised as
-our own) and raises :class:`~mpilaunch.errors.CheckpointError` otherwise. Every object we write is *sealed*: a header
+our own) and raises :class:`~node_runtime.errors.CheckpointError` otherwise. Every object we write is *sealed*: a header
 line carries the SHA-256 and length of the payload, so a torn or corrupted object is detected on read, never used.
 
 URLs: ``file:///abs/dir`` or a plain path (local or shared directory), ``https://ACCOUNT.blob.core.windows.net/
@@ -18,9 +18,10 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
-from mpilaunch.errors import CheckpointError
+from node_runtime.contract import CHECKPOINT_VARIABLE
+from node_runtime.errors import CheckpointError
 
-ENV_URL = "MPILAUNCH_CHECKPOINT_URL"
+ENV_URL = CHECKPOINT_VARIABLE
 _MAGIC = b"MPLCKPT1"
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._=-]*(/[A-Za-z0-9_][A-Za-z0-9._=-]*)*")
 

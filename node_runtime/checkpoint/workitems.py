@@ -19,9 +19,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
-from mpilaunch.errors import CheckpointError, InvalidInput
 from node_runtime.checkpoint._mpi import abort, new_run_id, say, world
 from node_runtime.checkpoint.stores import Store, open_store, seal, unseal
+from node_runtime.errors import CheckpointError, InvalidInput
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")

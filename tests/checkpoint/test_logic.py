@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from mpilaunch.errors import CheckpointError, InvalidInput
 from node_runtime.checkpoint import StepCheckpoints, Store, load_committed, open_store, run_items
 from node_runtime.checkpoint.stores import DelegatingStore
 from node_runtime.checkpoint.workitems import _chunk
+from node_runtime.errors import CheckpointError, InvalidInput
 
 
 class SelfComm:

@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from mpilaunch.errors import CheckpointError
 from node_runtime.checkpoint import Store, open_store
 from node_runtime.checkpoint.store_blob import BlobStore, parse_blob_url
 from node_runtime.checkpoint.store_local import LocalStore
 from node_runtime.checkpoint.stores import seal, unseal
+from node_runtime.errors import CheckpointError
 from tests.checkpoint.conftest import blob_container_url
 
 

@@ -25,8 +25,8 @@ from mpilaunch.client.config import StorageConfig
 from mpilaunch.client.local import LocalState
 from mpilaunch.client.spec import TaskSpec
 from mpilaunch.client.storage import sas_expiry
-from mpilaunch.errors import CheckpointError, InvalidInput
 from node_runtime.checkpoint import load_committed, open_store
+from node_runtime.errors import CheckpointError, InvalidInput
 from tests.client.conftest import local_services, new_task_id  # noqa: F401 - module-scoped emulator + Azurite
 from tests.client.test_storage_entra import FakeEntra, oauth_azurite  # noqa: F401 - HTTPS Azurite with OAuth
 from tests.support.azurite import ACCOUNT, KEY, Azurite

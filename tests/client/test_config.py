@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from mpilaunch.client.config import BatchConfig, StorageConfig, resolve
-from mpilaunch.errors import InvalidInput
+from node_runtime.errors import InvalidInput
 
 KEY = "c2VjcmV0LWtleS1ieXRlcy0xMjM0NTY3ODkwMTIzNDU2Nzg5MA=="
 

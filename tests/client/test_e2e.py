@@ -21,7 +21,7 @@ from mpilaunch.client.api import Launcher, TaskRef
 from mpilaunch.client.local import LocalState
 from mpilaunch.client.results import SCHEMA_PATH
 from mpilaunch.client.spec import TaskSpec
-from mpilaunch.errors import PreflightError
+from node_runtime.errors import PreflightError
 from tests.client.conftest import new_task_id
 
 pytestmark = [pytest.mark.slow, pytest.mark.azurite, pytest.mark.timeout(240)]

@@ -8,7 +8,7 @@ from azure.batch import models as bm
 from mpilaunch.client.pools import PoolSpec, build_pool, runtime_start_task_command
 from mpilaunch.client.preflight import check_nodes, check_pool
 from mpilaunch.client.spec import ContainerSpec, TaskSpec
-from mpilaunch.errors import InvalidInput, InvalidRequest, PreflightError
+from node_runtime.errors import InvalidInput, InvalidRequest, PreflightError
 
 
 def pool(**kw: object) -> bm.BatchPool:

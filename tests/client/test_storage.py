@@ -16,7 +16,7 @@ from mpilaunch.client.api import Launcher
 from mpilaunch.client.config import BatchConfig, Settings, StorageConfig
 from mpilaunch.client.spec import TaskSpec
 from mpilaunch.client.storage import BlobStore, sas_expiry, walk_inputs
-from mpilaunch.errors import BatchError, InvalidInput
+from node_runtime.errors import BatchError, InvalidInput
 from tests.support.azurite import Azurite
 
 pytestmark = pytest.mark.azurite

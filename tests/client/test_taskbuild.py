@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import mpilaunch
 from mpilaunch.client import taskbuild
 from mpilaunch.client.spec import (
     BindMount,
@@ -23,8 +24,9 @@ from mpilaunch.client.spec import (
     parse_duration,
     parse_env,
 )
-from mpilaunch.client.taskbuild import OutputTarget, StagedFile, build_task, launch_command_line
-from mpilaunch.errors import InvalidInput, InvalidRequest
+from mpilaunch.client.taskbuild import OutputTarget, StagedFile, build_task
+from node_runtime.contract import launch_command_line
+from node_runtime.errors import InvalidInput, InvalidRequest
 
 
 def spec(**kw: object) -> TaskSpec:
@@ -69,6 +71,7 @@ def test_build_task_is_a_correct_multi_instance_task(tmp_path: Path) -> None:
                                                 "python3", "app.py"]
     env = {e["name"]: e["value"] for e in body["environmentSettings"]}
     assert env == {"AZ_BATCH_NODE_COUNT": "3", "MPILAUNCH_TASK_SECRET": "s" * 43, "MPILAUNCH_SSH_PORT": "2222",
+                   "MPILAUNCH_RUNTIME_VERSION": mpilaunch.__version__,
                    "MPILAUNCH_EXPORT_ENV": "OMP_NUM_THREADS,MY_FLAG", "MPILAUNCH_CHECKPOINT_URL": "/shared/ckpt",
                    "OMP_NUM_THREADS": "2", "MY_FLAG": "a b"}
     assert body["constraints"]["maxTaskRetryCount"] == 2

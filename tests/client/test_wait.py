@@ -13,7 +13,7 @@ from mpilaunch.client.api import Launcher, TaskRef
 from mpilaunch.client.config import BatchConfig, Settings
 from mpilaunch.client.results import TaskResults, build_results
 from mpilaunch.emulator import defaults
-from mpilaunch.errors import MpilaunchError
+from node_runtime.errors import MpilaunchError
 
 
 def results(state: str) -> TaskResults:

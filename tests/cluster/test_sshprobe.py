@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from mpilaunch.errors import ServiceError
 from node_runtime import keys, sshd
+from node_runtime.errors import ServiceError
 from node_runtime.sshprobe import probe
 
 

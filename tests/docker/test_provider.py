@@ -18,7 +18,7 @@ import pytest
 from mpilaunch.emulator import multiinstance as mi
 from mpilaunch.emulator.nodes.base import Execution, Node, NodeError
 from mpilaunch.emulator.nodes.docker import NODE_ROOT, DockerProvider
-from mpilaunch.errors import CommandFailed
+from node_runtime.errors import CommandFailed
 from tests.support.docker import REPO, DockerScope, docker
 from tests.support.exec_engine import wait_for
 

@@ -22,7 +22,7 @@ from mpilaunch.emulator.nodes.base import Node, NodeError
 from mpilaunch.emulator.nodes.choose import DockerlessProvider, make_provider
 from mpilaunch.emulator.nodes.process import ProcessProvider
 from mpilaunch.emulator.server import EmulatorServer
-from mpilaunch.errors import InvalidInput
+from node_runtime.errors import InvalidInput
 
 pytestmark = pytest.mark.timeout(120)
 

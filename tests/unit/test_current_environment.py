@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from mpilaunch.errors import InvalidEnvironment
 from node_runtime import coordinate
 from node_runtime.coordinate import current_environment, is_local_address
+from node_runtime.errors import InvalidEnvironment
 from tests.support.netns import batch_environment
 
 NOT_LOCAL = "192.0.2.7"  # TEST-NET-1: never an address of this machine

@@ -15,7 +15,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mpilaunch.errors import InvalidEnvironment
 from node_runtime.addresses import interface_networks
 from node_runtime.env import (
     NODE_ADDRESS_VARIABLE,
@@ -25,6 +24,7 @@ from node_runtime.env import (
     redact_url,
     variables_markdown,
 )
+from node_runtime.errors import InvalidEnvironment
 
 NOISE = ["127.0.0.1", "::1", "fe80::1%eth0", "169.254.3.4"]  # local addresses never in generated host lists
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import click
 import pytest
 
-from mpilaunch import proc
 from mpilaunch.clickutil import LazyGroup, run_cli
-from mpilaunch.errors import CommandFailed, InvalidEnvironment, InvalidInput, ServiceError
+from node_runtime import proc
+from node_runtime.errors import CommandFailed, InvalidEnvironment, InvalidInput, ServiceError
 
 
 def test_run_captures_output() -> None:

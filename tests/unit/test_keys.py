@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from mpilaunch.errors import InvalidEnvironment, ServiceError
 from node_runtime import keys, sshd
+from node_runtime.errors import InvalidEnvironment, ServiceError
 
 SECRET = secrets.token_urlsafe(32)
 
@@ -104,6 +104,8 @@ def test_sshd_accepts_the_generated_config(tmp_path: Path) -> None:
     keys.write_key_files(svc.files, keys.derive_keys(SECRET), ["127.0.0.1"], 2222)
     assert sshd.write_sshd_config(svc) is True
     assert sshd.write_sshd_config(svc) is False  # unchanged: a running sshd would be kept
+    if os.geteuid() == 0:  # sshd -t as root wants its privilege separation directory (ensure() makes it too)
+        sshd.PRIVSEP_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
     text = svc.config.read_text()
     for line in ("ListenAddress 127.0.0.1:2222", "UsePAM no", "PasswordAuthentication no",
                  f"AuthorizedKeysFile {svc.files.authorized_keys}", f"AllowUsers {svc.user}"):

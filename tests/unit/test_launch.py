@@ -17,13 +17,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-from mpilaunch import proc
-from mpilaunch.errors import TaskFailed
+from node_runtime import proc
+from node_runtime.contract import MpiFlavor
 from node_runtime.coordinate import prepare
 from node_runtime.env import NodeEnvironment
+from node_runtime.errors import TaskFailed
 from node_runtime.launch import REPORT_NAME, Report, _forwarding_signals, _Gate, _kill_gated, _mpirun_command
 from node_runtime.masters import control_path
-from node_runtime.mpirun import MpiFlavor, ssh_command
+from node_runtime.mpirun import ssh_command
 from node_runtime.sshd import render_client_config, service_for
 
 
@@ -100,7 +101,7 @@ def hydra_node(tmp_path: Path) -> tuple[NodeEnvironment, dict[str, str]]:
 
 
 @pytest.mark.parametrize("flavor", [MpiFlavor.MPICH, MpiFlavor.INTELMPI])
-def test_hydra_flavours_get_an_ssh_wrapper_and_a_hostfile(tmp_path: Path, flavor: MpiFlavor) -> None:
+def test_hydra_flavors_get_an_ssh_wrapper_and_a_hostfile(tmp_path: Path, flavor: MpiFlavor) -> None:
     env, environ = hydra_node(tmp_path)
     svc = prepare(env)
     try:

@@ -1,4 +1,4 @@
-"""mpirun command lines: golden files per flavour, properties, validation, and one real local Open MPI run.
+"""mpirun command lines: golden files per flavor, properties, validation, and one real local Open MPI run.
 
 Rewrite the golden files with ``UPDATE_GOLDEN=1 pytest tests/unit/test_mpirun.py`` and review the diff.
 """
@@ -20,8 +20,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mpilaunch.errors import InvalidInput
-from node_runtime.env import SECRET_VARIABLE, NodeEnvironment
+from node_runtime.contract import SECRET_VARIABLE
+from node_runtime.env import NodeEnvironment
+from node_runtime.errors import InvalidInput
 from node_runtime.mpirun import (
     LaunchSpec,
     MpiFlavor,
@@ -80,7 +81,7 @@ def test_golden_command_lines(name: str) -> None:
     assert SECRET not in text and SECRET_VARIABLE not in text
 
 
-def test_golden_files_cover_every_flavour() -> None:
+def test_golden_files_cover_every_flavor() -> None:
     names = {p.stem for p in GOLDEN.glob("*.txt")}
     assert names == set(GOLDEN_SPECS), "stale or missing golden files"
     assert {spec["flavor"] for spec in GOLDEN_SPECS.values()} == set(MpiFlavor)
@@ -104,7 +105,7 @@ def test_open_mpi_command_line_essentials() -> None:
     assert ("--wdir", f"{TASK}/wd") in pairs and tuple(argv[-4:]) == COMMAND
 
 
-def test_hydra_flavours_start_from_an_empty_environment() -> None:
+def test_hydra_flavors_start_from_an_empty_environment() -> None:
     for flavor, launcher in ((MpiFlavor.MPICH, "-launcher-exec"), (MpiFlavor.INTELMPI, "-bootstrap-exec")):
         spec = spec_for_node(node(), ENVIRON, flavor=flavor, ppn=3, command=COMMAND, ssh_config=SSH_CONFIG,
                              as_root=False, ssh_wrapper=WRAPPER)

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 
 import mpilaunch
-from mpilaunch.errors import ServiceError
 from node_runtime import coordinate, launch
 from node_runtime.cli import main
-from node_runtime.mpirun import MpiFlavor
+from node_runtime.contract import MpiFlavor
+from node_runtime.errors import ServiceError
 
 NODE_RUNTIME = Path(sys.executable).with_name("node-runtime")
 

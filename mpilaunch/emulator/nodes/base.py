@@ -24,7 +24,7 @@ provider maps each node's root there, as Azure does), and reads/writes files thr
 :meth:`Node.node_path` to translate.
 
 All methods are called from engine threads, possibly concurrently for different nodes; implementations must be
-thread-safe. Errors: raise :class:`mpilaunch.errors.CommandFailed` (cannot start a command) or
+thread-safe. Errors: raise :class:`node_runtime.errors.CommandFailed` (cannot start a command) or
 :class:`NodeError` (the node itself is broken); the engine turns them into Batch failure info.
 """
 
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mpilaunch.errors import MpilaunchError
+from node_runtime.errors import MpilaunchError
 
 
 class NodeError(MpilaunchError):

@@ -14,11 +14,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mpilaunch import proc
 from mpilaunch.emulator.nodes.base import Node, NodeError, NodeProvider
 from mpilaunch.emulator.nodes.docker import DockerProvider, container_configuration
 from mpilaunch.emulator.nodes.process import ProcessProvider
-from mpilaunch.errors import CommandFailed, InvalidInput
+from node_runtime import proc
+from node_runtime.errors import CommandFailed, InvalidInput
 
 NODE_KINDS = ("auto", "docker", "process")
 

@@ -38,10 +38,10 @@ from typing import Any
 
 import psutil
 
-from mpilaunch import proc
 from mpilaunch.emulator.nodes.base import Execution, Node, NodeError, NodeProvider
 from mpilaunch.emulator.nodes.process import TAG_VAR, ProcessExecution, ProcessProvider
-from mpilaunch.errors import CommandFailed
+from node_runtime import proc
+from node_runtime.errors import CommandFailed
 
 NODE_ROOT = "/mnt/batch/tasks"
 LABEL_SCOPE = "org.mpilaunch.emulator"

@@ -35,8 +35,8 @@ from typing import Any
 
 import psutil
 
-from mpilaunch import proc
 from mpilaunch.emulator.nodes.base import Execution, Node, NodeError, NodeProvider
+from node_runtime import proc
 
 AZURE_NODE_ROOT = "/mnt/batch/tasks"
 TAG_VAR = "MPILAUNCH_EMULATOR_TAG"

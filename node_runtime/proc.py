@@ -6,7 +6,7 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from mpilaunch.errors import CommandFailed
+from node_runtime.errors import CommandFailed
 
 
 def run(
