@@ -66,8 +66,8 @@ class PreflightError(MpilaunchError):
 
     exit_code = 2
 
-    def __init__(self, message: str, *, fix: str) -> None:
-        super().__init__(message, details=[f"fix: {fix}"])
+    def __init__(self, message: str, *, fix: str, details: Sequence[str] = ()) -> None:
+        super().__init__(message, details=[*details, f"fix: {fix}"])
         self.fix = fix
 
 

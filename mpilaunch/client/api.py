@@ -154,6 +154,23 @@ class Launcher:
         return taskbuild.build_task(spec, common_files=store.staged(common, read_url),
                                     primary_files=store.staged(primary, read_url), outputs=outputs, secret=secret)
 
+    def stage_runtime(self, wheel: Path | None = None) -> list[Any]:
+        """Upload this client's runtime wheel (``wheel``, else built from the source tree) and the install script,
+        each once (content-addressed), and return them as StartTask resource files (``StagedFile``), each readable
+        through a SAS of its own for :data:`~mpilaunch.client.storage.RUNTIME_SAS_VALIDITY` (nodes added or
+        reimaged later download them again; user delegation SAS last 7 days at most)."""
+        import tempfile
+
+        from mpilaunch.client import runtime, storage, taskbuild
+
+        with tempfile.TemporaryDirectory(prefix="mpilaunch-runtime-") as tmp:
+            files = storage.walk_inputs([runtime.runtime_wheel(wheel, Path(tmp)), runtime.INSTALL_SCRIPT])
+            with self.storage_errors():
+                self.store.upload(files)
+                expiry = storage.runtime_sas_expiry()
+                return [taskbuild.StagedFile(self.store.blob_sas_url(f.blob_name, "r", expiry), f.rel)
+                        for f in files]
+
     def with_checkpoint_sas(self, spec: TaskSpec) -> TaskSpec:
         """``spec`` with a usable checkpoint location: a Blob one gets its container created and a SAS appended."""
         if not spec.checkpoint_url:

@@ -1,60 +1,126 @@
 """Pools able to run multi-instance MPI tasks: inter-node communication on, one task slot per node.
 
-:func:`build_pool` is pure; :func:`ensure_pool` creates (or grows) a pool through a ``BatchClient``.
+:func:`build_pool` is pure; :func:`ensure_pool` creates (or grows) a pool through a ``BatchClient``. The VM images
+we know (:data:`IMAGES`, see docs/azure.md for the sources) decide the node agent, whether Batch can run containers
+on them and whether ``--install-runtime`` can serve them.
 """
 
 from __future__ import annotations
 
-import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from mpilaunch.client.runtime import INSTALL_SCRIPT, start_task_command
 from mpilaunch.client.spec import check_id
 from node_runtime.errors import InvalidInput
 
-# Ubuntu 22.04 LTS, the marketplace image Batch documents for Linux MPI pools.
-DEFAULT_IMAGE = ("canonical", "0001-com-ubuntu-server-jammy", "22_04-lts")
-DEFAULT_NODE_AGENT = "batch.node.ubuntu 22.04"
+if TYPE_CHECKING:
+    from mpilaunch.client.taskbuild import StagedFile
+
+MIN_PYTHON = (3, 10)  # node_runtime's oldest Python (pyproject requires-python)
+EMULATOR_NODES_METADATA = "mpilaunch-emulator-nodes"
+"""Pool metadata the local emulator reads: ``vm`` gives VM-like nodes (a bare OS container) instead of processes;
+Azure gives metadata no meaning (``BatchPool.metadata``)."""
+
+
+@dataclass(frozen=True)
+class Image:
+    """A marketplace VM image as Batch offers it, and what we know of it."""
+
+    publisher: str
+    offer: str
+    sku: str
+    node_agent: str
+    python: tuple[int, int]
+    """The version of the image's ``python3`` (the one ``--install-runtime`` installs the runtime with)."""
+    containers: bool
+    """Whether Batch lists it as able to run container workloads (capability ``DockerCompatible``)."""
+
+    @property
+    def name(self) -> str:
+        return f"{self.publisher}:{self.offer}:{self.sku}"
+
+
+UBUNTU_2404 = Image("canonical", "ubuntu-24_04-lts", "server", "batch.node.ubuntu 24.04", (3, 12), False)
+UBUNTU_2204 = Image("canonical", "0001-com-ubuntu-server-jammy", "22_04-lts", "batch.node.ubuntu 22.04", (3, 10),
+                    False)
+UBUNTU_HPC_2404 = Image("microsoft-dsvm", "ubuntu-hpc", "2404", "batch.node.ubuntu 24.04", (3, 12), True)
+UBUNTU_HPC_2204 = Image("microsoft-dsvm", "ubuntu-hpc", "2204", "batch.node.ubuntu 22.04", (3, 10), True)
+UBUNTU_2004 = Image("canonical", "0001-com-ubuntu-server-focal", "20_04-lts", "batch.node.ubuntu 20.04", (3, 8),
+                    False)
+IMAGES = {i.name: i for i in (UBUNTU_2404, UBUNTU_2204, UBUNTU_HPC_2404, UBUNTU_HPC_2204, UBUNTU_2004)}
+DEFAULT_IMAGE = UBUNTU_2404
+DEFAULT_CONTAINER_IMAGE = UBUNTU_HPC_2404
 DEFAULT_VM_SIZE = "standard_d2s_v3"
-RUNTIME_PACKAGES = "openmpi-bin libopenmpi-dev openssh-server python3-pip python3-venv"
 
 
 @dataclass(frozen=True)
 class PoolSpec:
-    """A pool for MPI tasks. ``install_runtime`` adds a StartTask that installs Open MPI, sshd and mpilaunch."""
+    """A pool for MPI tasks. ``install_runtime`` adds a StartTask installing Open MPI, sshd and this client's runtime
+    wheel; ``image`` is ``PUBLISHER:OFFER:SKU`` (default: :data:`DEFAULT_IMAGE`, or :data:`DEFAULT_CONTAINER_IMAGE`
+    with container images); ``node_agent`` defaults to the image's."""
 
     id: str
     nodes: int = 0
     low_priority_nodes: int = 0
     vm_size: str = DEFAULT_VM_SIZE
-    image: tuple[str, str, str] = DEFAULT_IMAGE
-    node_agent_sku: str = DEFAULT_NODE_AGENT
+    image: str | None = None
+    node_agent: str | None = None
     container_images: tuple[str, ...] = ()
     start_task: str | None = None
     install_runtime: bool = False
-    package: str = "mpilaunch"
+    emulator_nodes: str | None = None
+    """Metadata :data:`EMULATOR_NODES_METADATA` for the local emulator (``vm``), or none."""
+
+    @property
+    def image_reference(self) -> tuple[str, str, str]:
+        name = self.image or (DEFAULT_CONTAINER_IMAGE if self.container_images else DEFAULT_IMAGE).name
+        parts = name.split(":")
+        if len(parts) != 3 or not all(parts):
+            raise InvalidInput(f"invalid image {name!r}: expected PUBLISHER:OFFER:SKU")
+        publisher, offer, sku = parts
+        return publisher, offer, sku
+
+    @property
+    def known_image(self) -> Image | None:
+        return IMAGES.get(":".join(self.image_reference).lower())
+
+    @property
+    def node_agent_sku(self) -> str:
+        if self.node_agent:
+            return self.node_agent
+        if self.known_image is None:
+            raise InvalidInput(f"image {':'.join(self.image_reference)!r} is not one we know the node agent of: "
+                               f"give --node-agent (`az batch pool supported-images list` lists them)")
+        return self.known_image.node_agent
 
     def validate(self) -> PoolSpec:
+        """Raise :class:`InvalidInput` naming the value if Batch or the image could not serve this pool."""
         check_id("pool", self.id)
         if self.nodes < 0 or self.low_priority_nodes < 0 or self.nodes + self.low_priority_nodes < 1:
             raise InvalidInput(f"a pool needs at least one node (dedicated={self.nodes}, "
                                f"low-priority={self.low_priority_nodes})")
         if self.start_task is not None and self.install_runtime:
             raise InvalidInput("give either a start task command or --install-runtime, not both")
+        image, name = self.known_image, ":".join(self.image_reference)
+        if self.container_images and self.install_runtime:
+            raise InvalidInput("--install-runtime installs the runtime on the VM, but container tasks run the "
+                               "container image's: build the task image (scripts/build-image) instead")
+        if self.container_images and image is not None and not image.containers:
+            raise InvalidInput(f"image {name!r} cannot run containers on Batch (it is not DockerCompatible): use "
+                               f"{DEFAULT_CONTAINER_IMAGE.name} (the default for container pools)")
+        if self.install_runtime and image is not None and image.python < MIN_PYTHON:
+            raise InvalidInput(
+                f"image {name!r} has Python {'.'.join(map(str, image.python))}, but the node runtime needs "
+                f">= {'.'.join(map(str, MIN_PYTHON))}: use {DEFAULT_IMAGE.name} or {UBUNTU_2204.name}")
+        self.node_agent_sku  # noqa: B018 - raises for an unknown image without --node-agent
         return self
 
 
-def runtime_start_task_command(package: str) -> str:
-    """A StartTask command line installing Open MPI, sshd and ``package`` (pip spec) on an Ubuntu node."""
-    script = (f"set -e; export DEBIAN_FRONTEND=noninteractive; apt-get update -q; "
-              f"apt-get install -yq --no-install-recommends {RUNTIME_PACKAGES}; "
-              f"python3 -m venv /opt/mpilaunch; /opt/mpilaunch/bin/pip install -q {shlex.quote(package)}; "
-              f"ln -sf /opt/mpilaunch/bin/node-runtime /usr/local/bin/node-runtime")
-    return shlex.join(["/bin/bash", "-c", script])
-
-
-def build_pool(spec: PoolSpec) -> Any:
-    """The ``BatchPoolCreateOptions`` for ``spec``."""
+def build_pool(spec: PoolSpec, runtime_files: Sequence[StagedFile] = ()) -> Any:
+    """The ``BatchPoolCreateOptions`` for ``spec``; ``runtime_files`` (the runtime wheel and the install script,
+    staged) are needed with ``install_runtime``."""
     from azure.batch import models as bm
 
     spec.validate()
@@ -62,13 +128,16 @@ def build_pool(spec: PoolSpec) -> Any:
     if spec.container_images:
         container = bm.BatchContainerConfiguration(type="dockerCompatible",
                                                    container_image_names=list(spec.container_images))
-    command = runtime_start_task_command(spec.package) if spec.install_runtime else spec.start_task
     start_task = None
-    if command:
-        start_task = bm.BatchStartTask(
-            command_line=command, wait_for_success=True, max_task_retry_count=2,
-            user_identity=bm.UserIdentity(auto_user=bm.AutoUserSpecification(scope="pool", elevation_level="admin")))
-    publisher, offer, sku = spec.image
+    if spec.install_runtime:
+        start_task = runtime_start_task(runtime_files)
+    elif spec.start_task:
+        start_task = bm.BatchStartTask(command_line=spec.start_task, wait_for_success=True, max_task_retry_count=2,
+                                       user_identity=_admin())
+    publisher, offer, sku = spec.image_reference
+    metadata = None
+    if spec.emulator_nodes:
+        metadata = [bm.BatchMetadataItem(name=EMULATOR_NODES_METADATA, value=spec.emulator_nodes)]
     return bm.BatchPoolCreateOptions(
         id=spec.id,
         vm_size=spec.vm_size,
@@ -82,10 +151,32 @@ def build_pool(spec: PoolSpec) -> Any:
         enable_inter_node_communication=True,
         task_slots_per_node=1,
         start_task=start_task,
+        metadata=metadata,
     )
 
 
-def ensure_pool(client: Any, spec: PoolSpec) -> str:
+def _admin() -> Any:
+    from azure.batch import models as bm
+
+    return bm.UserIdentity(auto_user=bm.AutoUserSpecification(scope="pool", elevation_level="admin"))
+
+
+def runtime_start_task(files: Sequence[StagedFile]) -> Any:
+    """The StartTask installing the runtime: the install script on the staged wheel, as the pool's admin user,
+    waited for (tasks never start on a node without the runtime), retried twice (apt mirrors fail at times)."""
+    from azure.batch import models as bm
+
+    from mpilaunch.client.taskbuild import resource_files
+
+    names = {f.file_path for f in files}
+    wheels = sorted(n for n in names if n.endswith(".whl"))
+    if INSTALL_SCRIPT.name not in names or len(wheels) != 1:
+        raise InvalidInput(f"the runtime StartTask needs {INSTALL_SCRIPT.name} and one wheel; got {sorted(names)}")
+    return bm.BatchStartTask(command_line=start_task_command(wheels[0]), resource_files=resource_files(files),
+                             wait_for_success=True, max_task_retry_count=2, user_identity=_admin())
+
+
+def ensure_pool(client: Any, spec: PoolSpec, runtime_files: Sequence[StagedFile] = ()) -> str:
     """Create the pool unless it exists; grow a fixed-size pool whose dedicated target is below ``spec.nodes``.
 
     Returns ``"created"``, ``"resized"`` or ``"exists"``.
@@ -96,7 +187,7 @@ def ensure_pool(client: Any, spec: PoolSpec) -> str:
     try:
         pool = client.get_pool(spec.id)
     except ResourceNotFoundError:
-        client.create_pool(build_pool(spec))
+        client.create_pool(build_pool(spec, runtime_files))
         return "created"
     if not pool.enable_auto_scale and (pool.target_dedicated_nodes or 0) < spec.nodes:
         client.begin_resize_pool(spec.id, bm.BatchPoolResizeOptions(

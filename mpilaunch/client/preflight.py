@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from mpilaunch.client.spec import TaskSpec
@@ -71,10 +72,12 @@ def _check_container(pool: Any, spec: TaskSpec) -> None:
 
 # Node states in which a node will not run tasks until someone acts (reboot, reimage, enable scheduling, remove).
 STUCK_STATES = ("unusable", "starttaskfailed", "offline", "unknown")
+STDERR_LINES = 10
 
 
-def check_nodes(pool: Any, states: list[str], spec: TaskSpec) -> None:
-    """Refuse if too few of the pool's nodes can ever run the task (the others are stuck in :data:`STUCK_STATES`)."""
+def check_nodes(pool: Any, states: list[str], spec: TaskSpec, why: Sequence[str] = ()) -> None:
+    """Refuse if too few of the pool's nodes can ever run the task (the others are stuck in :data:`STUCK_STATES`);
+    ``why`` (from :func:`start_task_failure`) details the refusal."""
     if pool.enable_auto_scale:
         return
     stuck = [s for s in states if s in STUCK_STATES]
@@ -85,11 +88,30 @@ def check_nodes(pool: Any, states: list[str], spec: TaskSpec) -> None:
             f"pool {pool.id!r} has only {target - len(stuck)} usable node(s) for a task that needs {spec.nodes} "
             f"({counts})",
             fix="look at the nodes' errors (start task output, `az batch node show`), then reboot/reimage or remove "
-                "them, or enable scheduling on offline nodes")
+                "them, or enable scheduling on offline nodes", details=why)
+
+
+def start_task_failure(client: Any, pool_id: str, node: Any, lines: int = STDERR_LINES) -> list[str]:
+    """Why ``node``'s StartTask failed: its exit code or failure, and the tail of its stderr (from the node's
+    ``startup/stderr.txt``, through the file API)."""
+    from azure.core.exceptions import HttpResponseError
+
+    info = node.start_task_info
+    failure = getattr(info, "failure_info", None) if info is not None else None
+    said = f"exit code {info.exit_code}" if info is not None and info.exit_code is not None else "no exit code"
+    if failure is not None:
+        said += f", {failure.code}: {failure.message}"
+    why = [f"node {node.id}: the StartTask failed ({said}); the end of its stderr:"]
+    try:
+        text = b"".join(client.get_node_file(pool_id, node.id, "startup/stderr.txt")).decode(errors="replace")
+    except HttpResponseError as exc:
+        return [*why, f"  (cannot read startup/stderr.txt: {exc.reason})"]
+    return why + [f"  {line}" for line in text.strip().splitlines()[-lines:]]
 
 
 def preflight(client: Any, pool_id: str, spec: TaskSpec) -> list[str]:
-    """Fetch pool ``pool_id`` and its nodes' states, and check them (:func:`check_pool`, :func:`check_nodes`)."""
+    """Fetch pool ``pool_id`` and its nodes, and check them (:func:`check_pool`, :func:`check_nodes`, with the
+    first failed StartTask's reason)."""
     from azure.core.exceptions import ResourceNotFoundError
 
     try:
@@ -98,6 +120,8 @@ def preflight(client: Any, pool_id: str, spec: TaskSpec) -> list[str]:
         raise PreflightError(f"pool {pool_id!r} does not exist",
                              fix=f"create it: `mpilaunch pool create {pool_id} --nodes {spec.nodes}`") from None
     warnings = check_pool(pool, spec)
-    states = [str(getattr(n.state, "value", n.state)) for n in client.list_nodes(pool_id, select=["id", "state"])]
-    check_nodes(pool, states, spec)
+    nodes = list(client.list_nodes(pool_id, select=["id", "state", "startTaskInfo"]))
+    states = [str(getattr(n.state, "value", n.state)) for n in nodes]
+    failed = [n for n, state in zip(nodes, states, strict=True) if state == "starttaskfailed"]
+    check_nodes(pool, states, spec, start_task_failure(client, pool_id, failed[0]) if failed else ())
     return warnings

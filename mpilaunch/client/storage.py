@@ -28,6 +28,12 @@ INPUT_PREFIX = "inputs"
 QUEUE_MARGIN = timedelta(hours=12)
 NO_WALL_TIME_EXPIRY = timedelta(days=7)
 MAX_DELEGATION = timedelta(days=7)  # user delegation keys live at most 7 days
+RUNTIME_SAS_VALIDITY = timedelta(days=365)  # a pool's StartTask downloads the runtime whenever a node (re)starts
+
+
+def runtime_sas_expiry(now: datetime | None = None) -> datetime:
+    """When the runtime's download links (StartTask resource files) expire: :data:`RUNTIME_SAS_VALIDITY` on."""
+    return (now or datetime.now(timezone.utc)) + RUNTIME_SAS_VALIDITY
 
 
 def sas_expiry(wall_time: timedelta | None, retries: int, now: datetime | None = None) -> datetime:
@@ -117,20 +123,33 @@ class BlobStore:
         with contextlib.suppress(ResourceExistsError):
             self.container.create_container()
 
+    @property
+    def max_sas_validity(self) -> timedelta | None:
+        """How long a SAS this store mints can be valid at most (user delegation keys: 7 days), or ``None``."""
+        return None if self._account_key else MAX_DELEGATION
+
     def container_sas_url(self, permission: str, expiry: datetime) -> str:
         """The container URL with a SAS of ``permission`` (e.g. ``"r"``, ``"cw"``) valid until ``expiry``."""
         from azure.storage.blob import generate_container_sas
 
+        return f"{self.container.url}?{self._sas(generate_container_sas, permission, expiry)}"
+
+    def blob_sas_url(self, name: str, permission: str, expiry: datetime) -> str:
+        """Blob ``name``'s URL with a SAS of ``permission`` for that blob alone, valid until ``expiry``."""
+        from azure.storage.blob import generate_blob_sas
+
+        sas = self._sas(generate_blob_sas, permission, expiry, blob_name=name)
+        return f"{self.container.get_blob_client(name).url}?{sas}"
+
+    def _sas(self, generate: Callable[..., str], permission: str, expiry: datetime, **target: str) -> str:
         start = datetime.now(timezone.utc) - timedelta(minutes=5)  # tolerate clock skew between us and the nodes
         if self._account_key:
-            sas = generate_container_sas(self.account_name, self.config.container, account_key=self._account_key,
-                                         permission=permission, expiry=expiry, start=start)
-        else:
-            expiry = min(expiry, start + MAX_DELEGATION)
-            key = self.service.get_user_delegation_key(start, expiry)
-            sas = generate_container_sas(self.account_name, self.config.container, user_delegation_key=key,
-                                         permission=permission, expiry=expiry, start=start)
-        return f"{self.container.url}?{sas}"
+            return generate(self.account_name, self.config.container, account_key=self._account_key,
+                            permission=permission, expiry=expiry, start=start, **target)
+        expiry = min(expiry, start + MAX_DELEGATION)
+        key = self.service.get_user_delegation_key(start, expiry)
+        return generate(self.account_name, self.config.container, user_delegation_key=key,
+                        permission=permission, expiry=expiry, start=start, **target)
 
     def upload(self, files: Sequence[LocalFile], *, workers: int = 8,
                on_progress: Callable[[int], None] | None = None) -> UploadReport:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
+import shlex
+
 import pytest
 from azure.batch import models as bm
 
-from mpilaunch.client.pools import PoolSpec, build_pool, runtime_start_task_command
+from mpilaunch.client.pools import DEFAULT_IMAGE, PoolSpec, build_pool
 from mpilaunch.client.preflight import check_nodes, check_pool
 from mpilaunch.client.spec import ContainerSpec, TaskSpec
+from mpilaunch.client.taskbuild import StagedFile
 from node_runtime.errors import InvalidInput, InvalidRequest, PreflightError
 
 
@@ -59,18 +63,58 @@ def test_container_consistency() -> None:
     assert "img:1" in err.value.fix
 
 
+RUNTIME = [StagedFile("https://acct/c/inputs/1/install-runtime.sh?sig=r", "install-runtime.sh"),
+           StagedFile("https://acct/c/inputs/2/mpilaunch-0.1.0-py3-none-any.whl?sig=r",
+                      "mpilaunch-0.1.0-py3-none-any.whl")]
+
+
 def test_build_pool_is_mpi_ready() -> None:
-    body = build_pool(PoolSpec("mpi", nodes=2, low_priority_nodes=1, container_images=("img:1",),
-                               install_runtime=True)).as_dict()
+    body = build_pool(PoolSpec("mpi", nodes=2, low_priority_nodes=1, container_images=("img:1",))).as_dict()
     assert body["enableInterNodeCommunication"] is True and body["taskSlotsPerNode"] == 1
     assert body["targetDedicatedNodes"] == 2 and body["targetLowPriorityNodes"] == 1
-    assert body["virtualMachineConfiguration"]["containerConfiguration"]["containerImageNames"] == ["img:1"]
-    assert body["startTask"]["commandLine"] == runtime_start_task_command("mpilaunch")
-    assert body["startTask"]["userIdentity"]["autoUser"]["elevationLevel"] == "admin"
+    vmc = body["virtualMachineConfiguration"]
+    assert vmc["containerConfiguration"]["containerImageNames"] == ["img:1"]
+    assert vmc["imageReference"]["publisher"] + ":" + vmc["imageReference"]["offer"] == "microsoft-dsvm:ubuntu-hpc"
+    assert "startTask" not in body and "metadata" not in body
     with pytest.raises(InvalidRequest, match="'bad id'"):
         build_pool(PoolSpec("bad id", nodes=1))
     with pytest.raises(InvalidInput, match="at least one node"):
         build_pool(PoolSpec("p", nodes=0))
+
+
+def test_runtime_start_task_installs_the_staged_wheel_as_admin() -> None:
+    body = build_pool(PoolSpec("mpi", nodes=2, install_runtime=True, emulator_nodes="vm"), RUNTIME).as_dict()
+    start = body["startTask"]
+    assert shlex.split(start["commandLine"]) == ["/bin/bash", "install-runtime.sh", "mpilaunch-0.1.0-py3-none-any.whl"]
+    assert [f["filePath"] for f in start["resourceFiles"]] == ["install-runtime.sh", "mpilaunch-0.1.0-py3-none-any.whl"]
+    assert start["userIdentity"]["autoUser"] == {"scope": "pool", "elevationLevel": "admin"}
+    assert start["waitForSuccess"] is True
+    assert body["virtualMachineConfiguration"]["nodeAgentSKUId"] == "batch.node.ubuntu 24.04"
+    assert body["metadata"] == [{"name": "mpilaunch-emulator-nodes", "value": "vm"}]
+    with pytest.raises(InvalidInput, match="one wheel"):
+        build_pool(PoolSpec("mpi", nodes=2, install_runtime=True), RUNTIME[:1])
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    (PoolSpec("p", 1, image="canonical:0001-com-ubuntu-server-focal:20_04-lts", install_runtime=True),
+     "has Python 3.8, but the node runtime needs >= 3.10"),
+    (PoolSpec("p", 1, image="canonical:ubuntu-24_04-lts:server", container_images=("i",)),
+     "cannot run containers on Batch"),
+    (PoolSpec("p", 1, container_images=("i",), install_runtime=True), "container tasks run the container image's"),
+    (PoolSpec("p", 1, image="me:my-image:1"), "give --node-agent"),
+    (PoolSpec("p", 1, image="ubuntu"), "expected PUBLISHER:OFFER:SKU"),
+])
+def test_pools_an_image_cannot_serve_are_refused_with_the_reason(spec: PoolSpec, message: str) -> None:
+    with pytest.raises(InvalidInput, match=re.escape(message)):
+        spec.validate()
+
+
+def test_known_images_and_explicit_node_agents() -> None:
+    assert PoolSpec("p", 1, image="canonical:0001-com-ubuntu-server-jammy:22_04-lts").node_agent_sku \
+        == "batch.node.ubuntu 22.04"
+    assert PoolSpec("p", 1, image="me:my-image:1", node_agent="batch.node.debian 12").validate().node_agent_sku \
+        == "batch.node.debian 12"
+    assert PoolSpec("p", 1, install_runtime=True).validate().image_reference == tuple(DEFAULT_IMAGE.name.split(":"))
 
 
 def test_stuck_nodes_count_against_the_task() -> None:
