@@ -1,5 +1,6 @@
 # The mpilaunch task container image: Open MPI, OpenSSH (the coordination service), and a Python virtual
-# environment with mpi4py and this project (the `node-runtime` command). Build with scripts/build-image, or
+# environment with mpi4py and the node side of this project only (the `node-runtime` command and the checkpoint
+# API; none of the client's or the emulator's code or dependencies). Build with scripts/build-image, or
 #   docker build -t mpilaunch:latest .            (legacy builder; no BuildKit features are used)
 # See docs/container-image.md for extending it, running as root, extra CA certificates and pushing it.
 ARG BASE_IMAGE=debian:bookworm-slim
@@ -33,19 +34,21 @@ ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
 
-# The virtual environment. Dependencies first (from pyproject.toml only), so that source changes rebuild little.
+# The virtual environment. Dependencies first (from pyproject.toml only: the node install and the checkpoint
+# extra), so that source changes rebuild little.
 ENV VIRTUAL_ENV=/opt/mpilaunch
 ENV PATH=${VIRTUAL_ENV}/bin:${PATH}
 COPY pyproject.toml /tmp/src/
 RUN python3 -m venv "${VIRTUAL_ENV}" \
-    && python3 -c 'import sys, tomllib; print(*tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"], sep="\n")' \
+    && python3 -c 'import sys, tomllib; p = tomllib.load(open(sys.argv[1], "rb"))["project"]; \
+print(*p["dependencies"], *p["optional-dependencies"]["checkpoint"], sep="\n")' \
         /tmp/src/pyproject.toml >/tmp/requirements.txt \
-    && pip install --quiet -r /tmp/requirements.txt "setuptools>=68" \
+    && pip install --quiet -r /tmp/requirements.txt "setuptools>=70.1" \
     && rm /tmp/requirements.txt
 COPY README.md /tmp/src/
-COPY mpilaunch /tmp/src/mpilaunch
 COPY node_runtime /tmp/src/node_runtime
 RUN pip install --quiet --no-deps --no-build-isolation /tmp/src \
+    && pip uninstall --quiet --yes setuptools \
     && rm -rf /tmp/src \
     && node-runtime --version
 
@@ -58,7 +61,7 @@ ENV OMPI_MCA_pml=ob1 \
     OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 
 LABEL org.opencontainers.image.title="mpilaunch task image" \
-      org.opencontainers.image.description="Open MPI, OpenSSH, mpi4py and the mpilaunch node runtime"
+      org.opencontainers.image.description="Open MPI, OpenSSH, mpi4py and the mpilaunch node runtime (no client)"
 
 USER ${USER_NAME}
 WORKDIR /home/${USER_NAME}
