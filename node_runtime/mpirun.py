@@ -49,6 +49,20 @@ def ranks_environment(environ: Mapping[str, str], export_names: Iterable[str] = 
     return {name: environ[name] for name in dict.fromkeys(names) if name in environ and name not in NEVER_EXPORTED}
 
 
+def with_runtime_environment(environ: Mapping[str, str], prefix: str, base_prefix: str) -> dict[str, str]:
+    """``environ`` with the runtime's virtual environment (``prefix``, when it is not ``base_prefix``: ``sys.prefix``
+    and ``sys.base_prefix``) first on ``PATH`` and as ``VIRTUAL_ENV``, so that the ranks' ``python3`` is the one
+    that has mpi4py (a pool's ``--install-runtime`` venv); unchanged outside a virtual environment."""
+    out = dict(environ)
+    if prefix == base_prefix:
+        return out
+    bin_dir = str(Path(prefix) / "bin")
+    path = [p for p in out.get("PATH", "").split(":") if p and p != bin_dir]
+    out["PATH"] = ":".join([bin_dir, *path])
+    out["VIRTUAL_ENV"] = prefix
+    return out
+
+
 @dataclass(frozen=True)
 class LaunchSpec:
     """Everything :func:`build_mpirun_argv` needs; invalid values raise :class:`InvalidInput` naming them."""

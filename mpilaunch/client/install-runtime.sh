@@ -60,7 +60,7 @@ if [[ -f $target/.installed ]]; then
 else
     rm -rf "$target"
     mkdir -p "$PREFIX"
-    python3 -m venv "$target"
+    python3 -m venv --system-site-packages "$target"  # packages of the image stay importable
     "$target/bin/pip" install -q --disable-pip-version-check --no-input "$(realpath "$wheel")[checkpoint]"
     touch "$target/.installed"
     say "installed $(basename "$wheel") in $target"

@@ -265,3 +265,14 @@ def test_ipv6_hosts_go_through_a_hostfile() -> None:
             assert argv[argv.index("btl_tcp_if_include") + 1] == "fd00::4/127"
     assert hostfile_text(MpiFlavor.OPENMPI, hosts, 2) == "fd00::4 slots=2\nfd00::5 slots=2\n"
     assert hostfile_text(MpiFlavor.MPICH, hosts, 3) == "fd00::4:3\nfd00::5:3\n"
+
+
+def test_the_runtime_venv_comes_first_on_the_ranks_path() -> None:
+    from node_runtime.mpirun import with_runtime_environment
+
+    environ = {"PATH": "/usr/bin:/opt/mpilaunch/current/bin:/bin", "HOME": "/h"}
+    out = with_runtime_environment(environ, "/opt/mpilaunch/current", "/usr")
+    assert out["PATH"] == "/opt/mpilaunch/current/bin:/usr/bin:/bin" and out["VIRTUAL_ENV"] == "/opt/mpilaunch/current"
+    assert out["HOME"] == "/h" and environ["PATH"].startswith("/usr/bin")  # a copy
+    assert with_runtime_environment(environ, "/usr", "/usr") == environ  # no venv: unchanged
+    assert with_runtime_environment({}, "/v", "/usr")["PATH"] == "/v/bin"
