@@ -46,8 +46,8 @@ def is_local_address(address: str) -> bool:
 
 
 def service(env: NodeEnvironment) -> sshd.Service:
-    """This node's service (address, task port, files under the task's shared dir)."""
-    return sshd.service_for(env.shared_dir, env.current_address, env.ssh_port)
+    """This node's service (address, task port, files under the task's shared dir, keys outside the node root)."""
+    return sshd.service_for(env.shared_dir, env.current_address, env.ssh_port, node_root=env.node_root_dir)
 
 
 def prepare(env: NodeEnvironment) -> sshd.Service:
@@ -56,6 +56,7 @@ def prepare(env: NodeEnvironment) -> sshd.Service:
         raise InvalidEnvironment([f"{SECRET_VARIABLE} is not set: the coordination service's keys derive from it "
                                   "(the mpilaunch client sets it on every multi-instance task)"])
     svc = service(env)
+    tmpdirs.claim(svc.files.private)
     keys.write_key_files(svc.files, keys.derive_keys(env.task_secret), env.hosts, env.ssh_port)
     sshd.write_client_config(svc)
     return svc
@@ -76,10 +77,12 @@ def start_service(env: NodeEnvironment, sshd_path: str | None = None) -> tuple[s
     """Check the runtime version, then make this node's service run and answer a real ssh handshake; returns
     (status, pid)."""
     check_version(env)
-    svc = prepare(env)
     binary = sshd.find_sshd(sshd_path)
-    tmpdirs.sweep(keep=svc.tmp_dir)  # TMPDIRs of earlier tasks' services that were killed, not stopped
-    status = sshd.ensure(svc, binary)
+    svc = prepare(env)
+    try:
+        status = sshd.ensure(svc, binary)
+    finally:  # the dirs of earlier services that were killed, not stopped (a leftover that ensure evicted too)
+        tmpdirs.sweep(svc.tmp_dir, svc.files.private)
     pid = sshd.running_pid(svc)
     return status, pid if pid is not None else -1
 

@@ -33,7 +33,7 @@ from node_runtime.contract import SECRET_VARIABLE, MpiFlavor
 from node_runtime.coordinate import prepare, service
 from node_runtime.env import NodeEnvironment
 from node_runtime.errors import InvalidInput, MpilaunchError, ServiceError, TaskFailed
-from node_runtime.keys import write_private_file
+from node_runtime.keys import forget_secret, write_private_file
 from node_runtime.masters import Masters
 from node_runtime.mpirun import (
     build_mpirun_argv,
@@ -41,6 +41,7 @@ from node_runtime.mpirun import (
     hostfile_text,
     spec_for_node,
     ssh_wrapper_script,
+    with_runtime_environment,
 )
 
 REPORT_NAME = "launch-report.json"
@@ -89,8 +90,10 @@ def launch(env: NodeEnvironment, environ: Mapping[str, str], command: Sequence[s
     if not command:
         raise InvalidInput("launch needs a command: node-runtime launch [options] -- COMMAND ARGS...")
     started = time.monotonic()
+    environ = with_runtime_environment(environ, sys.prefix, sys.base_prefix)  # the ranks' python3 is ours
     report = Report(hosts=list(env.hosts_primary_first), command=list(command), ppn=ppn)
     svc = _client_side(env)
+    forget_secret()  # the keys are on disk: launch, which lives as long as the job, does not show the secret
     masters = Masters(svc, [h for h in env.hosts_primary_first if h != env.current_address], timeout)
     # in the service directory, the same path on every node like ssh_config; a launch's own (an mpirun of an earlier
     # launch that still runs holds its gate)

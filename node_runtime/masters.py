@@ -9,7 +9,8 @@ A master is ``ssh -M -S <control socket> HOST <SESSION>`` with the task's ``ssh_
   instead of logging in again, so the wait costs mpirun nothing (unless the node's TMPDIR is too long for a Unix
   socket path: see :func:`node_runtime.sshd.control_dir`; then mpirun logs in itself);
 - its session is that node's stop switch: it waits for end-of-input, then ends the node's sshd listener (sessions
-  already open, like mpirun's, finish normally), says :data:`STOPPED` and removes the node's TMPDIR. End-of-input
+  already open, like mpirun's, finish normally), says :data:`STOPPED` and removes the node's TMPDIR and key dir
+  (``MPILAUNCH_KEY_DIR``, which the service's sshd sets for its sessions like TMPDIR). End-of-input
   also comes when launch dies, however it dies (its end of the socket closes), so the remote services never
   outlive the launch.
 
@@ -37,10 +38,11 @@ from node_runtime.sshd import Service, clean_environ, control_dir
 LOGGED_IN = "mpilaunch-logged-in"
 STOPPED = "mpilaunch-service-stopped"
 # The remote session: at end-of-input, end the node's sshd listener if its pid file still names it, say so, then
-# clean up (the pid file, the node-local TMPDIR) in the background, so the session ends at once.
+# clean up (the pid file, the node-local TMPDIR and key dir) in the background, so the session ends at once.
 SESSION = ('read _ ; d=$MPILAUNCH_SERVICE_DIR; read p < "$d/sshd.pid" && '
            f'grep -qs "$d/sshd_config" "/proc/$p/cmdline" && kill -TERM "$p" && echo {STOPPED}; '
-           '{ rm -f "$d/sshd.pid"; case $TMPDIR in */mpl-*) rm -rf "$TMPDIR" ;; esac; } </dev/null >/dev/null 2>&1 &')
+           '{ rm -f "$d/sshd.pid"; for t in "$TMPDIR" "$MPILAUNCH_KEY_DIR"; do case $t in */mpl-*) rm -rf "$t" ;; '
+           'esac; done; } </dev/null >/dev/null 2>&1 &')
 RETRY_PAUSE = 0.2  # between attempts at a node that did not answer (its service may still be starting)
 CONNECT_TIMEOUT = 5.0
 

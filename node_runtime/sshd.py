@@ -1,8 +1,10 @@
 """The coordination service: an sshd bound to this node's address on the task port, accepting only the task key.
 
-Everything lives in the task's private service directory (``$AZ_BATCH_TASK_SHARED_DIR/.mpilaunch``): keys,
-``sshd_config``, the pid file and the log; nothing global except the privilege-separation directory sshd itself
-requires when run as root. Works as root and as an unprivileged user (then sshd can only log in that user).
+Its files are the task's: ``sshd_config``, ``ssh_config``, the pid file and the log in the service directory
+(``$AZ_BATCH_TASK_SHARED_DIR/.mpilaunch``, nothing secret: Batch's file APIs serve it), the keys, ``authorized_keys``
+and ``known_hosts`` in a private key dir outside the node root (:func:`node_runtime.keys.private_base`), removed
+with the service; nothing global except the privilege-separation directory sshd itself requires when run as root.
+Works as root and as an unprivileged user (then sshd can only log in that user).
 
 A node runs one task at a time (``taskSlotsPerNode=1``), so an mpilaunch sshd of this user found listening on our
 address and port belongs to a task that ended without stopping its service (killed, timed out, failed before its
@@ -20,25 +22,29 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from node_runtime import proc, tmpdirs
 from node_runtime.contract import SECRET_VARIABLE
 from node_runtime.errors import ServiceError
-from node_runtime.keys import SERVICE_DIR_NAME, KeyFiles, ensure_private_dir, write_private_file
+from node_runtime.keys import SERVICE_DIR_NAME, KeyFiles, ensure_private_dir, private_base, write_private_file
 
 SSHD_SEARCH_PATH = ("/usr/sbin", "/usr/local/sbin", "/sbin")
 START_TIMEOUT = 10.0
 VERIFY_TIMEOUT = 10.0
 PRIVSEP_DIR = Path("/run/sshd")  # compiled into Debian's sshd; needed only when sshd runs as root
+KEY_DIR_SUFFIX = "-keys"
+"""A service's key dir is named like its TMPDIR, plus this."""
 OUR_SSHD = re.compile(rf"\bsshd:? .* -f \S+/{re.escape(SERVICE_DIR_NAME)}/sshd_config ")
 """The command line (or process title) of an sshd this module started, for any task."""
 
 
 @dataclass(frozen=True)
 class Service:
-    """One node's coordination service: where it listens, who may log in, and where its files are."""
+    """One node's coordination service: where it listens, who may log in, and where its files are (``tmp_dir``: its
+    sessions' TMPDIR)."""
 
     address: str
     port: int
@@ -67,10 +73,16 @@ class Service:
         return f"[{self.address}]:{self.port}" if ":" in self.address else f"{self.address}:{self.port}"
 
 
-def service_for(task_shared_dir: str | Path, address: str, port: int) -> Service:
-    """The service of the task whose shared dir is ``task_shared_dir``, on ``address``:``port``."""
-    files = KeyFiles.under(task_shared_dir)
-    return Service(address, port, files, current_user(), node_tmp_dir(files.directory, address, port))
+def service_for(task_shared_dir: str | Path, address: str, port: int, *, node_root: Path | None = None,
+                environ: Mapping[str, str] | None = None) -> Service:
+    """The service of the task whose shared dir is ``task_shared_dir``, on ``address``:``port``. Its key dir is chosen
+    by :func:`node_runtime.keys.private_base` from ``environ`` (default: ours), outside ``node_root`` (the node's
+    ``AZ_BATCH_NODE_ROOT_DIR``, which the runtime always gives; None keeps out of no directory, for tools that only
+    need the paths), and named like its TMPDIR (see :func:`node_dir_name`)."""
+    directory = Path(task_shared_dir) / SERVICE_DIR_NAME
+    name = node_dir_name(directory, address, port)
+    private = private_base(node_root, os.environ if environ is None else environ) / f"{name}{KEY_DIR_SUFFIX}"
+    return Service(address, port, KeyFiles(directory, private), current_user(), tmpdirs.base() / name)
 
 
 def clean_environ() -> dict[str, str]:
@@ -82,15 +94,16 @@ def current_user() -> str:
     return pwd.getpwuid(os.getuid()).pw_name
 
 
-def node_tmp_dir(service_dir: Path, address: str, port: int) -> Path:
-    """A short node-local TMPDIR for the ranks and Open MPI's session files, unique per node and task.
+def node_dir_name(service_dir: Path, address: str, port: int) -> str:
+    """The name of the service's node-local dirs (``mpl-<uid>-<hash>``): its TMPDIR for the ranks and Open MPI's
+    session files, and (with :data:`KEY_DIR_SUFFIX`) its key dir; unique per user, node and task.
 
-    Short because Open MPI puts Unix sockets there (108-byte limit); unique (the node's address is part of it, as
-    nodes of one machine may see their task directory at the same path) so nodes that share a machine don't share
-    their session directories, nor remove each other's.
+    Short because Open MPI puts Unix sockets in the TMPDIR (108-byte limit); unique (the node's address is part of
+    it, as nodes of one machine may see their task directory at the same path) so nodes that share a machine don't
+    share their session directories or keys, nor remove each other's.
     """
     digest = hashlib.sha256(f"{service_dir.resolve()}\0{address}\0{port}".encode()).hexdigest()[:12]
-    return tmpdirs.base() / f"{tmpdirs.prefix()}{digest}"
+    return f"{tmpdirs.prefix()}{digest}"
 
 
 def render_sshd_config(service: Service) -> str:
@@ -114,8 +127,8 @@ def render_sshd_config(service: Service) -> str:
         "PermitEmptyPasswords no",
         "PermitUserEnvironment no",
         "UsePAM no",
-        # Our key files sit in a 0700 directory we own (checked in keys.ensure_private_dir); Batch task dirs above
-        # it may be group-writable, which StrictModes would reject.
+        # Our key files sit in a 0700 directory we own (checked in keys.ensure_private_dir), maybe below a sticky
+        # /dev/shm or /tmp, our config in Batch task dirs that may be group-writable: StrictModes would reject those.
         "StrictModes no",
         "UseDNS no",
         "PrintMotd no",
@@ -133,7 +146,8 @@ def render_sshd_config(service: Service) -> str:
         "PubkeyAcceptedAlgorithms ssh-ed25519",
         # SHLVL=1: bash then runs as a nested shell and skips ~/.bashrc, which it otherwise sources for every ssh
         # command: the ranks get exactly the environment launch exports, and each hop saves the rc files' cost.
-        f"SetEnv TMPDIR={service.tmp_dir} MPILAUNCH_SERVICE_DIR={files.directory} SHLVL=1",
+        f"SetEnv TMPDIR={service.tmp_dir} MPILAUNCH_SERVICE_DIR={files.directory} MPILAUNCH_KEY_DIR={files.private} "
+        "SHLVL=1",
         "LogLevel INFO",
         "",
     ])
@@ -251,12 +265,14 @@ def start(service: Service, sshd: Path) -> tuple[int, bool]:
 
 
 def _start_once(service: Service, sshd: Path) -> int:
-    with tmpdirs.locked():  # a concurrent sweep sees the dir only with its owner recorded
+    node_dirs = (service.tmp_dir, service.files.private)
+    with tmpdirs.locked(*(d.parent for d in node_dirs)):  # a concurrent sweep sees the dirs only with owners recorded
         service.tmp_dir.mkdir(mode=0o700, exist_ok=True)
         with service.log.open("wb") as log:
             child = proc.spawn([str(sshd), "-D", "-f", str(service.config), "-E", str(service.log)],
                                env=clean_environ(), stdout=log.fileno(), stderr=subprocess.STDOUT, new_session=True)
-        tmpdirs.write_owner(service.tmp_dir, child.pid, service.config)
+        for directory in node_dirs:
+            tmpdirs.write_owner(directory, child.pid, service.config)
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         code = child.poll()
@@ -336,19 +352,26 @@ def ensure(service: Service, sshd: Path) -> str:
             return "running"
         except ServiceError:
             pass
-    replaced = stop(service)
-    _, evicted = start(service, sshd)
+    replaced = stop(service, keep_keys=True)
+    try:
+        _, evicted = start(service, sshd)
+    except ServiceError:
+        stop(service)  # no service, so no keys left behind
+        raise
     verify(service)
     return "replaced" if replaced or evicted or pid is not None else "started"
 
 
-def stop(service: Service, timeout: float = 5.0) -> bool:
-    """Stop this service's sshd if it runs (TERM, then KILL) and remove its node-local TMPDIR; returns whether
-    one was running."""
+def stop(service: Service, timeout: float = 5.0, *, keep_keys: bool = False) -> bool:
+    """Stop this service's sshd if it runs (TERM, then KILL) and remove its node-local TMPDIR and, unless
+    ``keep_keys`` (to start it again), its key dir; returns whether one was running."""
     shutil.rmtree(service.tmp_dir, ignore_errors=True)
     pid = running_pid(service)
     service.pid_file.unlink(missing_ok=True)
-    return pid is not None and _terminate(pid, timeout)
+    running = pid is not None and _terminate(pid, timeout)
+    if not keep_keys:
+        shutil.rmtree(service.files.private, ignore_errors=True)
+    return running
 
 
 def _terminate(pid: int, timeout: float = 5.0) -> bool:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from node_runtime import sshd
 from tests.support.netns import REPO, NetnsCluster
 
 PROBE = [sys.executable, str(REPO / "tests" / "programs" / "mpi_probe.py")]
@@ -43,3 +45,25 @@ def sshd_pids(cluster: NetnsCluster, i: int) -> list[int]:
 
 def sshd_running(cluster: NetnsCluster, i: int) -> bool:
     return bool(sshd_pids(cluster, i))
+
+
+def service_of(cluster: NetnsCluster, i: int, env: Mapping[str, str] | None = None) -> sshd.Service:
+    """Node ``i``'s service as its runtime sees it (with ``env`` overriding the node's environment)."""
+    full = {**cluster.nodes[i].env, **(env or {})}
+    return sshd.service_for(full["AZ_BATCH_TASK_SHARED_DIR"], cluster.nodes[i].address,
+                            int(full["MPILAUNCH_SSH_PORT"]), node_root=Path(full["AZ_BATCH_NODE_ROOT_DIR"]),
+                            environ=full)
+
+
+def files_with_keys(root: Path) -> list[Path]:
+    """The files below ``root`` that hold an OpenSSH private key."""
+    return [path for path in root.rglob("*") if path.is_file() and not path.is_symlink()
+            and any(mark in path.read_bytes() for mark in (b"PRIVATE KEY", b"openssh-key-v1"))]
+
+
+def environ_shows(pid: int, secret: str) -> bool:
+    """Whether process ``pid``'s environment, as /proc shows it to others, holds ``secret`` (False once it is gone)."""
+    try:
+        return secret.encode() in Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return False

@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
 import subprocess
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
-from tests.cluster.helpers import sshd_pids, sshd_running
+from tests.cluster.helpers import environ_shows, files_with_keys, service_of, sshd_pids, sshd_running
 from tests.support.netns import VENV_BIN, NetnsCluster
 
 pytestmark = pytest.mark.cluster
@@ -49,6 +51,42 @@ def test_stop_ends_the_service_and_is_idempotent(netns_cluster: Cluster) -> None
     assert again.returncode == 0 and "was not running" in again.stdout
 
 
+def test_keys_live_outside_the_node_root_and_go_with_the_service(netns_cluster: Cluster) -> None:
+    cluster = netns_cluster(1)
+    started = cluster.node_runtime(0, "coordinate")
+    assert started.returncode == 0, started.stderr
+    node, svc = cluster.nodes[0], service_of(cluster, 0)
+    assert not files_with_keys(node.root), "a private key below the node root: Batch's file APIs would serve it"
+    config = svc.config.read_text().splitlines()
+    assert f"HostKey {svc.files.host_key}" in config and f"  IdentityFile {svc.files.user_key}" in \
+        svc.client_config.read_text().splitlines()
+    private = svc.files.private
+    assert not private.is_relative_to(node.root) and private.parent == Path("/dev/shm").resolve()
+    info = private.stat()
+    assert stat.S_IMODE(info.st_mode) == 0o700 and info.st_uid == os.getuid()
+    assert sorted(p.name for p in private.iterdir() if not p.name.startswith(".")) == [
+        "authorized_keys", "id_ed25519", "id_ed25519.pub", "known_hosts", "ssh_host_ed25519_key",
+        "ssh_host_ed25519_key.pub"]
+    assert not environ_shows(pid_of(started.stdout), cluster.secret)  # sshd never had it
+    stopped = cluster.node_runtime(0, "coordinate", "--stop")
+    assert stopped.returncode == 0 and "stopped" in stopped.stdout
+    assert not private.exists() and not svc.tmp_dir.exists()
+
+
+def test_a_key_dir_someone_else_made_is_refused(netns_cluster: Cluster) -> None:
+    cluster = netns_cluster(1)
+    private = service_of(cluster, 0).files.private
+    private.mkdir(mode=0o700)  # made first by another user, who could read or swap the keys
+    try:
+        os.chown(private, 65534, 65534)
+        done = cluster.node_runtime(0, "coordinate")
+        assert done.returncode == 3, done.stdout
+        assert f"{private} is not a directory owned by uid {os.getuid()}; refusing to keep keys there" in done.stderr
+        assert not any(private.iterdir())
+    finally:
+        shutil.rmtree(private)
+
+
 def test_port_taken_is_a_clear_error(netns_cluster: Cluster) -> None:
     cluster = netns_cluster(1)
     address = cluster.addresses[0]
@@ -58,6 +96,7 @@ def test_port_taken_is_a_clear_error(netns_cluster: Cluster) -> None:
     done = cluster.run_on(0, [str(VENV_BIN / "python"), "-c", squatter, str(VENV_BIN / "node-runtime"), "coordinate"])
     assert done.returncode == 3
     assert f"port 2222 on {address} is already in use" in done.stderr
+    assert not service_of(cluster, 0).files.private.exists()  # no service, no keys
 
 
 def test_missing_secret_is_a_clear_error(netns_cluster: Cluster) -> None:
@@ -77,6 +116,7 @@ def test_missing_sshd_is_a_clear_error(netns_cluster: Cluster) -> None:
     done = cluster.run_on(0, hide)
     assert done.returncode == 3
     assert "sshd not found" in done.stderr and "openssh-server" in done.stderr
+    assert not service_of(cluster, 0).files.private.exists()
     explicit = cluster.node_runtime(0, "coordinate", "--sshd", "/nonexistent/sshd")
     assert explicit.returncode == 3 and "/nonexistent/sshd" in explicit.stderr
 
@@ -113,9 +153,11 @@ def test_an_unprivileged_user_can_run_the_service(netns_cluster: Cluster, task_u
     assert owner == name
     again = cluster.run_on(0, as_user, env=env)
     assert again.returncode == 0 and " running " in again.stdout, again.stderr
+    key_dirs = list(Path("/dev/shm").glob(f"mpl-{uid}-*-keys"))
+    assert len(key_dirs) == 1 and key_dirs[0].stat().st_uid == uid
     stopped = cluster.run_on(0, [*as_user, "--stop"], env=env)
     assert stopped.returncode == 0 and "stopped" in stopped.stdout
-    assert not sshd_running(cluster, 0)
+    assert not sshd_running(cluster, 0) and not key_dirs[0].exists()
 
 
 def test_an_address_that_is_not_this_nodes_is_a_clear_error(netns_cluster: Cluster) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.cluster.helpers import sshd_pids
+from tests.cluster.helpers import service_of, sshd_pids
 from tests.cluster.test_coordinate import pid_of
 from tests.support.netns import NetnsCluster
 
@@ -63,11 +63,14 @@ def test_a_leftover_sshd_of_an_earlier_task_is_replaced(netns_cluster: Cluster) 
 
 @contextmanager
 def foreign_sshd(cluster: NetnsCluster, template: Path, where: Path) -> Iterator[int]:
-    """A real sshd on node 0's task port, but not one of ours (its config is not in a task's service dir)."""
-    where.mkdir()
+    """A real sshd on node 0's task port, but not one of ours (its config is not in a task's service dir): our
+    ``template`` config with its pid file and host key (which the caller copied there) in ``where``."""
     config = where / "sshd_config"
-    lines = [f"PidFile {where / 'sshd.pid'}" if line.startswith("PidFile ") else line
-             for line in template.read_text().splitlines()]
+    moved = {"PidFile": "sshd.pid", "HostKey": "ssh_host_ed25519_key"}
+    lines = []
+    for line in template.read_text().splitlines():
+        keyword = line.split(" ", 1)[0]
+        lines.append(f"{keyword} {where / moved[keyword]}" if keyword in moved else line)
     config.write_text("\n".join(lines) + "\n")
     sshd = shutil.which("sshd", path="/usr/sbin:/usr/local/sbin:/sbin")
     assert sshd is not None
@@ -87,9 +90,11 @@ def foreign_sshd(cluster: NetnsCluster, template: Path, where: Path) -> Iterator
 def test_a_foreign_sshd_on_the_port_is_reported_and_left_alone(netns_cluster: Cluster, tmp_path: Path) -> None:
     cluster = netns_cluster(1)
     assert cluster.node_runtime(0, "coordinate").returncode == 0
-    template = cluster.nodes[0].task_dir / ".mpilaunch" / "sshd_config"
+    svc, where = service_of(cluster, 0), tmp_path / "foreign"
+    where.mkdir()
+    shutil.copy(svc.files.host_key, where)  # --stop removes the service's keys
     assert cluster.node_runtime(0, "coordinate", "--stop").returncode == 0
-    with foreign_sshd(cluster, template, tmp_path / "foreign") as pid:
+    with foreign_sshd(cluster, svc.config, where) as pid:
         done = cluster.node_runtime(0, "coordinate", env=other_task(cluster, 0, "task-2"))
         assert done.returncode == 3, done.stdout
         assert f"port 2222 on {cluster.addresses[0]} is already in use" in done.stderr

@@ -13,7 +13,16 @@ from pathlib import Path
 import pytest
 
 from node_runtime.launch import WAIT_NOTICE
-from tests.cluster.helpers import PROBE, coordinate, ranks, report, sshd_running
+from tests.cluster.helpers import (
+    PROBE,
+    coordinate,
+    environ_shows,
+    files_with_keys,
+    ranks,
+    report,
+    service_of,
+    sshd_running,
+)
 from tests.support.netns import VENV_BIN, NetnsCluster
 from tests.support.procs import reaped
 
@@ -55,6 +64,32 @@ def test_ranks_run_on_distinct_nodes_and_collectives_agree(netns_cluster: Cluste
     assert not any(sshd_running(cluster, i) for i in range(3))
     # One login per remote node besides coordinate's own check: launch's master, which mpirun's session went through.
     assert [logins(cluster, i) for i in (1, 2)] == [2, 2]
+
+
+def test_no_process_of_the_job_shows_the_secret_and_no_key_outlives_it(netns_cluster: Cluster) -> None:
+    cluster = netns_cluster(2)
+    coordinate(cluster)
+    node = cluster.nodes[0]
+    argv = cluster.argv_on(0, [str(VENV_BIN / "node-runtime"), "launch", "--", *PROBE, "--sleep", "2"])
+    with reaped(subprocess.Popen(argv, env=node.env, cwd=node.working_dir, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)) as child:
+        assert child.stdout is not None
+        assert "sleeping" in child.stdout.readline()  # the whole job runs now
+        running = {pid: Path(f"/proc/{pid}/comm").read_text().strip() for i in (0, 1) for pid in cluster.pids(i)}
+        # launch itself (exec'd by the netns wrapper), mpirun, the masters, both sshds, orted, the ranks
+        assert child.pid in running and {"mpirun", "ssh", "sshd", "orted"} <= set(running.values()), running
+        shown = {pid: comm for pid, comm in running.items() if environ_shows(pid, cluster.secret)}
+        assert not shown, f"processes whose /proc/PID/environ holds the task secret: {shown}"
+        _, stderr = child.communicate(timeout=60)
+    assert child.returncode == 0, stderr
+    assert report(cluster)["services_stopped"] == dict.fromkeys(cluster.addresses, True)
+    for i, each in enumerate(cluster.nodes):
+        assert not files_with_keys(each.root)
+        private = service_of(cluster, i).files.private
+        deadline = time.monotonic() + 10  # a remote node's stop session removes it in the background
+        while private.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not private.exists(), f"node {i} kept its keys after the job"
 
 
 def logins(cluster: NetnsCluster, i: int) -> int:
@@ -258,6 +293,9 @@ def test_remote_services_stop_even_if_launch_is_killed_outright(netns_cluster: C
         while Path(f"/proc/{listener}").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not Path(f"/proc/{listener}").exists(), "node 1's sshd outlived the killed launch"
+        while service_of(cluster, 1).files.private.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not service_of(cluster, 1).files.private.exists(), "node 1's keys outlived the killed launch"
         # the old mpirun still runs (holding its gate): the launch of a next attempt is not held up by it
         old = [p for p in cluster.pids(0) if Path(f"/proc/{p}/comm").read_text().strip() == "mpirun"]
         assert old, "the killed launch's mpirun is gone: the scenario did not happen"

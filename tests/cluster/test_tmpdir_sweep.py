@@ -1,6 +1,6 @@
-"""``node-runtime coordinate`` removes the node-local TMPDIRs (``/tmp/mpl-<uid>-*``) of services that were killed
-rather than stopped, and only those: a live service's dir, another user's dir and a fresh dir without an owner
-record are kept."""
+"""``node-runtime coordinate`` removes the node-local TMPDIRs (``/tmp/mpl-<uid>-*``) and key dirs
+(``/dev/shm/mpl-<uid>-*-keys``) of services that were killed rather than stopped, and only those: a live service's
+dirs, another user's dir and a fresh dir without an owner record are kept."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from node_runtime import sshd, tmpdirs
+from node_runtime import tmpdirs
+from tests.cluster.helpers import service_of
 from tests.cluster.test_coordinate import pid_of
 from tests.cluster.test_coordinate_leftover import gone, other_task
 from tests.support.netns import NetnsCluster
@@ -24,9 +25,7 @@ OTHER_UID = 65534  # nobody
 
 
 def tmp_dir_of(cluster: NetnsCluster, i: int, env: dict[str, str] | None = None) -> Path:
-    node = cluster.nodes[i]
-    task_dir = (env or {}).get("AZ_BATCH_TASK_DIR", str(node.task_dir))
-    return sshd.service_for(task_dir, node.address, int(node.env["MPILAUNCH_SSH_PORT"])).tmp_dir
+    return service_of(cluster, i, env).tmp_dir
 
 
 @pytest.fixture
@@ -52,21 +51,39 @@ def dead_pid() -> int:
     return child.pid
 
 
-def test_a_killed_services_tmpdir_is_removed_by_the_next_coordinate(netns_cluster: Cluster) -> None:
+def test_a_killed_services_dirs_are_removed_by_the_next_coordinate(netns_cluster: Cluster) -> None:
     cluster = netns_cluster(1)
     first = cluster.node_runtime(0, "coordinate")
     assert first.returncode == 0, first.stderr
-    killed = tmp_dir_of(cluster, 0)
-    assert tmpdirs.owner_alive(killed) is True
-    (killed / "ompi.node.0").mkdir()
+    killed = service_of(cluster, 0)
+    assert tmpdirs.owner_alive(killed.tmp_dir) is True and tmpdirs.owner_alive(killed.files.private) is True
+    (killed.tmp_dir / "ompi.node.0").mkdir()
     os.kill(pid_of(first.stdout), 9)  # as Batch or a lost node would: nothing runs its stop
     assert gone(pid_of(first.stdout))
     env = other_task(cluster, 0, "task-2")
     second = cluster.node_runtime(0, "coordinate", env=env)
     assert second.returncode == 0, second.stderr
-    assert not killed.exists(), "the killed service's TMPDIR was left"
-    assert tmpdirs.owner_alive(tmp_dir_of(cluster, 0, env)) is True  # the new service's own dir, recorded
-    subprocess.run(["rm", "-rf", str(tmp_dir_of(cluster, 0, env))], check=False)
+    assert not killed.tmp_dir.exists(), "the killed service's TMPDIR was left"
+    assert not killed.files.private.exists(), "the killed service's keys were left"
+    new = service_of(cluster, 0, env)
+    assert all(tmpdirs.owner_alive(d) is True for d in (new.tmp_dir, new.files.private))  # its own, recorded
+    assert cluster.node_runtime(0, "coordinate", "--stop", env=env).returncode == 0
+    assert not new.tmp_dir.exists() and not new.files.private.exists()
+
+
+def test_a_retried_task_gets_its_killed_attempts_key_dir_back_unswept(netns_cluster: Cluster) -> None:
+    cluster = netns_cluster(1)
+    first = cluster.node_runtime(0, "coordinate")
+    assert first.returncode == 0, first.stderr
+    private = service_of(cluster, 0).files.private
+    os.kill(pid_of(first.stdout), 9)
+    assert gone(pid_of(first.stdout)) and tmpdirs.owner_alive(private) is False
+    tmpdirs.claim(private)  # what the retry's coordinate does before it writes the keys again
+    assert tmpdirs.owner_alive(private) is None and time.time() - private.stat().st_mtime < 60
+    assert private not in tmpdirs.sweep(tmpdirs.base() / "unrelated", private.parent / "unrelated")
+    retried = cluster.node_runtime(0, "coordinate")
+    assert retried.returncode == 0 and " started " in retried.stdout, retried.stderr
+    assert tmpdirs.owner_alive(private) is True
 
 
 def test_live_foreign_and_fresh_unrecorded_dirs_are_kept(netns_cluster: Cluster,

@@ -164,8 +164,10 @@ class NetnsCluster:
         """Kill every process of every node, delete the namespaces and the node roots. Safe to call twice."""
         for i, node in enumerate(self.nodes):
             self.kill_processes(i)
-            service = service_for(node.task_dir, node.address, int(node.env["MPILAUNCH_SSH_PORT"]))
+            service = service_for(node.task_dir, node.address, int(node.env["MPILAUNCH_SSH_PORT"]),
+                                  node_root=node.root, environ=node.env)
             shutil.rmtree(service.tmp_dir, ignore_errors=True)
+            shutil.rmtree(service.files.private, ignore_errors=True)  # the key dir of a killed service
         existing = _ip("netns", "list", check=False).stdout.split()
         for netns in [n.netns for n in self.nodes] + [self.bridge_netns]:
             if netns in existing:

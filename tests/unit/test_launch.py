@@ -109,6 +109,7 @@ def test_hydra_flavors_get_an_ssh_wrapper_and_a_hostfile(tmp_path: Path, flavor:
                                            mpirun="/usr/bin/mpiexec", gate=svc.files.directory / "gate.lock")
     finally:
         shutil.rmtree(svc.tmp_dir, ignore_errors=True)
+        shutil.rmtree(svc.files.private, ignore_errors=True)
     wrapper, hostfile = svc.files.directory / "ssh-wrapper", svc.files.directory / "hostfile"
     assert stat.S_IMODE(wrapper.stat().st_mode) == 0o700
     assert f"flock -s -o {svc.files.directory / 'gate.lock'} ssh -F {svc.client_config}" in wrapper.read_text()
