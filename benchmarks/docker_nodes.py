@@ -36,8 +36,8 @@ from benchmarks.common import REPO, emulator_pool, parser, publish, wait_complet
 
 BEGIN, END = "<!-- docker_nodes:begin -->", "<!-- docker_nodes:end -->"
 IMAGE = "mpilaunch:latest"
-CONTEXT = ("Dockerfile", ".dockerignore", "pyproject.toml", "README.md", "mpilaunch", "node_runtime", "certs",
-           "scripts/build-image")
+CONTEXT = ("Dockerfile", ".dockerignore", "pyproject.toml", "README.md", "node_runtime", "certs", "scripts/build-image",
+           "scripts/lib")
 MAX_MB, MAX_REBUILD, MAX_TRIVIAL = 400, 20.0, 2.5
 ALLREDUCE = "from mpi4py import MPI; assert MPI.COMM_WORLD.allreduce(1) == 3"
 

@@ -9,6 +9,7 @@ import click
 
 from mpilaunch.client import cliopts
 from mpilaunch.client.pools import DEFAULT_CONTAINER_IMAGE, DEFAULT_IMAGE, DEFAULT_VM_SIZE, PoolSpec
+from mpilaunch.emulator.defaults import KIND_VM
 
 
 @click.group()
@@ -39,7 +40,7 @@ def create(**opts: Any) -> int:
 
     spec = PoolSpec(opts["pool_id"], opts["nodes"], opts["low_priority"], opts["vm_size"], opts["image"],
                     opts["node_agent"], tuple(opts["container_image"]), opts["start_task"], opts["install_runtime"],
-                    emulator_nodes="vm" if opts["local"] and opts["install_runtime"] else None).validate()
+                    emulator_nodes=KIND_VM if opts["local"] and opts["install_runtime"] else None).validate()
     launch = cliopts.launcher(opts)
     runtime = launch.stage_runtime(opts["runtime_wheel"]) if spec.install_runtime else []
     with launch.errors():

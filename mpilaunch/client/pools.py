@@ -13,15 +13,13 @@ from typing import TYPE_CHECKING, Any
 
 from mpilaunch.client.runtime import INSTALL_SCRIPT, start_task_command
 from mpilaunch.client.spec import check_id
+from mpilaunch.emulator.defaults import KIND_METADATA
 from node_runtime.errors import InvalidInput
 
 if TYPE_CHECKING:
     from mpilaunch.client.taskbuild import StagedFile
 
 MIN_PYTHON = (3, 10)  # node_runtime's oldest Python (pyproject requires-python)
-EMULATOR_NODES_METADATA = "mpilaunch-emulator-nodes"
-"""Pool metadata the local emulator reads: ``vm`` gives VM-like nodes (a bare OS container) instead of processes;
-Azure gives metadata no meaning (``BatchPool.metadata``)."""
 
 
 @dataclass(frozen=True)
@@ -71,7 +69,8 @@ class PoolSpec:
     start_task: str | None = None
     install_runtime: bool = False
     emulator_nodes: str | None = None
-    """Metadata :data:`EMULATOR_NODES_METADATA` for the local emulator (``vm``), or none."""
+    """Pool metadata :data:`~mpilaunch.emulator.defaults.KIND_METADATA` for the local emulator (``vm``: VM-like
+    nodes, bare OS containers), or none; Azure gives metadata no meaning (``BatchPool.metadata``)."""
 
     @property
     def image_reference(self) -> tuple[str, str, str]:
@@ -137,7 +136,7 @@ def build_pool(spec: PoolSpec, runtime_files: Sequence[StagedFile] = ()) -> Any:
     publisher, offer, sku = spec.image_reference
     metadata = None
     if spec.emulator_nodes:
-        metadata = [bm.BatchMetadataItem(name=EMULATOR_NODES_METADATA, value=spec.emulator_nodes)]
+        metadata = [bm.BatchMetadataItem(name=KIND_METADATA, value=spec.emulator_nodes)]
     return bm.BatchPoolCreateOptions(
         id=spec.id,
         vm_size=spec.vm_size,

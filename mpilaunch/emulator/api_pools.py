@@ -38,8 +38,10 @@ def add(ctx: Context, req: Request, _ids: list[str]) -> Response:
     if ctx.engine is not None:
         try:
             ctx.engine.check_pool(body)
-        except NodeError as exc:
+        except NodeError as exc:  # the pool's containerConfiguration or, without one, its metadata asks for it
             config = (body.get("virtualMachineConfiguration") or {}).get("containerConfiguration")
+            if config is None:
+                raise invalid_value("metadata", body.get("metadata"), str(exc)) from exc
             raise invalid_value("virtualMachineConfiguration.containerConfiguration", config, str(exc)) from exc
     now = now_iso()
     target = body.get("targetDedicatedNodes") or 0

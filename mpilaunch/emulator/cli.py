@@ -31,14 +31,17 @@ def emulator() -> None:
 @click.option("--accept-bearer", is_flag=True, help="Also accept any 'Bearer' token (testing Entra code paths).")
 @click.option("--no-execute", is_flag=True, help="Serve the API only: store tasks but never run them.")
 @click.option("--nodes", "node_kind", type=click.Choice(["auto", "docker", "process"]), default="auto",
-              show_default=True, help="Container pools' nodes: docker containers of the pool's image ('docker'; "
-              "'auto' when the docker engine answers, else such pools are refused) or processes ('process'). "
-              "Other pools always get process nodes.")
+              show_default=True, help="'docker': container pools get docker containers of the pool's image and VM "
+              "pools (metadata mpilaunch-emulator-nodes=vm) containers of --vm-image; 'auto': the same when the "
+              "docker engine answers, else such pools are refused; 'process': container pools get process nodes, "
+              "VM pools are refused. Other pools always get process nodes.")
 @click.option("--docker-scope", default="mpilaunch", show_default=True,
               help="Label value (org.mpilaunch.emulator=SCOPE) of this emulator's docker containers and networks.")
+@click.option("--vm-image", default=defaults.VM_IMAGE, show_default=True, envvar=defaults.VM_IMAGE_VARIABLE,
+              show_envvar=True, help="Image of VM pools' nodes (a bare OS, built by scripts/build-vm-image).")
 @click.option("-v", "--verbose", is_flag=True, help="Log every request (method, path, status, time) to stderr.")
 def serve(*, host: str, port: int, data_dir: Path, account: str, key: str, accept_bearer: bool,
-          no_execute: bool, node_kind: str, docker_scope: str, verbose: bool) -> None:
+          no_execute: bool, node_kind: str, docker_scope: str, vm_image: str, verbose: bool) -> None:
     """Serve the Batch REST API until Ctrl-C or SIGTERM; state persists in DATA."""
     import logging
 
@@ -51,7 +54,7 @@ def serve(*, host: str, port: int, data_dir: Path, account: str, key: str, accep
 
     if not account or not account.replace("-", "").isalnum():
         raise InvalidInput(f"--account {account!r}: use letters and digits")
-    provider = None if no_execute else make_provider(node_kind, docker_scope=docker_scope)
+    provider = None if no_execute else make_provider(node_kind, docker_scope=docker_scope, vm_image=vm_image)
     try:
         server = EmulatorServer(data_dir, host=host, port=port, account=account, key=key, bearer=accept_bearer,
                                 execute=not no_execute, provider=provider)

@@ -1,4 +1,5 @@
-"""Well-known development credentials and port of the emulator, documented like Azurite's.
+"""Well-known development credentials and port of the emulator, documented like Azurite's, and how a pool asks it
+for VM-like nodes.
 
 They are public on purpose: anyone who can reach the port can use them, so the emulator listens on 127.0.0.1 unless
 told otherwise. Pass ``--account``/``--key`` to ``mpilaunch emulator serve`` for anything else.
@@ -18,6 +19,16 @@ PORT = 10100
 
 API_VERSION = "2025-06-01"
 """The REST api-version whose spec the emulator follows."""
+
+KIND_METADATA = "mpilaunch-emulator-nodes"
+"""The pool metadata name the emulator reads (Batch gives metadata no meaning): :data:`KIND_VM` asks for VM-like nodes
+for a pool without a containerConfiguration (see ``mpilaunch.emulator.nodes.vm``)."""
+KIND_VM = "vm"
+
+VM_IMAGE = "mpilaunch-vm:bookworm"
+"""Default image of VM-like nodes, built by ``scripts/build-vm-image`` (``emulator serve --vm-image``)."""
+VM_IMAGE_VARIABLE = "MPILAUNCH_VM_IMAGE"
+"""Environment variable naming the image of VM-like nodes (for ``serve`` and ``scripts/build-vm-image``)."""
 
 
 def endpoint(host: str = HOST, port: int = PORT) -> str:

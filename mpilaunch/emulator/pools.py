@@ -4,6 +4,7 @@ The engine's loop calls :meth:`NodeManager.step`; slow work (provider calls, Sta
 write node docs and wake the loop. Nodes leave a pool (resize down, pool delete) through ``leavingpool``. A node found
 down after a failed attempt (:meth:`NodeManager.check_lost`) is ``unusable`` (error ``NodeLost``), so retries wait for
 or go to healthy nodes; once the provider says it is up again it restarts (StartTask, then ``idle``), as a rebooted VM.
+Whatever a StartTask started is killed when it ends (its tag), so no StartTask process outlives it.
 """
 
 from __future__ import annotations
@@ -11,14 +12,14 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from mpilaunch.emulator import multiinstance as mi
 from mpilaunch.emulator import resourcefiles
 from mpilaunch.emulator.context import Context, log, wipe
-from mpilaunch.emulator.nodes.base import Node
+from mpilaunch.emulator.nodes.base import ADMIN, NONADMIN, Node
 from mpilaunch.emulator.store import Doc, now_iso, transition
 from node_runtime.errors import MpilaunchError
 
@@ -37,6 +38,13 @@ def new_node_id(dedicated: bool) -> str:
 def is_dedicated(node_id: str) -> bool:
     """Whether a node id made by :func:`new_node_id` is a dedicated node."""
     return not node_id.endswith("_p")
+
+
+def elevation(spec: Mapping[str, Any]) -> str:
+    """The elevation level a task or StartTask runs with: ``admin`` only for ``userIdentity.autoUser.elevationLevel
+    = admin`` (the default, and a named ``userIdentity.username``, run as the non-admin task user)."""
+    level = ((spec.get("userIdentity") or {}).get("autoUser") or {}).get("elevationLevel")
+    return ADMIN if level == ADMIN else NONADMIN
 
 
 def _ipv6(address: str) -> str:
@@ -249,13 +257,17 @@ class NodeManager:
         try:
             execution = self.ctx.provider.run(node, argv, env=env, cwd=node.node_path(startup / "wd"),
                                               stdout=startup / "stdout.txt", stderr=startup / "stderr.txt",
-                                              tag=START_TAG, container=spec.get("containerSettings"))
+                                              tag=START_TAG, container=spec.get("containerSettings"),
+                                              user=elevation(spec))
         except MpilaunchError as exc:
             return None, mi.failure_info("CommandStartFailed", str(exc))
-        while (code := execution.wait(0.2)) is None:
-            if self.ctx.stopping.is_set():
-                execution.kill()
-                return None, None
+        try:
+            while (code := execution.wait(0.2)) is None:
+                if self.ctx.stopping.is_set():
+                    execution.kill()
+                    return None, None
+        finally:
+            self.ctx.provider.kill_tag(node, START_TAG)  # the daemons it left, too
         return code, None if code == 0 else mi.exit_failure(code, "the StartTask")
 
     # -- node removal ---------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from mpilaunch.emulator import multiinstance as mi
 from mpilaunch.emulator import resourcefiles
 from mpilaunch.emulator.context import Context, log, wipe
 from mpilaunch.emulator.nodes.base import Execution, Node
-from mpilaunch.emulator.pools import is_dedicated
+from mpilaunch.emulator.pools import elevation, is_dedicated
 from node_runtime.errors import MpilaunchError
 
 POLL = 0.02
@@ -182,7 +182,8 @@ class TaskRun:
         try:
             execution = self.ctx.provider.run(node, argv, env=self.env(index), cwd=node.node_path(tdir / "wd"),
                                               stdout=tdir / "stdout.txt", stderr=tdir / "stderr.txt", tag=self.tag,
-                                              container=self.task.get("containerSettings"))
+                                              container=self.task.get("containerSettings"),
+                                              user=elevation(self.task))
             self._executions.append(execution)
             return execution
         except MpilaunchError as exc:

@@ -1,4 +1,4 @@
-"""``emulator serve --nodes``: which provider runs container pools, and clear refusals when docker is unusable.
+"""``emulator serve --nodes``: which provider runs container and VM pools, and clear refusals when docker is unusable.
 
 These tests need no docker engine: they take it away (an empty ``PATH`` for the CLI, or the provider ``--nodes
 auto`` falls back to when ``docker info`` fails).
@@ -6,6 +6,7 @@ auto`` falls back to when ``docker info`` fails).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -18,9 +19,9 @@ from azure.core.credentials import AzureNamedKeyCredential
 from azure.core.exceptions import HttpResponseError
 
 from mpilaunch.emulator import defaults
+from mpilaunch.emulator.defaults import KIND_METADATA, KIND_VM
 from mpilaunch.emulator.nodes.base import Node, NodeError
 from mpilaunch.emulator.nodes.choose import DockerlessProvider, make_provider
-from mpilaunch.emulator.nodes.process import ProcessProvider
 from mpilaunch.emulator.server import EmulatorServer
 from node_runtime.errors import InvalidInput
 
@@ -57,8 +58,37 @@ def test_auto_without_docker_refuses_a_container_pool_when_it_is_created(tmp_pat
         server.stop()
 
 
+def vm_pool(pool_id: str) -> m.BatchPoolCreateOptions:
+    return m.BatchPoolCreateOptions(id=pool_id, vm_size="standard_d2s_v3", target_dedicated_nodes=1,
+                                    metadata=[m.BatchMetadataItem(name=KIND_METADATA, value=KIND_VM)])
+
+
+@pytest.mark.parametrize(("provider", "why"), [
+    (DockerlessProvider("the docker CLI is not installed"), "the docker CLI is not installed"),
+    (make_provider("process"), "it serves --nodes process")])
+def test_vm_pools_are_refused_without_docker_nodes(tmp_path: Path, provider: DockerlessProvider, why: str) -> None:
+    server = EmulatorServer(tmp_path / "data", host="127.0.0.1", port=0, provider=provider)
+    server.start()
+    try:
+        client = BatchClient(server.endpoint, AzureNamedKeyCredential(defaults.ACCOUNT, defaults.KEY))
+        with pytest.raises(HttpResponseError) as caught:
+            client.create_pool(vm_pool("vpool"))
+        assert caught.value.status_code == 400 and caught.value.response is not None
+        body = json.loads(caught.value.response.text())
+        assert body["code"] == "InvalidPropertyValue"
+        values = {v["key"]: v["value"] for v in body["values"]}
+        assert values["PropertyName"] == "metadata"
+        assert f"pool 'vpool' asks for VM-like nodes (metadata {KIND_METADATA}={KIND_VM})" in values["Reason"]
+        assert why in values["Reason"] and "--nodes auto or docker" in values["Reason"]
+        assert not list(client.list_pools())
+    finally:
+        server.stop()
+
+
 def test_make_provider_kinds(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert type(make_provider("process")) is ProcessProvider
+    process = make_provider("process")  # container pools as processes, VM pools refused
+    assert isinstance(process, DockerlessProvider) and process.containers_as_processes
+    process.check_pool({"id": "c", "virtualMachineConfiguration": {"containerConfiguration": {"type": "docker"}}})
     monkeypatch.setenv("PATH", "/nonexistent")
     auto = make_provider("auto")
     assert isinstance(auto, DockerlessProvider) and "docker CLI is not installed" in auto.why

@@ -1,8 +1,9 @@
-"""Docker fixtures: the task image (built once per session by scripts/build-image) and uniquely named resources.
+"""Docker fixtures: the task image and the VM image (built once per session by scripts/build-image and
+scripts/build-vm-image) and uniquely named resources.
 
-Outside CI, docker tests skip with the reason when no docker engine is usable; in CI (``CI`` set) they fail instead,
-because CI must build the image and run them. Every container and network a test creates carries the label
-``org.mpilaunch.test=<session prefix>`` and is removed at teardown, even when the test fails.
+Outside CI, docker tests skip with the reason when no docker engine is usable (VM-like nodes: or when not root); in
+CI (``CI`` set) they fail instead, because CI must build the images and run them. Every container and network a test
+creates carries the label ``org.mpilaunch.test=<session prefix>`` and is removed at teardown, even when the test fails.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE = os.environ.get("MPILAUNCH_IMAGE", "mpilaunch:latest")
+VM_IMAGE = os.environ.get("MPILAUNCH_VM_IMAGE", "mpilaunch-vm:bookworm")
 TEST_LABEL = "org.mpilaunch.test"
 SESSION_PREFIX = f"mpltest-{os.getpid()}-{secrets.token_hex(2)}"
 
@@ -48,9 +50,11 @@ def docker_unavailable() -> str | None:
     return None
 
 
-def require_docker() -> None:
-    """Skip (outside CI) or fail (in CI) when docker is not usable."""
+def require_docker(*, root: bool = False) -> None:
+    """Skip (outside CI) or fail (in CI) when docker is not usable (or, with ``root``, when not running as root)."""
     reason = docker_unavailable()
+    if reason is None and root and os.geteuid() != 0:
+        reason = "VM-like nodes need root (CI runs as root)"
     if reason is None:
         return
     if os.environ.get("CI"):
@@ -58,18 +62,30 @@ def require_docker() -> None:
     pytest.skip(reason)
 
 
+def build(script: str, tag: str) -> str:
+    """Run ``scripts/<script> TAG`` (it builds the image or finds it up to date); the tag."""
+    try:
+        done = subprocess.run([str(REPO / "scripts" / script), tag], capture_output=True, text=True,
+                              timeout=1200, check=False)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"scripts/{script} did not finish within 20 minutes")
+    if done.returncode != 0:
+        pytest.fail(f"scripts/{script} failed ({done.returncode}):\n{done.stdout}{done.stderr}")
+    return tag
+
+
 @pytest.fixture(scope="session")
 def docker_image() -> str:
     """The task image tag, built (or found up to date) by scripts/build-image once per session."""
     require_docker()
-    try:
-        done = subprocess.run([str(REPO / "scripts" / "build-image"), IMAGE], capture_output=True, text=True,
-                              timeout=1200, check=False)
-    except subprocess.TimeoutExpired:
-        pytest.fail("scripts/build-image did not finish within 20 minutes")
-    if done.returncode != 0:
-        pytest.fail(f"scripts/build-image failed ({done.returncode}):\n{done.stdout}{done.stderr}")
-    return IMAGE
+    return build("build-image", IMAGE)
+
+
+@pytest.fixture(scope="session")
+def vm_image() -> str:
+    """The bare image of VM-like nodes, built (or found up to date) by scripts/build-vm-image once per session."""
+    require_docker(root=True)
+    return build("build-vm-image", VM_IMAGE)
 
 
 @dataclass

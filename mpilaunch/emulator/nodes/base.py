@@ -1,15 +1,17 @@
 """The node-provider interface: how the emulator's engine gets compute nodes and runs commands on them.
 
 A provider turns "pool P needs node N" into something that can run processes: local process groups on a loopback
-address (:mod:`.process`, the default) or one docker container per node. The engine owns everything else
+address (:mod:`.process`, the default), one docker container per node (:mod:`.docker`) or one bare-OS container per
+node that plays the VM (:mod:`.vm`). The engine owns everything else
 (scheduling, Batch directory layout, resource files, environment, state); a provider only does four things:
 
 * :meth:`NodeProvider.create_node` — make a node whose root directory (``AZ_BATCH_NODE_ROOT_DIR``) is the host
   directory ``root`` (the engine creates it and writes files there; the node must see the same files, e.g. through a
   bind mount) and give it an IPv4 address the other nodes of the pool can reach.
 * :meth:`NodeProvider.run` — start one command on a node, with exactly the environment given (plus the provider's
-  base environment, e.g. ``PATH``), its working directory as the node sees it, and stdout/stderr written to host
-  files. No shell: ``argv`` is executed as is. Returns an :class:`Execution` to wait on or kill.
+  base environment, e.g. ``PATH``), its working directory as the node sees it, stdout/stderr written to host
+  files, and the elevation level of its Batch ``userIdentity`` (:data:`ADMIN` or :data:`NONADMIN`). No shell:
+  ``argv`` is executed as is. Returns an :class:`Execution` to wait on or kill.
 * :meth:`NodeProvider.kill_tag` — kill every process started on a node by commands run with a given ``tag``,
   including daemons they left behind (a coordination command starts sshd and exits). The engine uses one tag per
   task attempt and calls this when the attempt ends, so no process of a finished task survives.
@@ -38,6 +40,9 @@ from typing import Any
 
 from node_runtime.errors import MpilaunchError
 
+ADMIN, NONADMIN = "admin", "nonadmin"
+"""The elevation levels of Batch's auto-user, as :meth:`NodeProvider.run` takes them."""
+
 
 class NodeError(MpilaunchError):
     """A node could not be created, restored or used; the message names the node and the cause."""
@@ -65,6 +70,10 @@ class Node:
         """Translate a host path inside :attr:`root` to the path the node's processes see."""
         rel = Path(host_path).relative_to(self.root)
         return self.node_root if rel == Path() else f"{self.node_root.rstrip('/')}/{rel.as_posix()}"
+
+    def host_path(self, node_path: str) -> Path:
+        """Translate a path the node's processes see inside :attr:`node_root` to the host path (the inverse)."""
+        return self.root / Path(node_path).relative_to(self.node_root)
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "pool_id": self.pool_id, "address": self.address, "hostname": self.hostname,
@@ -120,13 +129,16 @@ class NodeProvider(ABC):
 
     @abstractmethod
     def run(self, node: Node, argv: Sequence[str], *, env: Mapping[str, str], cwd: str,
-            stdout: Path, stderr: Path, tag: str, container: Mapping[str, Any] | None = None) -> Execution:
+            stdout: Path, stderr: Path, tag: str, container: Mapping[str, Any] | None = None,
+            user: str = NONADMIN) -> Execution:
         """Start ``argv`` on ``node`` (no shell) with ``env`` added to the provider's base environment.
 
         ``cwd`` is a node path (see :meth:`Node.node_path`); ``stdout``/``stderr`` are host files, opened for
         append so successive commands of one task can share them. ``tag`` marks every process the command starts
         (including daemons) for :meth:`kill_tag`. ``container`` is the task's ``containerSettings`` (if any):
-        providers with container nodes run the command in it; others run it on the node as is.
+        providers with container nodes run the command in it; others run it on the node as is. ``user`` is
+        :data:`ADMIN` (Batch's admin auto-user) or :data:`NONADMIN`; providers whose nodes have such users run
+        the command as the matching one, others as they run every command.
         """
 
     @abstractmethod

@@ -3,7 +3,8 @@
 A pool whose ``virtualMachineConfiguration`` has a ``containerConfiguration`` gets nodes that are containers of the
 pool's first ``containerImageNames`` image (the "VM"), each with its own address on the pool's network, its own host
 name, and its host root directory bind-mounted at ``/mnt/batch/tasks`` (where Batch mounts ``AZ_BATCH_NODE_ROOT_DIR``
-into task containers). Other pools go to the ``fallback`` provider (the process provider by default).
+into task containers). Other pools go to the ``fallback`` provider (the process provider by default; the VM provider
+of :mod:`.vm`, a subclass, when the emulator serves VM-like nodes too).
 
 Task commands run as Batch runs container tasks: every task attempt (``tag``) gets its own task container on each
 node, created from the task's ``containerSettings`` (``imageName``, ``containerRunOptions``, ``workingDirectory``;
@@ -38,7 +39,7 @@ from typing import Any
 
 import psutil
 
-from mpilaunch.emulator.nodes.base import Execution, Node, NodeError, NodeProvider
+from mpilaunch.emulator.nodes.base import NONADMIN, Execution, Node, NodeError, NodeProvider
 from mpilaunch.emulator.nodes.process import TAG_VAR, ProcessExecution, ProcessProvider
 from node_runtime import proc
 from node_runtime.errors import CommandFailed
@@ -127,15 +128,29 @@ class DockerProvider(NodeProvider):
         self._live: set[str] = set()  # node containers created or restored by this provider, for close()
 
     # -- nodes ----------------------------------------------------------------------------------------------------
+    def serves(self, pool: Mapping[str, Any]) -> bool:
+        """Whether this provider makes ``pool``'s nodes (else its ``fallback`` does): container pools."""
+        return container_configuration(pool) is not None
+
+    def check_pool(self, pool: Mapping[str, Any]) -> None:
+        if not self.serves(pool):
+            self.fallback.check_pool(pool)
+
     def create_node(self, pool: Mapping[str, Any], node_id: str, root: Path, taken: Sequence[str]) -> Node:
-        config = container_configuration(pool)
-        if config is None:
+        if not self.serves(pool):
             return self.fallback.create_node(pool, node_id, root, taken)
-        pool_id = str(pool["id"])
-        images = list(config.get("containerImageNames") or [])
+        return self._create(str(pool["id"]), node_id, root, taken, self._node_image(pool))
+
+    def _node_image(self, pool: Mapping[str, Any]) -> str:
+        """The image of ``pool``'s node containers (pulled if missing): its first ``containerImageNames``."""
+        images = [str(i) for i in (container_configuration(pool) or {}).get("containerImageNames") or ()]
         if not images:
-            raise NodeError(f"pool {pool_id!r}: the emulator's docker nodes need a containerImageNames image")
+            raise NodeError(f"pool {pool['id']!r}: the emulator's docker nodes need a containerImageNames image")
         self._ensure_image(images[0])
+        return images[0]
+
+    def _create(self, pool_id: str, node_id: str, root: Path, taken: Sequence[str], image: str) -> Node:
+        """Start the node container of ``image`` on the pool's network."""
         root.mkdir(parents=True, exist_ok=True)
         hostname = re.sub(r"[^a-z0-9-]+", "-", node_id.lower()).strip("-")[:63] or "node"
         name = docker_name(pool_id, node_id, key=root)
@@ -146,14 +161,14 @@ class DockerProvider(NodeProvider):
                 docker("run", "-d", "--name", name, "--hostname", hostname, "--network", network, "--ip", address,
                        "--init", "--shm-size", self.shm_size, "-v", f"{root}:{NODE_ROOT}",
                        "--label", f"{LABEL_SCOPE}={self.scope}", "--label", f"{LABEL_POOL}={pool_id}",
-                       "--label", f"{LABEL_NODE}={name}", "--entrypoint", "sleep", images[0], "infinity")
+                       "--label", f"{LABEL_NODE}={name}", "--entrypoint", "sleep", image, "infinity")
             except CommandFailed as exc:
                 proc.run(["docker", "rm", "-f", name], timeout=60, check=False)
                 raise NodeError(f"node {node_id!r}: its container could not be started: {exc}") from exc
             self._live.add(name)
         return Node(id=node_id, pool_id=pool_id, address=address, hostname=hostname, root=root,
                     node_root=NODE_ROOT,
-                    data={"provider": self.name, "container": name, "network": network, "image": images[0]})
+                    data={"provider": self.name, "container": name, "network": network, "image": image})
 
     def restore_node(self, node: Node) -> Node:
         if not self._mine(node):
@@ -190,24 +205,47 @@ class DockerProvider(NodeProvider):
 
     # -- commands -------------------------------------------------------------------------------------------------
     def run(self, node: Node, argv: Sequence[str], *, env: Mapping[str, str], cwd: str,
-            stdout: Path, stderr: Path, tag: str, container: Mapping[str, Any] | None = None) -> Execution:
+            stdout: Path, stderr: Path, tag: str, container: Mapping[str, Any] | None = None,
+            user: str = NONADMIN) -> Execution:
+        """As :meth:`NodeProvider.run`; nodes of other providers go to ``fallback``."""
         if not self._mine(node):
-            return self.fallback.run(node, argv, env=env, cwd=cwd, stdout=stdout, stderr=stderr, tag=tag)
-        settings = dict(container or {})
+            return self.fallback.run(node, argv, env=env, cwd=cwd, stdout=stdout, stderr=stderr, tag=tag,
+                                     container=container, user=user)
+        return self._run(node, argv, env=env, cwd=cwd, stdout=stdout, stderr=stderr, tag=tag,
+                         settings=dict(container or {}), user=user)
+
+    def _run(self, node: Node, argv: Sequence[str], *, env: Mapping[str, str], cwd: str, stdout: Path,
+             stderr: Path, tag: str, settings: Mapping[str, Any], user: str) -> Execution:
+        """Run on one of this provider's nodes, in the attempt's task container made from the task's container
+        ``settings``; ``user`` is ignored: commands run as the emulator's uid:gid (see the module docstring)."""
         target = self._task_container(node, tag, settings)
-        marker = f"{node.id}/{tag}/{os.urandom(6).hex()}"  # not in the CLI's own environment: kill() spares it
         workdir = [] if settings.get("workingDirectory") == "containerImageDefault" else ["-w", cwd]
-        command = ["docker", "exec", *(f"--env={k}" for k in env), f"--env={TAG_VAR}={marker}", *workdir, target,
+        return DockerExecution(*self._exec(node, tag, target, workdir, argv, env=env, stdout=stdout, stderr=stderr))
+
+    @staticmethod
+    def _exec(node: Node, tag: str, target: str, options: Sequence[str], argv: Sequence[str], *,
+              env: Mapping[str, str], stdout: Path, stderr: Path,
+              stdin: int = subprocess.DEVNULL) -> tuple[subprocess.Popen[bytes], str]:
+        """Start ``docker exec`` of ``argv`` in the container ``target`` with ``options``; the CLI process and the
+        marker (``TAG_VAR``, naming ``node`` and ``tag``) its processes carry. ``env`` reaches them through the
+        CLI's environment, not its argv."""
+        marker = f"{node.id}/{tag}/{os.urandom(6).hex()}"  # not in the CLI's own environment: kill() spares it
+        command = ["docker", "exec", *(f"--env={k}" for k in env), f"--env={TAG_VAR}={marker}", *options, target,
                    *argv]
         cli_env = {k: v for k, v in os.environ.items() if k != TAG_VAR} | dict(env)
         with stdout.open("ab") as out, stderr.open("ab") as err:
-            popen = proc.spawn(command, env=cli_env, stdout=out.fileno(), stderr=err.fileno(), new_session=True)
-        return DockerExecution(popen, marker)
+            popen = proc.spawn(command, env=cli_env, stdin=stdin, stdout=out.fileno(), stderr=err.fileno(),
+                               new_session=True)
+        return popen, marker
 
     def kill_tag(self, node: Node, tag: str) -> None:
-        if not self._mine(node):
+        if self._mine(node):
+            self._kill_tag(node, tag)
+        else:
             self.fallback.kill_tag(node, tag)
-            return
+
+    def _kill_tag(self, node: Node, tag: str) -> None:
+        """Kill the tag's processes on one of this provider's nodes: remove its task container."""
         proc.run(["docker", "rm", "-f", "-v", self._task_name(node, tag)], timeout=120, check=False)
 
     def close(self) -> None:

@@ -35,7 +35,7 @@ from typing import Any
 
 import psutil
 
-from mpilaunch.emulator.nodes.base import Execution, Node, NodeError, NodeProvider
+from mpilaunch.emulator.nodes.base import NONADMIN, Execution, Node, NodeError, NodeProvider
 from node_runtime import proc
 
 AZURE_NODE_ROOT = "/mnt/batch/tasks"
@@ -147,8 +147,10 @@ class ProcessProvider(NodeProvider):
         return env
 
     def run(self, node: Node, argv: Sequence[str], *, env: Mapping[str, str], cwd: str,
-            stdout: Path, stderr: Path, tag: str, container: Mapping[str, Any] | None = None) -> Execution:
-        """As :meth:`NodeProvider.run`; ``container`` is ignored (a container task's commands run on the node)."""
+            stdout: Path, stderr: Path, tag: str, container: Mapping[str, Any] | None = None,
+            user: str = NONADMIN) -> Execution:
+        """As :meth:`NodeProvider.run`; ``container`` is ignored (a container task's commands run on the node), and
+        so is ``user``: every command runs as the emulator's user."""
         full = self.base_env(node) | dict(env)
         full["MPILAUNCH_NODE_ADDRESS"] = node.address
         full[TAG_VAR] = f"{node.id}/{tag}"
@@ -180,24 +182,29 @@ class ProcessProvider(NodeProvider):
 
     @staticmethod
     def _kill_marked(match: Callable[[str], bool]) -> None:
-        """SIGKILL every process whose tag matches and all their descendants.
+        """SIGKILL every process whose tag matches and all their descendants (see :func:`kill_found`)."""
+        kill_found(lambda: _marked(match))
 
-        They are first frozen (SIGSTOP), rescanning until no new one appears: a stopped process cannot fork, and a
-        process forked just before stays a descendant of its stopped parent, so nothing escapes between a scan and
-        the kill. The keepers die last, after reaping the others (PID 1 may not reap: no zombies pile up).
-        """
-        deadline = time.monotonic() + KILL_TIMEOUT
-        while (victims := _frozen(match, deadline)) and time.monotonic() < deadline:
-            keepers = [p for p in victims if str(_ENTER) in (p.info.get("cmdline") or ())]
-            others = [p for p in victims if p not in keepers]
-            _kill(others, deadline)
-            for p in keepers:
-                with contextlib.suppress(psutil.Error):
-                    p.resume()
-            reaped = min(deadline, time.monotonic() + 1.0)
-            while any(p.is_running() for p in others) and time.monotonic() < reaped:  # zombies too
-                time.sleep(0.005)
-            _kill(keepers, deadline)
+
+def kill_found(find: Callable[[], list[psutil.Process]]) -> None:
+    """SIGKILL every process ``find`` returns, rescanning until it returns none (or :data:`KILL_TIMEOUT`).
+
+    They are first frozen (SIGSTOP), rescanning until no new one appears: a stopped process cannot fork, and a
+    process forked just before is found by the next scan (``find`` returns descendants too), so nothing escapes
+    between a scan and the kill. Keepers die last, after reaping the others (PID 1 may not reap: no zombies pile up).
+    """
+    deadline = time.monotonic() + KILL_TIMEOUT
+    while (victims := _frozen(find, deadline)) and time.monotonic() < deadline:
+        keepers = [p for p in victims if str(_ENTER) in (getattr(p, "info", {}).get("cmdline") or ())]
+        others = [p for p in victims if p not in keepers]
+        _kill(others, deadline)
+        for p in keepers:
+            with contextlib.suppress(psutil.Error):
+                p.resume()
+        reaped = min(deadline, time.monotonic() + 1.0)
+        while any(p.is_running() for p in others) and time.monotonic() < reaped:  # zombies too
+            time.sleep(0.005)
+        _kill(keepers, deadline)
 
 
 def _kill(victims: list[psutil.Process], deadline: float) -> None:
@@ -210,11 +217,11 @@ def _kill(victims: list[psutil.Process], deadline: float) -> None:
         time.sleep(0.005 if victims else 0)
 
 
-def _frozen(match: Callable[[str], bool], deadline: float) -> list[psutil.Process]:
-    """The marked processes, each stopped with SIGSTOP, after a scan that found no new one (or at ``deadline``)."""
+def _frozen(find: Callable[[], list[psutil.Process]], deadline: float) -> list[psutil.Process]:
+    """The found processes, each stopped with SIGSTOP, after a scan that found no new one (or at ``deadline``)."""
     frozen: dict[int, psutil.Process] = {}
     while time.monotonic() < deadline:
-        new = [p for p in _marked(match) if p.pid not in frozen]
+        new = [p for p in find() if p.pid not in frozen]
         if not new:
             break
         for p in new:
