@@ -103,7 +103,7 @@ def start_task_failure(client: Any, pool_id: str, node: Any, lines: int = STDERR
         said += f", {failure.code}: {failure.message}"
     why = [f"node {node.id}: the StartTask failed ({said}); the end of its stderr:"]
     try:
-        text = b"".join(client.get_node_file(pool_id, node.id, "startup/stderr.txt")).decode(errors="replace")
+        text = b"".join(client.download_node_file(pool_id, node.id, "startup/stderr.txt")).decode(errors="replace")
     except HttpResponseError as exc:
         return [*why, f"  (cannot read startup/stderr.txt: {exc.reason})"]
     return why + [f"  {line}" for line in text.strip().splitlines()[-lines:]]
