@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psutil
 
@@ -113,6 +114,8 @@ def _port(preferred: int) -> int:
     and reports it, so no port picked in advance can be taken by another process first."""
     if preferred:
         with socket.socket() as s:
+            # as the servers bind: connections of a stopped one lingering in TIME_WAIT do not make the port taken
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind(("127.0.0.1", preferred))
             except OSError:
@@ -160,40 +163,60 @@ def _start(argv: Callable[[int], list[str]], name: str, preferred: int, director
 
 
 def up(nodes: int = 3, *, default_ports: bool = True) -> LocalState:
-    """Start the emulator and Azurite unless they run, make sure pool ``local`` has ``nodes`` nodes; return state.
+    """Start whichever of the emulator and Azurite is not running, make sure pool ``local`` has ``nodes`` nodes;
+    return the state.
 
-    With ``default_ports`` they listen on 10000 (Azurite) and 10100 (emulator) when those are free; otherwise (or
-    without) each binds a free port itself and reports it in its log.
+    A service that still runs is kept (a healthy Azurite keeps serving the URLs that pools' StartTasks and queued
+    tasks were given). A service started again prefers the port it had last (kept in ``ports.json``, which ``down``
+    leaves), so those URLs stay valid across ``down``/``up``; the first time, with ``default_ports``, 10000 (Azurite)
+    and 10100 (emulator). A preferred port that is taken is given up: the service binds a free one itself and
+    reports it in its log.
     """
     from mpilaunch.emulator import defaults
 
     state = _load()
-    if state is None or not _running(state):
+    if state is not None and _running(state):
+        ensure_local_pool(state, nodes)
+        return state
+    directory = local_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    last = _last_ports(directory)
+    if state is not None and _alive(state.azurite_pid, "azurite"):
+        azurite_pid, blob_port = state.azurite_pid, int(urlsplit(state.blob_endpoint).port or 0)
+    else:
         if state is not None:
             down()
-        directory = local_dir()
-        directory.mkdir(parents=True, exist_ok=True)
         azurite_pid, blob_port = _start(
             lambda port: [*azurite_command(), "--blobHost", "127.0.0.1", "--blobPort", str(port),
                           "--location", str(directory / "azurite"), "--silent", "--skipApiVersionCheck", "--loose"],
-            "azurite", 10000 if default_ports else 0, directory)
-        try:
-            emulator_pid, batch_port = _start(
-                lambda port: [sys.executable, "-u", "-c", "from mpilaunch.cli import main; main()", "emulator",
-                              "serve", "--host", "127.0.0.1", "--port", str(port),
-                              "--data", str(directory / "emulator"), "--nodes", "auto",
-                              "--docker-scope", docker_scope()],
-                "emulator", defaults.PORT if default_ports else 0, directory)
-        except BaseException:
-            _stop(azurite_pid, "azurite")
-            raise
-        state = LocalState(defaults.endpoint("127.0.0.1", batch_port), defaults.ACCOUNT, defaults.KEY,
-                           f"http://127.0.0.1:{blob_port}/{AZURITE_ACCOUNT}", emulator_pid, azurite_pid)
-        path = directory / "state.json"
-        path.write_text(json.dumps(asdict(state), indent=1))
-        path.chmod(0o600)
+            "azurite", last.get("azurite", 10000 if default_ports else 0), directory)
+    try:
+        emulator_pid, batch_port = _start(
+            lambda port: [sys.executable, "-u", "-c", "from mpilaunch.cli import main; main()", "emulator",
+                          "serve", "--host", "127.0.0.1", "--port", str(port),
+                          "--data", str(directory / "emulator"), "--nodes", "auto",
+                          "--docker-scope", docker_scope()],
+            "emulator", last.get("emulator", defaults.PORT if default_ports else 0), directory)
+    except BaseException:
+        _stop(azurite_pid, "azurite")
+        raise
+    state = LocalState(defaults.endpoint("127.0.0.1", batch_port), defaults.ACCOUNT, defaults.KEY,
+                       f"http://127.0.0.1:{blob_port}/{AZURITE_ACCOUNT}", emulator_pid, azurite_pid)
+    path = directory / "state.json"
+    path.write_text(json.dumps(asdict(state), indent=1))
+    path.chmod(0o600)
+    (directory / "ports.json").write_text(json.dumps({"azurite": blob_port, "emulator": batch_port}))
     ensure_local_pool(state, nodes)
     return state
+
+
+def _last_ports(directory: Path) -> dict[str, int]:
+    """The ports the services had the last time they started here (none if unknown or unreadable)."""
+    try:
+        ports = json.loads((directory / "ports.json").read_text())
+        return {name: int(ports[name]) for name in ("azurite", "emulator") if name in ports}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return {}
 
 
 def ensure_local_pool(state: LocalState, nodes: int) -> None:

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared by scripts/build-image and scripts/build-vm-image (sourced, not run): quiet steps, the local Debian base
 # image, this machine's extra CA certificates, and "build only when an input changed".
 #

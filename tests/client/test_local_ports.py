@@ -91,3 +91,29 @@ def test_the_preferred_port_is_used_when_free(tmp_path: Path, started: list[int]
     pid, port = local._start(lambda p: [*emulator_argv(tmp_path / "data"), str(p)], "emulator", preferred, tmp_path)
     started.append(pid)
     assert port == preferred and answers_as_emulator(port)
+
+
+def test_restarts_keep_a_healthy_azurite_and_the_ports_storage_urls_name(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pools' StartTasks and queued tasks hold Azurite URLs: after the emulator dies, `up` keeps Azurite; after
+    `down`, both come back on their last ports."""
+    import os
+    import signal
+
+    import psutil
+
+    monkeypatch.setenv("MPILAUNCH_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MPILAUNCH_CONFIG", str(tmp_path / "none.toml"))
+    try:
+        first = local.up(1, default_ports=False)
+        os.killpg(first.emulator_pid, signal.SIGKILL)
+        psutil.Process(first.emulator_pid).wait(10)  # its socket is closed
+        again = local.up(1, default_ports=False)
+        assert again.azurite_pid == first.azurite_pid and again.blob_endpoint == first.blob_endpoint
+        assert again.emulator_pid != first.emulator_pid and again.batch_endpoint == first.batch_endpoint
+        local.down()
+        third = local.up(1, default_ports=False)
+        assert third.azurite_pid != first.azurite_pid
+        assert (third.blob_endpoint, third.batch_endpoint) == (first.blob_endpoint, first.batch_endpoint)
+    finally:
+        local.down()

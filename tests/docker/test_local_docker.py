@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,27 +16,11 @@ from mpilaunch.cli import cli
 from mpilaunch.clickutil import run_cli
 from mpilaunch.client import local
 from mpilaunch.client.api import Launcher
-from tests.support.docker import docker, remove_labelled
+from tests.support.docker import docker
 
 pytestmark = [pytest.mark.slow, pytest.mark.azurite, pytest.mark.timeout(300)]
 
 HELLO = Path(__file__).resolve().parents[2] / "examples" / "hello_mpi.py"
-
-
-@pytest.fixture
-def local_home(docker_image: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A private MPILAUNCH_HOME with `local up` running; its docker nodes are removed at teardown."""
-    for name, value in {"MPILAUNCH_HOME": str(tmp_path / "home"),
-                        "MPILAUNCH_CONFIG": str(tmp_path / "no-profile.toml")}.items():
-        monkeypatch.setenv(name, value)
-    for name in ("MPILAUNCH_PROFILE", "MPILAUNCH_POOL", "AZURE_BATCH_ENDPOINT", "AZURE_STORAGE_CONNECTION_STRING"):
-        monkeypatch.delenv(name, raising=False)
-    try:
-        local.up(1, default_ports=False)
-        yield tmp_path
-    finally:
-        local.down()
-        remove_labelled(local.docker_scope())
 
 
 def test_local_container_pool_runs_the_example_on_docker_nodes(

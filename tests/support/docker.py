@@ -146,3 +146,21 @@ def docker_scope(request: pytest.FixtureRequest) -> Iterator[DockerScope]:
         yield scope
     finally:
         scope.cleanup()
+
+
+@pytest.fixture
+def local_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A private MPILAUNCH_HOME with `local up` running; its docker nodes are removed at teardown."""
+    from mpilaunch.client import local
+
+    for name, value in {"MPILAUNCH_HOME": str(tmp_path / "home"),
+                        "MPILAUNCH_CONFIG": str(tmp_path / "no-profile.toml")}.items():
+        monkeypatch.setenv(name, value)
+    for name in ("MPILAUNCH_PROFILE", "MPILAUNCH_POOL", "AZURE_BATCH_ENDPOINT", "AZURE_STORAGE_CONNECTION_STRING"):
+        monkeypatch.delenv(name, raising=False)
+    try:
+        local.up(1, default_ports=False)
+        yield tmp_path
+    finally:
+        local.down()
+        remove_labelled(local.docker_scope())
