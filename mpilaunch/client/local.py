@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import psutil
@@ -266,3 +267,62 @@ def status() -> dict[str, object]:
             "batch_account": state.batch_account, "blob_endpoint": state.blob_endpoint, "pool": LOCAL_POOL,
             "emulator_pid": state.emulator_pid, "azurite_pid": state.azurite_pid,
             "emulator": _alive(state.emulator_pid, "emulator"), "azurite": _alive(state.azurite_pid, "azurite")}
+
+
+FAULTS = ("preempt", "reboot", "kill")
+FAULT_PATH = "/pools/{pool}/nodes/{node}/mpilaunch-fault"
+"""The emulator's own fault-injection operation (see docs/emulator-execution.md, "Faults for rehearsal")."""
+
+
+def batch_client() -> Any:
+    """An azure-batch client of the running local emulator."""
+    from mpilaunch.client.config import BatchConfig
+
+    state = read_state()
+    return BatchConfig(state.batch_endpoint, state.batch_account, state.batch_key).client()
+
+
+def fault(client: Any, kind: str, node_id: str | None, *, pool_id: str = LOCAL_POOL, when_running: bool = False,
+          down: float = 2.0, timeout: float = 600.0, poll: float = 0.5) -> str:
+    """Inject a fault into a node of the emulator ``client`` talks to (``node_id``, or a random fit one if ``None``);
+    returns its id.
+
+    ``preempt`` (Spot nodes only) and ``kill`` use the emulator's fault operation (the node is down for ``down``
+    seconds); ``reboot`` is Batch's own reboot with the default ``requeue`` option. With ``when_running``, wait (up to
+    ``timeout`` s) until a task runs on the node first.
+    """
+    import random
+
+    from azure.batch.models._models import BatchNodeRebootOptions
+    from azure.core.rest import HttpRequest
+
+    from mpilaunch.emulator import defaults
+
+    if kind not in FAULTS:
+        raise InvalidInput(f"fault {kind!r}: must be one of {', '.join(FAULTS)}")
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = list(client.list_nodes(pool_id))
+        if node_id is not None and node_id not in {n.id for n in nodes}:
+            raise InvalidInput(f"node {node_id!r} is not in pool {pool_id!r} (its nodes: "
+                               f"{', '.join(n.id for n in nodes) or 'none'})")
+        fit = [n for n in nodes if (node_id is None or n.id == node_id) and (kind != "preempt" or not n.is_dedicated)
+               and n.state in (("running",) if when_running else ("idle", "running"))]
+        if fit:
+            break
+        if not when_running or time.monotonic() > deadline:
+            what = f"node {node_id!r}" if node_id else f"no {'Spot ' if kind == 'preempt' else ''}node"
+            why = f"no task ran on it within {timeout:.0f}s" if when_running else "it must be idle or running"
+            raise InvalidInput(f"{what} of pool {pool_id!r} cannot be hit by {kind!r}: {why}"
+                               + (" (and low-priority)" if kind == "preempt" else ""))
+        time.sleep(poll)
+    target = str(random.choice(fit).id)  # noqa: S311 - not crypto
+    if kind == "reboot":
+        client.begin_reboot_node(pool_id, target, BatchNodeRebootOptions(node_reboot_kind="requeue"))
+        return target
+    request = HttpRequest("POST", FAULT_PATH.format(pool=pool_id, node=target),
+                          params={"api-version": defaults.API_VERSION}, json={"fault": kind, "downSeconds": down})
+    response = client.send_request(request)
+    if response.status_code != 202:
+        raise ServiceError(f"the emulator refused to {kind} node {target!r}: {response.status_code} {response.text()}")
+    return target

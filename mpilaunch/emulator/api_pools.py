@@ -1,4 +1,4 @@
-"""Pools and compute nodes: add, get, exists, list, patch, delete, resize; nodes list/get."""
+"""Pools and compute nodes: add, get, exists, list, patch, delete, resize, remove nodes; nodes list/get."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from typing import Any
 
 from mpilaunch.emulator import validation
 from mpilaunch.emulator.nodes.base import NodeError
+from mpilaunch.emulator.pools import request_action
 from mpilaunch.emulator.store import Doc, now_iso, transition
 from mpilaunch.emulator.wire import (
     Context,
@@ -21,7 +22,7 @@ from mpilaunch.emulator.wire import (
     mutate,
     remove,
 )
-from mpilaunch.emulator.wire_errors import WireError, invalid_value, not_found
+from mpilaunch.emulator.wire_errors import WireError, invalid_value, missing, not_found
 
 _PATCHABLE = ("startTask", "metadata", "applicationPackageReferences", "targetNodeCommunicationMode",
               "displayName", "vmSize", "taskSlotsPerNode", "taskSchedulingPolicy", "enableInterNodeCommunication",
@@ -95,19 +96,67 @@ def resize(ctx: Context, req: Request, ids: list[str]) -> Response:
             raise invalid_value(name, body[name], "must be 0 or more")
 
     def apply(doc: Doc) -> None:
-        if doc.get("state") == "deleting":
-            raise WireError(409, "PoolBeingDeleted", "The specified pool has been marked for deletion and is being "
-                            "reclaimed.")
-        if doc.get("allocationState") != "steady":
-            raise WireError(409, "PoolBeingResized", "The specified pool is being resized; it can only be resized "
-                            "again when its allocation state is steady.")
+        _resizable(doc)
         for name in ("targetDedicatedNodes", "targetLowPriorityNodes", "resizeTimeout"):
             if name in body:
                 doc[name] = body[name]
-        doc["allocationState"] = "resizing"
-        doc["allocationStateTransitionTime"] = now_iso()
+        doc["_deallocation"] = str(body.get("nodeDeallocationOption") or "requeue").lower()
+        _resizing(doc)
 
     return accepted(mutate(ctx, req, "pool", (), ids[0], fn=apply))
+
+
+def _resizable(doc: Doc) -> None:
+    """409 unless the pool is steady (resize and remove nodes need that)."""
+    if doc.get("state") == "deleting":
+        raise WireError(409, "PoolBeingDeleted", "The specified pool has been marked for deletion and is being "
+                        "reclaimed.")
+    if doc.get("allocationState") != "steady":
+        raise WireError(409, "PoolBeingResized", "The specified pool is being resized; it can only be resized "
+                        "again when its allocation state is steady.")
+
+
+def _resizing(doc: Doc) -> None:
+    doc["allocationState"] = "resizing"
+    doc["allocationStateTransitionTime"] = now_iso()
+
+
+MAX_REMOVE = 100
+"""Nodes one remove-nodes request may name (Pools_RemoveNodes)."""
+
+
+def remove_nodes(ctx: Context, req: Request, ids: list[str]) -> Response:
+    """Remove the listed nodes (their running tasks per ``nodeDeallocationOption``, default requeue); the pool's
+    targets shrink accordingly and it is ``resizing`` until they are gone."""
+    body = validation.check(body_object(req), "BatchNodeRemoveOptions")
+    node_ids = body.get("nodeList")
+    if not node_ids:
+        raise missing("nodeList")
+    if len(node_ids) > MAX_REMOVE:
+        raise invalid_value("nodeList", f"{len(node_ids)} nodes", f"at most {MAX_REMOVE} nodes per request")
+    option = str(body.get("nodeDeallocationOption") or "requeue").lower()
+    with ctx.store.transaction():
+        pool = get_pool(ctx, ids[0])
+        nodes = []
+        for node_id in dict.fromkeys(node_ids):
+            node = ctx.store.get("node", (pool["id"],), node_id)
+            if node is None:
+                raise not_found("Node", node_id)
+            nodes.append(node)
+
+        def apply(doc: Doc) -> None:
+            _resizable(doc)
+            for node in nodes:
+                if node.get("state") != "leavingpool":
+                    key = "targetDedicatedNodes" if node.get("isDedicated", True) else "targetLowPriorityNodes"
+                    doc[key] = max(int(doc.get(key) or 0) - 1, 0)
+            _resizing(doc)
+        pool = mutate(ctx, req, "pool", (), pool["id"], fn=apply)
+        for node in nodes:
+            if node.get("state") != "leavingpool":
+                ctx.store.update("node", (pool["id"],), node["id"], lambda d: request_action(d, "remove", option))
+    ctx.wake()
+    return accepted(pool)
 
 
 def list_nodes(ctx: Context, req: Request, ids: list[str]) -> Response:

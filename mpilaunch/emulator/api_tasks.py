@@ -1,4 +1,4 @@
-"""Tasks: add, add collection, get, list, update (replace), delete, terminate, list subtasks."""
+"""Tasks: add, add collection, get, list, update (replace), delete, terminate, reactivate, list subtasks."""
 
 from __future__ import annotations
 
@@ -145,6 +145,29 @@ def terminate(ctx: Context, req: Request, ids: list[str]) -> Response:
 
     get_task(ctx, ids[0], ids[1])
     return accepted(mutate(ctx, req, "task", (ids[0],), ids[1], fn=apply), status=204)
+
+
+def reactivate(ctx: Context, req: Request, ids: list[str]) -> Response:
+    """Make a failed completed task active again with ``retryCount`` 0 (Tasks_ReactivateTask)."""
+    def apply(doc: Doc) -> None:
+        info = doc.setdefault("executionInfo", {})
+        if doc.get("state") != "completed":
+            raise WireError(409, "TaskNotCompleted", "The specified task is not in a completed state, and the "
+                            "requested operation can be performed only on completed tasks.")
+        if info.get("result") == "success":
+            raise WireError(409, "TaskSucceeded", "The specified task has already completed successfully, and the "
+                            "requested operation cannot be performed on successful tasks.")
+        for key in ("endTime", "exitCode", "result", "failureInfo", "lastRetryTime"):
+            info.pop(key, None)
+        info["retryCount"] = 0
+        doc.pop("_terminating", None)
+        transition(doc, "active")
+
+    with ctx.store.transaction():
+        require_active(get_job(ctx, ids[0]))
+        get_task(ctx, ids[0], ids[1])
+        doc = mutate(ctx, req, "task", (ids[0],), ids[1], fn=apply)
+    return accepted(doc, status=204)
 
 
 def list_subtasks(ctx: Context, req: Request, ids: list[str]) -> Response:

@@ -3,15 +3,18 @@
 ``Engine(store, data_dir, provider)``; the server calls :meth:`Engine.start` (which first :meth:`recover`\\ s what a
 previous run left), :meth:`Engine.wake` after every mutation, and :meth:`Engine.stop` on shutdown. Each loop step:
 
-* pools: :class:`~mpilaunch.emulator.pools.NodeManager` allocates/removes nodes and runs StartTasks;
+* pools: :class:`~mpilaunch.emulator.pools.NodeManager` allocates/removes nodes, runs StartTasks and carries out node
+  actions (reboot, reimage, remove, disable scheduling, preempt, kill), ending the attempts on those nodes;
 * jobs being deleted or terminated: their running tasks are killed, then the job is removed or completed;
 * tasks: deletes and terminations requested by the API are carried out; active tasks are placed on free nodes
   (a multi-instance task needs a pool with inter-node communication, one slot per node and N idle nodes, otherwise
   it stays active as in Azure) and run by a :class:`~mpilaunch.emulator.taskrun.TaskRun` thread;
 * jobs with ``onAllTasksComplete = terminatejob`` complete when all their tasks have.
 
-A shutdown kills every process but leaves the documents as they are; the next :meth:`recover` requeues the tasks
-that were running (``requeueCount``, not ``retryCount``, as Batch does after a node recovery) and restarts nodes.
+An attempt that fails because one of its nodes went down (the provider says it is not alive) is requeued, not
+retried: Batch's recovery retries are not counted against ``maxTaskRetryCount``. A shutdown kills every process but
+leaves the documents as they are; the next :meth:`recover` requeues the tasks that were running (``requeueCount``,
+not ``retryCount``) and restarts nodes.
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ class Engine:
                            account_url=account_url or defaults.endpoint(), wake=self.wake)
         self.store = store
         self.poll = poll
-        self.nodes = NodeManager(self.ctx, self._busy)
+        self.nodes = NodeManager(self.ctx, self._busy, self._evict)
         self._runs: dict[Key, TaskRun] = {}
         self._slots: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -161,6 +164,8 @@ class Engine:
             for doc in self.store.list("node", (pool["id"],)):
                 def reset(d: Doc) -> None:
                     d["runningTasksCount"] = d["runningTaskSlotsCount"] = 0
+                    for key in ("_action", "_upAt"):  # a restart is a reboot: pending node actions are void
+                        d.pop(key, None)
                     transition(d, "starting")
                 self.ctx.update_node(pool["id"], doc["id"], reset)
                 self.nodes.restart_node(pool["id"], doc)
@@ -181,10 +186,10 @@ class Engine:
         with self._lock:
             return self._slots.get(node_id, 0) > 0
 
+    def _evict(self, node_id: str, kind: str) -> None:
+        self._cancel_where(lambda run: any(n.id == node_id for n in run.nodes), kind)
+
     def _step(self) -> None:
-        gone = {pool["id"].lower() for pool in self.store.list("pool", states=["deleting"])}
-        if gone:
-            self._cancel_where(lambda run: any(n.pool_id.lower() in gone for n in run.nodes), "requeue")
         self.nodes.step()
         for job in self.store.list("job"):
             state = job.get("state")
@@ -324,11 +329,12 @@ class Engine:
             if outcome.kind == "deleted":  # the directories go first: once the doc is gone, the task is gone
                 for index in range(len(run.nodes)):
                     wipe(run.task_dir(index))
+            # before the nodes are freed, so the requeued task cannot land on a dead one
+            if outcome.kind == "failure" and self.nodes.check_lost(run.nodes, f"task {job_id}/{task_id}"):
+                outcome = Outcome(kind="requeue")  # a lost node: Batch requeues, outside maxTaskRetryCount
             if outcome.kind != "shutdown":
                 records.finish(self.ctx, job_id, task_id, run.nodes, multi=run.multi, outcome=outcome,
                                max_retries=self._max_retries(run))
-            if outcome.kind == "failure":  # before the nodes are freed: no retry may land on a dead one
-                self.nodes.check_lost(run.nodes, f"task {job_id}/{task_id}")
         finally:
             with self._lock:
                 self._runs.pop(_key(job_id, task_id), None)

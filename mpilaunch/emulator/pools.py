@@ -1,10 +1,20 @@
 """Pool allocation and the node lifecycle: creating → starting → (waitingforstarttask) → idle | starttaskfailed.
 
 The engine's loop calls :meth:`NodeManager.step`; slow work (provider calls, StartTasks) runs on worker threads that
-write node docs and wake the loop. Nodes leave a pool (resize down, pool delete) through ``leavingpool``. A node found
-down after a failed attempt (:meth:`NodeManager.check_lost`) is ``unusable`` (error ``NodeLost``), so retries wait for
-or go to healthy nodes; once the provider says it is up again it restarts (StartTask, then ``idle``), as a rebooted VM.
-Whatever a StartTask started is killed when it ends (its tag), so no StartTask process outlives it.
+write node docs and wake the loop. Nodes leave a pool (resize down, remove nodes, pool delete) through
+``leavingpool``. A node found down after a failed attempt (:meth:`NodeManager.check_lost`) is ``unusable`` (error
+``NodeLost``), so the requeued task waits for or goes to healthy nodes; once the provider says it is up again it
+restarts (StartTask, then ``idle``), as a rebooted VM. Whatever a StartTask started is killed when it ends (its tag),
+so no StartTask process outlives it.
+
+Node actions (:func:`request_action`, asked for by the API or by a resize): ``reboot``, ``reimage``, ``remove``,
+``disable`` (scheduling), and the faults ``preempt`` (Spot nodes) and ``kill``. The node enters its state at once
+(``rebooting``, ``reimaging``, ``leavingpool``, ``preempted``, ``unusable``); with the option ``requeue`` or
+``terminate`` its running tasks are ended first (requeued, or completed with ``TaskEnded``), with ``taskcompletion``
+(or ``retaineddata``) they finish first; then the action is carried out. A reboot kills everything on the node and
+reruns its StartTask; a reimage and a preemption also lose the node's files (a preempted node comes back with the same
+id through ``creating`` after its downtime). A killed node is down at once; its tasks are requeued, and it is
+restarted after its downtime.
 """
 
 from __future__ import annotations
@@ -28,6 +38,20 @@ GONE = ("leavingpool",)
 PROVISIONING = ("creating", "starting")
 LOST_PROBE = 2.0
 """Seconds between checks whether lost (``unusable``) nodes are up again."""
+DOWNTIME = 2.0
+"""Default seconds a preempted or killed node stays down before it comes back."""
+ACTION_STATES = {"reboot": "rebooting", "reimage": "reimaging", "remove": "leavingpool", "preempt": "preempted",
+                 "kill": "unusable"}
+"""The state a node enters as soon as an action is asked for (``disable`` changes its schedulingState only)."""
+
+
+def request_action(doc: Doc, kind: str, option: str = "requeue", down: float = DOWNTIME) -> None:
+    """Ask for node action ``kind`` (see the module docstring) on a node doc, inside a store update; ``option`` says
+    what happens to its running tasks (Batch's nodeRebootOption, nodeDeallocationOption, ...), ``down`` how long a
+    preempted or killed node stays down."""
+    doc["_action"] = {"kind": kind, "option": option, "down": down}
+    if kind in ACTION_STATES:
+        transition(doc, ACTION_STATES[kind])
 
 
 def new_node_id(dedicated: bool) -> str:
@@ -55,9 +79,11 @@ def _ipv6(address: str) -> str:
 class NodeManager:
     """Keeps every pool's nodes at its target and runs their StartTasks."""
 
-    def __init__(self, ctx: Context, is_busy: Callable[[str], bool]) -> None:
+    def __init__(self, ctx: Context, is_busy: Callable[[str], bool], evict: Callable[[str, str], None]) -> None:
         self.ctx = ctx
         self.is_busy = is_busy
+        self.evict = evict
+        """``evict(node_id, kind)`` ends every attempt running on the node (``requeue`` or ``evicted``)."""
         self._threads: dict[str, threading.Thread] = {}
         self._lock = threading.Lock()
         self._probed = 0.0
@@ -75,12 +101,12 @@ class NodeManager:
                 self._resize(pool, nodes)
                 if probe:
                     self._revive(pool["id"], nodes)
+            self._act(pool["id"])
 
-    def check_lost(self, nodes: Sequence[Node], what: str) -> None:
-        """After a failed attempt (``what``): mark each node the provider says is down ``unusable``."""
-        for node in nodes:
-            if self.ctx.provider.alive(node):
-                continue
+    def check_lost(self, nodes: Sequence[Node], what: str) -> list[Node]:
+        """After a failed attempt (``what``): mark each node the provider says is down ``unusable``; returns them."""
+        down = [node for node in nodes if not self.ctx.provider.alive(node)]
+        for node in down:
             log.warning("node %s is down after %s: unusable until it is back", node.id, what)
             error = {"code": "NodeLost", "message": f"The node went down while running {what}; it is unusable "
                      "until it is up again."}
@@ -89,6 +115,7 @@ class NodeManager:
                 transition(doc, "unusable")
                 doc["errors"], doc["_lost"] = [error], True
             self.ctx.update_node(node.pool_id, node.id, lost)
+        return down
 
     def _revive(self, pool_id: str, nodes: list[Doc]) -> None:
         """Restart the pool's lost nodes that are up again (as after a reboot: StartTask, then idle)."""
@@ -107,11 +134,11 @@ class NodeManager:
         for want, have, is_dedicated in ((dedicated, have_d, True), (low, have_l, False)):
             for _ in range(want - len(have)):
                 self._add_node(pool, is_dedicated)
-            if len(have) > want:
-                removable = [n for n in have if self._removable(n)]
-                removable.sort(key=lambda n: n.get("state") == "idle")  # broken nodes go first
+            if len(have) > want:  # broken nodes go first, then idle ones, busy ones last
+                removable = [n for n in have if n.get("state") != "creating"]
+                removable.sort(key=lambda n: (self.is_busy(n["id"]), n.get("state") == "idle"))
                 for node in removable[: len(have) - want]:
-                    self._remove_node(pool["id"], node)
+                    self._request(pool["id"], node["id"], "remove", pool.get("_deallocation") or "requeue")
         nodes = self.ctx.store.list("node", (pool["id"],))
         settled = not any(n.get("state") in PROVISIONING + GONE for n in nodes)
         counts = (sum(1 for n in nodes if n.get("isDedicated", True)),
@@ -126,16 +153,106 @@ class NodeManager:
             self.ctx.store.update("pool", (), pool["id"], steady)
 
     def _delete_pool(self, pool: Doc, nodes: list[Doc]) -> None:
+        """Remove every node (a half-created one once the provider has made it); its tasks are requeued."""
         for node in nodes:
-            if node.get("state") not in GONE and self._removable(node):
-                self._remove_node(pool["id"], node)
+            if node.get("state") not in (*GONE, "creating"):
+                self._request(pool["id"], node["id"], "remove", "requeue")
         if not nodes:
             self.ctx.store.delete("pool", (), pool["id"])
             wipe(self.ctx.data_dir / "nodes" / pool["id"])
 
-    def _removable(self, node: Doc) -> bool:
-        """Not running a task and not half-created (a node leaves once the provider has made it)."""
-        return node.get("state") != "creating" and not self.is_busy(node["id"])
+    # -- node actions ---------------------------------------------------------------------------------------------
+    def _request(self, pool_id: str, node_id: str, kind: str, option: str) -> None:
+        self.ctx.update_node(pool_id, node_id, lambda d: request_action(d, kind, option))
+
+    def _act(self, pool_id: str) -> None:
+        """Carry out the pool's node actions, bring nodes back after their downtime, take disabled idle nodes
+        offline."""
+        for doc in self.ctx.store.list("node", (pool_id,)):
+            action = doc.get("_action")
+            if action is None:
+                if doc.get("_upAt", float("inf")) <= time.time():
+                    self._come_back(pool_id, doc)
+                elif doc.get("schedulingState") == "disabled" and doc.get("state") == "idle":
+                    self.ctx.update_node(pool_id, doc["id"], lambda d: transition(d, "offline"))
+                continue
+            if action.get("started"):
+                continue
+            if action["kind"] == "kill":
+                self._kill(pool_id, doc, float(action["down"]))
+                continue
+            if action["option"] in ("requeue", "terminate"):
+                self.evict(doc["id"], "requeue" if action["option"] == "requeue" else "evicted")
+            if self.is_busy(doc["id"]):
+                continue  # taskcompletion, or the evicted attempts are still ending
+
+            def start(d: Doc) -> None:
+                d["_action"]["started"] = True
+                if d["_action"]["kind"] == "disable":
+                    del d["_action"]
+            self.ctx.update_node(pool_id, doc["id"], start)
+            if action["kind"] != "disable":
+                self._spawn(doc["id"], self._carry_out, pool_id, doc["id"], action)
+
+    def _carry_out(self, pool_id: str, node_id: str, action: Doc) -> None:
+        """The node's tasks are gone: reboot, reimage, remove or preempt it (a worker thread)."""
+        doc = self.ctx.store.get("node", (pool_id,), node_id)
+        if doc is None:
+            return
+        kind, node = action["kind"], self.ctx.node_of(doc)
+        if kind == "remove":
+            self._destroy(pool_id, doc)
+            return
+        try:
+            if node is not None and kind == "reboot":
+                self.ctx.provider.kill_node(node)
+                self.ctx.provider.restart_node(node)
+            elif node is not None:  # reimage, preempt: the disk is gone
+                self.ctx.provider.destroy_node(node)
+                wipe(node.root)
+        except MpilaunchError as exc:
+            log.warning("node %s: %s failed: %s", node_id, kind, exc)
+        if kind == "preempt":
+            def down(d: Doc) -> None:
+                d.pop("_action", None)
+                d.pop("_node", None)
+                d["_upAt"] = time.time() + float(action["down"])
+            self.ctx.update_node(pool_id, node_id, down)
+            self.ctx.wake()
+        else:
+            self._provision(pool_id, node_id, node if kind == "reboot" else None)
+
+    def _kill(self, pool_id: str, doc: Doc, down: float) -> None:
+        """The node fails now: everything on it ends, its tasks are requeued; it comes back after ``down`` s."""
+        node = self.ctx.node_of(doc)
+        try:
+            if node is not None:
+                self.ctx.provider.kill_node(node)
+        except MpilaunchError as exc:
+            log.warning("node %s cannot be killed: %s", doc["id"], exc)
+        self.evict(doc["id"], "requeue")
+        error = {"code": "NodeLost", "message": "The node went down (emulator fault injection); it is unusable "
+                 "until it is up again."}
+
+        def lost(d: Doc) -> None:
+            d.pop("_action", None)
+            d["errors"], d["_lost"], d["_upAt"] = [error], True, time.time() + down
+        self.ctx.update_node(pool_id, doc["id"], lost)
+
+    def _come_back(self, pool_id: str, doc: Doc) -> None:
+        """After its downtime: a preempted node is made again (same id), a killed one restarted."""
+        node = self.ctx.node_of(doc)
+
+        def back(d: Doc) -> None:
+            d.pop("_upAt", None)
+            transition(d, "creating" if node is None else "starting")
+        self.ctx.update_node(pool_id, doc["id"], back)
+        try:
+            if node is not None:
+                self.ctx.provider.restart_node(node)
+        except MpilaunchError as exc:
+            log.warning("node %s cannot be restarted: %s", doc["id"], exc)
+        self._spawn(doc["id"], self._provision, pool_id, doc["id"], node)
 
     # -- node creation -------------------------------------------------------------------------------------------
     def _add_node(self, pool: Doc, dedicated: bool) -> None:
@@ -186,6 +303,8 @@ class NodeManager:
                 doc["lastBootTime"] = now_iso()
                 if doc.pop("_lost", False):
                     doc.pop("errors", None)
+                if doc.get("_action", {}).get("started"):  # a reboot or reimage done (not a newer removal)
+                    del doc["_action"]
                 transition(doc, "starting")
             self.ctx.update_node(pool_id, node_id, starting)
             self._run_start_task(pool, node)
@@ -215,8 +334,8 @@ class NodeManager:
             code, failure = self._start_task_once(pool, node, spec, retry)
             if self.ctx.stopping.is_set():
                 return  # the next start reruns it (recover)
-            if failure is None or (max_retries != -1 and retry >= max_retries):
-                break
+            if failure is None or code is None or (max_retries != -1 and retry >= max_retries):
+                break  # pre-processing errors (no exit code) are not retried
             retry += 1
         ok = failure is None
 
@@ -227,7 +346,7 @@ class NodeManager:
                 info["exitCode"] = code
             if failure:
                 info["failureInfo"] = failure
-            if wait:
+            if wait and doc.get("state") == "waitingforstarttask":  # not if the node was rebooted or lost meanwhile
                 transition(doc, "idle" if ok else "starttaskfailed")
         self.ctx.update_node(pool["id"], node.id, done)
 
@@ -271,10 +390,6 @@ class NodeManager:
         return code, None if code == 0 else mi.exit_failure(code, "the StartTask")
 
     # -- node removal ---------------------------------------------------------------------------------------------
-    def _remove_node(self, pool_id: str, doc: Doc) -> None:
-        self.ctx.update_node(pool_id, doc["id"], lambda d: transition(d, "leavingpool"))
-        self._spawn(doc["id"], self._destroy, pool_id, doc)
-
     def _destroy(self, pool_id: str, doc: Doc) -> None:
         try:
             doc = self.ctx.store.get("node", (pool_id,), doc["id"]) or doc

@@ -25,6 +25,8 @@ RECENT_TASKS = 10
 ENDED = {
     "timeout": ("TaskEnded", "The task exceeded its maxWallClockTime and was terminated"),
     "terminated": ("TaskEnded", "The task was terminated by user request"),
+    "evicted": ("TaskEnded", "The task was terminated because a node it ran on was rebooted, reimaged, removed or "
+                "had its scheduling disabled with the terminate option"),
 }
 
 
@@ -135,7 +137,7 @@ def _finish_task(doc: Doc, outcome: Outcome, max_retries: int, now: str) -> None
     else:
         info.pop("failureInfo", None)
     retries = int(info.get("retryCount", 0))
-    if outcome.kind == "failure" and (max_retries == -1 or retries < max_retries):
+    if outcome.kind == "failure" and outcome.retry and (max_retries == -1 or retries < max_retries):
         info["retryCount"] = retries + 1
         info["lastRetryTime"] = now
         transition(doc, "active", now)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from mpilaunch.emulator import api_files, api_jobs, api_pools, api_tasks, defaults
+from mpilaunch.emulator import api_files, api_jobs, api_nodes, api_pools, api_tasks, defaults
 from mpilaunch.emulator.auth import Authenticator
 from mpilaunch.emulator.engine import Engine
 from mpilaunch.emulator.nodes.base import NodeProvider
@@ -38,6 +38,8 @@ _API_VERSION = re.compile(r"\d{4}-\d{2}-\d{2}(\.\d+\.\d+)?")
 _ID = "*"
 _REST = "**"
 _FILE = ("files", _REST)
+FAULT = "mpilaunch-fault"
+"""The emulator's own node operation (not Batch's): ``POST /pools/{pool}/nodes/{node}/mpilaunch-fault``."""
 ROUTES: list[tuple[str, tuple[str, ...], Handler]] = [
     ("POST", ("pools",), api_pools.add),
     ("GET", ("pools",), api_pools.list_),
@@ -47,7 +49,13 @@ ROUTES: list[tuple[str, tuple[str, ...], Handler]] = [
     ("DELETE", ("pools", _ID), api_pools.delete),
     ("POST", ("pools", _ID, "resize"), api_pools.resize),
     ("GET", ("pools", _ID, "nodes"), api_pools.list_nodes),
+    ("POST", ("pools", _ID, "removenodes"), api_pools.remove_nodes),
     ("GET", ("pools", _ID, "nodes", _ID), api_pools.get_node),
+    ("POST", ("pools", _ID, "nodes", _ID, "reboot"), api_nodes.reboot),
+    ("POST", ("pools", _ID, "nodes", _ID, "reimage"), api_nodes.reimage),
+    ("POST", ("pools", _ID, "nodes", _ID, "disablescheduling"), api_nodes.disable_scheduling),
+    ("POST", ("pools", _ID, "nodes", _ID, "enablescheduling"), api_nodes.enable_scheduling),
+    ("POST", ("pools", _ID, "nodes", _ID, FAULT), api_nodes.fault),
     ("GET", ("pools", _ID, "nodes", _ID, "files"), api_files.list_node_files),
     ("GET", ("pools", _ID, "nodes", _ID, *_FILE), api_files.get_node_file),
     ("HEAD", ("pools", _ID, "nodes", _ID, *_FILE), api_files.get_node_file),
@@ -66,6 +74,7 @@ ROUTES: list[tuple[str, tuple[str, ...], Handler]] = [
     ("PUT", ("jobs", _ID, "tasks", _ID), api_tasks.replace),
     ("DELETE", ("jobs", _ID, "tasks", _ID), api_tasks.delete),
     ("POST", ("jobs", _ID, "tasks", _ID, "terminate"), api_tasks.terminate),
+    ("POST", ("jobs", _ID, "tasks", _ID, "reactivate"), api_tasks.reactivate),
     ("GET", ("jobs", _ID, "tasks", _ID, "subtasksinfo"), api_tasks.list_subtasks),
     ("GET", ("jobs", _ID, "tasks", _ID, "files"), api_files.list_task_files),
     ("GET", ("jobs", _ID, "tasks", _ID, *_FILE), api_files.get_task_file),

@@ -28,9 +28,14 @@ POLL = 0.02
 
 @dataclass
 class Outcome:
-    """How an attempt ended. ``kind``: success | failure | timeout | terminated | deleted | requeue | shutdown."""
+    """How an attempt ended. ``kind``: success | failure | timeout | terminated | evicted | deleted | requeue |
+    shutdown (``evicted``: terminated because a node it ran on was rebooted, reimaged, removed or disabled with the
+    ``terminate`` option)."""
 
     kind: str = "failure"
+    retry: bool = True
+    """Whether a failure may be retried: not for pre-processing (resource files, a command that cannot be parsed or
+    started) or file upload errors, as Batch's ``executionInfo.retryCount`` says."""
     exit_code: int | None = None
     failure: dict[str, Any] | None = None
     codes: dict[int, int | None] = field(default_factory=dict)
@@ -71,7 +76,8 @@ class TaskRun:
         self.thread.start()
 
     def cancel(self, kind: str) -> None:
-        """End the attempt: ``terminated``, ``deleted``, ``requeue`` or ``shutdown`` (first request wins)."""
+        """End the attempt: ``terminated``, ``evicted``, ``deleted``, ``requeue`` or ``shutdown`` (first request
+        wins)."""
         if self._stop is None:
             self._stop = kind
         self._event.set()
@@ -119,6 +125,7 @@ class TaskRun:
             (self.task_dir(index) / "wd").mkdir(parents=True)
         self._prepare(outcome)
         if outcome.failures:
+            outcome.retry = False
             return self._fail(outcome)
         if self.multi:
             argv = self._argv(self.task["multiInstanceSettings"].get("coordinationCommandLine"), outcome)
@@ -165,6 +172,7 @@ class TaskRun:
             return mi.split_command(command_line)
         except ValueError as exc:
             outcome.failures[0] = mi.failure_info("CommandLineParseError", str(exc))
+            outcome.retry = False
             return None
 
     def env(self, index: int) -> dict[str, str]:
@@ -188,6 +196,7 @@ class TaskRun:
             return execution
         except MpilaunchError as exc:
             outcome.failures[index] = mi.failure_info("CommandStartFailed", str(exc))
+            outcome.retry = False
             return None
 
     def _wait_all(self, executions: dict[int, Execution | None], outcome: Outcome) -> bool:
@@ -233,5 +242,5 @@ class TaskRun:
             resourcefiles.upload(self.task.get("outputFiles"), self.task_dir(0) / "wd",
                                  succeeded=outcome.kind == "success")
         except resourcefiles.TransferError as exc:
-            outcome.kind = "failure"
+            outcome.kind, outcome.retry = "failure", False
             outcome.failure = mi.failure_info(exc.code, exc.message)

@@ -195,7 +195,10 @@ def test_killed_vm_node_is_lost_then_reboots_and_reruns_its_start_task(pool: VmP
     lost = wait_for(lambda: (n := client.get_node(pool.pool_id, pool.node_id)).state == m.BatchNodeState.UNUSABLE
                     and n, 30, "the killed node to be unusable")
     assert [e.code for e in lost.errors] == ["NodeLost"]
-    assert completed(pool.emu, pool.job_id, task_id).execution_info.result == m.BatchTaskExecutionResult.FAILURE
+    requeued = wait_for(lambda: (t := client.get_task(pool.job_id, task_id)).execution_info.requeue_count == 1 and t,
+                        30, "the requeue of the lost node's task")
+    assert requeued.state == m.BatchTaskState.ACTIVE and requeued.execution_info.retry_count == 0
+    client.delete_task(pool.job_id, task_id)  # or it would run again on the node once it is back
 
     pool.emu.provider.restart_node(node)
     wait_for(lambda: client.get_node(pool.pool_id, pool.node_id).state == m.BatchNodeState.IDLE, 120,

@@ -19,17 +19,19 @@ def uid(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
-def make_pool(client: Any, nodes: int) -> str:
-    """A pool fit for multi-instance tasks with ``nodes`` idle nodes."""
+def make_pool(client: Any, nodes: int, *, spot: int = 0, start_task: str | None = None) -> str:
+    """A pool fit for multi-instance tasks with ``nodes`` dedicated and ``spot`` low-priority idle nodes (and
+    ``start_task`` as its StartTask command line)."""
     pool_id = uid("mpipool")
     client.create_pool(m.BatchPoolCreateOptions(
-        id=pool_id, vm_size="standard_d2s_v3", target_dedicated_nodes=nodes, enable_inter_node_communication=True,
-        task_slots_per_node=1,
+        id=pool_id, vm_size="standard_d2s_v3", target_dedicated_nodes=nodes, target_low_priority_nodes=spot,
+        enable_inter_node_communication=True, task_slots_per_node=1,
+        start_task=m.BatchStartTask(command_line=start_task) if start_task else None,
         virtual_machine_configuration=m.VirtualMachineConfiguration(
             image_reference=m.BatchVmImageReference(publisher="canonical", offer="ubuntu", sku="22_04-lts"),
             node_agent_sku_id="batch.node.ubuntu 22.04")))
-    wait_for(lambda: [n.state for n in client.list_nodes(pool_id)] == [m.BatchNodeState.IDLE] * nodes, 60,
-             f"{nodes} idle nodes")
+    wait_for(lambda: [n.state for n in client.list_nodes(pool_id)] == [m.BatchNodeState.IDLE] * (nodes + spot), 60,
+             f"{nodes + spot} idle nodes")
     return pool_id
 
 
@@ -68,8 +70,8 @@ class Batch:
         self.pools: list[str] = []
         self.jobs: list[str] = []
 
-    def pool(self, nodes: int) -> str:
-        self.pools.append(make_pool(self.client, nodes))
+    def pool(self, nodes: int, *, spot: int = 0, start_task: str | None = None) -> str:
+        self.pools.append(make_pool(self.client, nodes, spot=spot, start_task=start_task))
         return self.pools[-1]
 
     def job(self, pool_id: str) -> str:

@@ -123,6 +123,15 @@ class NodeProvider(ABC):
         ``unusable`` (so retries go elsewhere or wait), and asks again until it is back. Default: always up."""
         return True
 
+    def kill_node(self, node: Node) -> None:
+        """The node fails: every process on it ends at once and :meth:`alive` says no until :meth:`restart_node`
+        (files, address and host name stay, as a VM's disk does)."""
+        raise NodeError(f"the {self.name} provider cannot kill node {node.id!r}")
+
+    def restart_node(self, node: Node) -> None:
+        """Bring a node :meth:`kill_node` killed up again."""
+        raise NodeError(f"the {self.name} provider cannot restart node {node.id!r}")
+
     @abstractmethod
     def restore_node(self, node: Node) -> Node:
         """Make a node from a previous emulator run usable again (e.g. start its stopped container)."""

@@ -260,13 +260,19 @@ class DockerProvider(NodeProvider):
     # -- fault injection ------------------------------------------------------------------------------------------
     def kill_node(self, node: Node) -> None:
         """The node's VM dies: SIGKILL its node container and every task container on it."""
+        if not self._mine(node):
+            self.fallback.kill_node(node)
+            return
         ids = docker("ps", "-q", "--filter", f"label={LABEL_NODE}={node.data['container']}").split()
         if ids:
             proc.run(["docker", "kill", *ids], timeout=60, check=False)
 
     def restart_node(self, node: Node) -> None:
         """Start a killed node's container again (a rebooted VM: same address, host name and files)."""
-        self._start(node)
+        if self._mine(node):
+            self._start(node)
+        else:
+            self.fallback.restart_node(node)
 
     def disconnect_node(self, node: Node) -> None:
         """Cut the node (and its task containers) off the pool network; processes keep running."""

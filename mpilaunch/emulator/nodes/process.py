@@ -111,6 +111,7 @@ class ProcessProvider(NodeProvider):
             raise NodeError("per-node namespaces need root and 'unshare' (util-linux); use isolate=False")
         self._lock = threading.Lock()
         self._given: set[str] = set()  # addresses handed out, not yet in the engine's store
+        self._down: set[str] = set()  # ids of killed nodes (kill_node), until restart_node
 
     def create_node(self, pool: Mapping[str, Any], node_id: str, root: Path, taken: Sequence[str]) -> Node:
         root.mkdir(parents=True, exist_ok=True)
@@ -179,6 +180,21 @@ class ProcessProvider(NodeProvider):
 
     def destroy_node(self, node: Node) -> None:
         self._kill_marked(lambda value: value.startswith(f"{node.id}/"))
+
+    def alive(self, node: Node) -> bool:
+        """Up unless :meth:`kill_node` killed it (and :meth:`restart_node` has not brought it back)."""
+        with self._lock:
+            return node.id not in self._down
+
+    def kill_node(self, node: Node) -> None:
+        """The node fails: it is down (:meth:`alive`) and every process any command started on it is killed."""
+        with self._lock:
+            self._down.add(node.id)
+        self.destroy_node(node)
+
+    def restart_node(self, node: Node) -> None:
+        with self._lock:
+            self._down.discard(node.id)
 
     @staticmethod
     def _kill_marked(match: Callable[[str], bool]) -> None:
