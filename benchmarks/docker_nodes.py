@@ -89,7 +89,7 @@ def measure_nodes(repeat: int) -> dict[str, Any]:
                       m.EnvironmentSetting(name="MPILAUNCH_TASK_SECRET", value=uuid.uuid4().hex * 2)]
             kinds = {"trivial": ("true", "true"),
                      "mpi": ("node-runtime coordinate",
-                             shlex.join(["node-runtime", "launch", "--", "python3", "-c", ALLREDUCE]))}
+                             shlex.join(["node-runtime", "launch", "--ppn", "1", "--", "python3", "-c", ALLREDUCE]))}
             walls: dict[str, list[float]] = {k: [] for k in kinds}
             for i in range(repeat + 1):
                 for kind, (coordination, command) in kinds.items():

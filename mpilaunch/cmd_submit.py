@@ -21,13 +21,18 @@ from mpilaunch.client.spec import (
     parse_duration,
     parse_env,
 )
-from node_runtime.contract import DEFAULT_SSH_PORT, FLAVORS
+from node_runtime.contract import DEFAULT_FABRIC, DEFAULT_SSH_PORT, FABRICS, FLAVORS
 
 task_options = cliopts.stack(
     click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED),
     click.option("-n", "--nodes", type=int, default=2, show_default=True, help="Number of nodes (instances)."),
-    click.option("--ppn", type=int, help="MPI processes per node (default: what the runtime detects)."),
+    click.option("--ppn", type=int, help="MPI processes per node (default: the node's physical cores / threads "
+                                         "per rank, as the runtime detects them)."),
+    click.option("--threads-per-rank", type=int, help="OpenMP threads per rank for hybrid MPI+OpenMP "
+                                                      "(OMP_NUM_THREADS; each rank bound to that many cores)."),
     click.option("--mpi", type=click.Choice(FLAVORS), help="MPI flavor on the nodes (default openmpi)."),
+    click.option("--fabric", type=click.Choice(FABRICS), default=DEFAULT_FABRIC, show_default=True,
+                 help="auto: UCX over InfiniBand when every node has it, else TCP; ucx; tcp (docs/fabric.md)."),
     click.option("--pool", help="Pool id [MPILAUNCH_POOL]; --local uses pool 'local'."),
     click.option("--job", default=cliopts.DEFAULT_JOB, show_default=True, envvar="MPILAUNCH_JOB",
                  help="Job id (created on the pool if missing)."),
@@ -80,7 +85,8 @@ def spec_from(opts: dict[str, Any]) -> TaskSpec:
         raise click.UsageError("--bind-mount, --mount and --registry need --image")
     return TaskSpec(
         job_id=opts["job"], task_id=opts["task_id"] or new_task_id(), nodes=opts["nodes"], argv=tuple(opts["argv"]),
-        ppn=opts["ppn"], mpi=opts["mpi"], inputs=tuple(opts["inputs"]), primary_inputs=tuple(opts["primary_inputs"]),
+        ppn=opts["ppn"], mpi=opts["mpi"], fabric=opts["fabric"], threads_per_rank=opts["threads_per_rank"],
+        inputs=tuple(opts["inputs"]), primary_inputs=tuple(opts["primary_inputs"]),
         outputs=tuple(opts["collect"]), env=parse_env(opts["env"]), container=container,
         wall_time=parse_duration(opts["wall_time"]) if opts["wall_time"] else None, retries=opts["retries"],
         elevated=opts["elevated"], display_name=opts["display_name"], ssh_port=opts["ssh_port"],

@@ -1,10 +1,11 @@
-"""``node-runtime launch [--ppn N] [--mpi F] [--timeout S] [--] COMMAND ARGS...``: the task's command line."""
+"""``node-runtime launch [--ppn N] [--threads-per-rank T] [--mpi F] [--fabric auto|ucx|tcp] [--allow-small-shm]
+[--timeout S] [--] COMMAND ARGS...``: the task's command line."""
 
 from __future__ import annotations
 
 import argparse
 
-from node_runtime.contract import FLAVORS
+from node_runtime.contract import DEFAULT_FABRIC, FABRICS, FLAVORS
 
 
 def _ppn(text: str) -> int:
@@ -41,9 +42,18 @@ class _Command(argparse.Action):
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.usage = "%(prog)s [-h] [--ppn N] [--mpi F] [--timeout S] [--] COMMAND ARGS..."
-    parser.add_argument("--ppn", type=_ppn, default=1, metavar="N",
-                        help="MPI processes per node (default: %(default)s).")
+    parser.usage = ("%(prog)s [-h] [--ppn N] [--threads-per-rank T] [--mpi F] [--fabric auto|ucx|tcp] "
+                    "[--allow-small-shm] [--timeout S] [--] COMMAND ARGS...")
+    parser.add_argument("--ppn", type=_ppn, metavar="N",
+                        help="MPI processes per node (default: the node's physical cores / threads per rank).")
+    parser.add_argument("--threads-per-rank", dest="threads", type=_ppn, metavar="T",
+                        help="OpenMP threads per rank, for hybrid MPI+OpenMP: OMP_NUM_THREADS=T, each rank bound "
+                             "to T cores (default: one core per rank, OMP_NUM_THREADS left as exported).")
+    parser.add_argument("--fabric", choices=FABRICS, default=DEFAULT_FABRIC,
+                        help="auto: UCX over InfiniBand when every node has it, else TCP; ucx: UCX (over "
+                             "InfiniBand, else over TCP and shared memory); tcp (default: %(default)s).")
+    parser.add_argument("--allow-small-shm", action="store_true",
+                        help="Go on when /dev/shm is smaller than the ranks of a node need (default: refuse).")
     parser.add_argument("--mpi", dest="flavor", choices=FLAVORS, metavar="F",
                         help="The MPI implementation of mpirun: %(choices)s (default: detected from "
                              "'mpirun --version').")
@@ -65,5 +75,6 @@ def run(args: argparse.Namespace) -> int:
     from node_runtime.coordinate import current_environment
 
     env = current_environment()
-    return launching.launch(env, os.environ, args.command, ppn=args.ppn,
-                            flavor=MpiFlavor(args.flavor) if args.flavor else None, timeout=args.timeout)
+    return launching.launch(env, os.environ, args.command, ppn=args.ppn, threads=args.threads,
+                            flavor=MpiFlavor(args.flavor) if args.flavor else None, fabric_request=args.fabric,
+                            allow_small_shm=args.allow_small_shm, timeout=args.timeout)

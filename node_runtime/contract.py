@@ -1,7 +1,7 @@
 """What the client and the nodes agree on, defined once, here on the node side; the client builds from it.
 
-The variables the client puts in a task's environment, the default coordination port, the MPI flavors, the
-coordination and launch command lines, and the runtime version every node must share with the client.
+The variables the client puts in a task's environment, the default coordination port, the MPI flavors, the fabric
+choices, the coordination and launch command lines, and the runtime version every node must share with the client.
 """
 
 from __future__ import annotations
@@ -37,14 +37,23 @@ class MpiFlavor(str, enum.Enum):
 
 
 FLAVORS = tuple(f.value for f in MpiFlavor)
+FABRICS = ("auto", "ucx", "tcp")  # launch --fabric: auto picks UCX over InfiniBand when every node has it, else TCP
+DEFAULT_FABRIC = "auto"
 COORDINATION_COMMAND_LINE = shlex.join([PROGRAM, "coordinate"])
 
 
-def launch_command_line(argv: Sequence[str], *, ppn: int | None = None, mpi: str | None = None) -> str:
+def launch_command_line(argv: Sequence[str], *, ppn: int | None = None, mpi: str | None = None,
+                        fabric: str = DEFAULT_FABRIC, threads_per_rank: int | None = None) -> str:
     """The primary's command line; ``shlex.split`` of it gives back ``node-runtime launch ... -- *argv``."""
     options: list[str] = []
     if ppn is not None:
         options += ["--ppn", str(ppn)]
+    if threads_per_rank is not None:
+        options += ["--threads-per-rank", str(threads_per_rank)]
     if mpi is not None:
         options += ["--mpi", MpiFlavor(mpi).value]
+    if fabric != DEFAULT_FABRIC:
+        if fabric not in FABRICS:
+            raise ValueError(f"fabric {fabric!r} is not one of {', '.join(FABRICS)}")
+        options += ["--fabric", fabric]
     return shlex.join([PROGRAM, "launch", *options, "--", *argv])

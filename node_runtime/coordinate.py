@@ -8,7 +8,7 @@ import socket
 from collections.abc import Mapping
 from pathlib import Path
 
-from node_runtime import keys, sshd, tmpdirs
+from node_runtime import fabric, keys, sshd, tmpdirs
 from node_runtime.addresses import local_addresses, parse_address
 from node_runtime.contract import RUNTIME_VERSION, SECRET_VARIABLE, VERSION_VARIABLE
 from node_runtime.env import NodeEnvironment, parse_bool, parse_endpoint
@@ -73,18 +73,21 @@ def check_version(env: NodeEnvironment) -> None:
                      "(scripts/build-image) from the same source"])
 
 
-def start_service(env: NodeEnvironment, sshd_path: str | None = None) -> tuple[str, int]:
-    """Check the runtime version, then make this node's service run and answer a real ssh handshake; returns
-    (status, pid)."""
+def start_service(env: NodeEnvironment, sshd_path: str | None = None) -> tuple[str, int, fabric.NodeFabric]:
+    """Check the runtime version, then make this node's service run and answer a real ssh handshake, and record
+    what the node offers MPI (detected meanwhile) for the primary; returns (status, pid, detection)."""
     check_version(env)
     binary = sshd.find_sshd(sshd_path)
+    detected = fabric.detect_in_background(env.current_address, sshd.clean_environ(), env.node_shared_dir)
     svc = prepare(env)
+    node = detected()
+    fabric.write_node_file(svc.files.directory, node)  # before the service answers: the primary reads it then
     try:
         status = sshd.ensure(svc, binary)
     finally:  # the dirs of earlier services that were killed, not stopped (a leftover that ensure evicted too)
         tmpdirs.sweep(svc.tmp_dir, svc.files.private)
     pid = sshd.running_pid(svc)
-    return status, pid if pid is not None else -1
+    return status, pid if pid is not None else -1, node
 
 
 def stop_service(env: NodeEnvironment) -> bool:

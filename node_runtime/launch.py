@@ -28,8 +28,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from node_runtime import proc, sshd
-from node_runtime.contract import SECRET_VARIABLE, MpiFlavor
+from node_runtime import fabric, proc, sshd
+from node_runtime.contract import DEFAULT_FABRIC, NODE_ADDRESS_VARIABLE, SECRET_VARIABLE, MpiFlavor
 from node_runtime.coordinate import prepare, service
 from node_runtime.env import NodeEnvironment
 from node_runtime.errors import InvalidInput, MpilaunchError, ServiceError, TaskFailed
@@ -60,6 +60,9 @@ class Report:
     started_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="milliseconds"))
     flavor: str | None = None
     ppn: int | None = None
+    fabric: dict[str, Any] = field(default_factory=dict)  # the choice, its reason and what drives it
+    layout: dict[str, Any] = field(default_factory=dict)  # ranks per node, threads per rank, binding
+    nodes: dict[str, Any] = field(default_factory=dict)  # every node's fabric detection
     argv: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     unreachable: list[str] = field(default_factory=list)
@@ -81,9 +84,12 @@ class Report:
         return path
 
 
-def launch(env: NodeEnvironment, environ: Mapping[str, str], command: Sequence[str], *, ppn: int = 1,
-           flavor: MpiFlavor | None = None, timeout: float = DEFAULT_TIMEOUT) -> int:
-    """Run ``command`` on every host of the task under mpirun; returns mpirun's exit code (128+N for signal N)."""
+def launch(env: NodeEnvironment, environ: Mapping[str, str], command: Sequence[str], *, ppn: int | None = None,
+           threads: int | None = None, flavor: MpiFlavor | None = None, fabric_request: str = DEFAULT_FABRIC,
+           allow_small_shm: bool = False, timeout: float = DEFAULT_TIMEOUT) -> int:
+    """Run ``command`` on every host of the task under mpirun (``ppn`` ranks per node, default: the node's physical
+    cores / ``threads``; the fabric :func:`node_runtime.fabric.choose` picks for ``fabric_request``); returns
+    mpirun's exit code (128+N for signal N)."""
     if not env.is_master:
         raise InvalidInput(f"launch runs on the primary node only: this node is {env.current_address}, the primary "
                            f"is {env.master_address} (AZ_BATCH_IS_CURRENT_NODE_MASTER=false)")
@@ -91,7 +97,7 @@ def launch(env: NodeEnvironment, environ: Mapping[str, str], command: Sequence[s
         raise InvalidInput("launch needs a command: node-runtime launch [options] -- COMMAND ARGS...")
     started = time.monotonic()
     environ = with_runtime_environment(environ, sys.prefix, sys.base_prefix)  # the ranks' python3 is ours
-    report = Report(hosts=list(env.hosts_primary_first), command=list(command), ppn=ppn)
+    report = Report(hosts=list(env.hosts_primary_first), command=list(command))
     svc = _client_side(env)
     forget_secret()  # the keys are on disk: launch, which lives as long as the job, does not show the secret
     masters = Masters(svc, [h for h in env.hosts_primary_first if h != env.current_address], timeout)
@@ -107,8 +113,11 @@ def launch(env: NodeEnvironment, environ: Mapping[str, str], command: Sequence[s
             mpirun = _mpirun_path()
             chosen = _detect(mpirun, flavor)
             report.flavor = chosen.value
-            argv, mpirun_env = _mpirun_command(env, environ, svc, flavor=chosen, ppn=ppn, command=command,
-                                               mpirun=mpirun, gate=gate.path if masters.hosts else None)
+            node, choice, placement = _plan(env, svc, report, fabric_request=fabric_request, ppn=ppn,
+                                            threads=threads, shared_machine=NODE_ADDRESS_VARIABLE in environ)
+            argv, mpirun_env = _mpirun_command(env, environ, svc, flavor=chosen, placement=placement, choice=choice,
+                                               command=command, mpirun=mpirun,
+                                               gate=gate.path if masters.hosts else None)
             with signals.deferring():  # a signal must not come between the start and `child` knowing it
                 child = proc.spawn(argv, env=mpirun_env, cwd=env.working_dir, stdin=subprocess.DEVNULL)
             report.argv = argv
@@ -122,6 +131,9 @@ def launch(env: NodeEnvironment, environ: Mapping[str, str], command: Sequence[s
                                    "stopped before it reached any node",
                                    details=[f"{h}: {masters.failures[h]}" for h in report.unreachable
                                             if h in masters.failures])
+            if child.poll() is None:
+                _check_nodes(report, {svc.address: node, **{h: m.node for h, m in masters.opened.items()}},
+                             placement.ppn, allow_small_shm)
             through = time.monotonic()
             with signals.deferring():
                 # same process group: whoever kills our group kills mpirun too; a signal sent to us alone is
@@ -151,6 +163,51 @@ def _client_side(env: NodeEnvironment) -> sshd.Service:
     return svc
 
 
+def _plan(env: NodeEnvironment, svc: sshd.Service, report: Report, *, fabric_request: str, ppn: int | None,
+          threads: int | None, shared_machine: bool) -> tuple[fabric.NodeFabric, fabric.FabricChoice, fabric.Layout]:
+    """This node's detection, the fabric and the layout, chosen from it (every other node must agree: checked at
+    the gate), recorded in the report and said once on stderr. Nodes that share one machine (the emulator's, which
+    say their address in MPILAUNCH_NODE_ADDRESS) share its cores."""
+    node = _own_node(env, svc)
+    choice = fabric.choose(fabric_request, node)
+    cores = max(1, node.physical_cores // len(env.hosts)) if shared_machine else node.physical_cores
+    placement = fabric.layout(cores, ppn, threads)
+    report.ppn, report.fabric, report.layout = placement.ppn, _as_dict(choice), _as_dict(placement)
+    print(f"node-runtime: launch: {choice.describe()}; {placement.describe(len(env.hosts))}", file=sys.stderr,
+          flush=True)
+    return node, choice, placement
+
+
+def _own_node(env: NodeEnvironment, svc: sshd.Service) -> fabric.NodeFabric:
+    """This node's fabric detection, as coordinate recorded it (detected now if it did not)."""
+    with contextlib.suppress(OSError):
+        node = fabric.read_node((svc.files.directory / fabric.NODE_FILE).read_text())
+        if node is not None:
+            return node
+    return fabric.detect(env.current_address, sshd.clean_environ(), env.node_shared_dir)
+
+
+def _as_dict(value: fabric.FabricChoice | fabric.Layout) -> dict[str, Any]:
+    return {name: list(v) if isinstance(v, tuple) else v for name, v in value.__dict__.items()}
+
+
+def _check_nodes(report: Report, nodes: Mapping[str, fabric.NodeFabric | None], ppn: int,
+                 allow_small_shm: bool) -> None:
+    """Record every node's detection; refuse nodes that differ in what they offer MPI, and (unless allowed) a
+    /dev/shm too small for ``ppn`` ranks; mpirun, still at the gate, has reached no node."""
+    report.nodes = {h: None if n is None else n.to_dict() for h, n in nodes.items()}
+    odd = fabric.disagreements(nodes)
+    if odd:
+        raise ServiceError("the nodes differ in what they offer MPI (fabric, MPI, cores): refusing to launch on an "
+                           "uneven pool; mpirun was stopped before it reached any node", details=odd)
+    small = fabric.shm_problems(nodes, ppn)
+    if small and not allow_small_shm:
+        raise ServiceError(f"{fabric.SHM_MOUNT} is too small for {ppn} ranks per node on {len(small)} node(s); "
+                           "mpirun was stopped before it reached any node", details=[*small, fabric.shm_fix(ppn)])
+    for problem in small:
+        print(f"node-runtime: launch: warning: {problem} (going on: --allow-small-shm)", file=sys.stderr, flush=True)
+
+
 def _mpirun_path() -> str:
     found = shutil.which("mpirun")
     if found is None:
@@ -166,7 +223,7 @@ def _detect(mpirun: str, given: MpiFlavor | None) -> MpiFlavor:
 
 
 def _mpirun_command(env: NodeEnvironment, environ: Mapping[str, str], svc: sshd.Service, *, flavor: MpiFlavor,
-                    ppn: int, command: Sequence[str], mpirun: str,
+                    placement: fabric.Layout, choice: fabric.FabricChoice, command: Sequence[str], mpirun: str,
                     gate: Path | None = None) -> tuple[list[str], dict[str, str]]:
     """The mpirun argv and its environment (never the secret; TMPDIR node-local, like on the other nodes); with a
     ``gate``, mpirun's ssh commands wait at it (:func:`node_runtime.mpirun.ssh_command`)."""
@@ -184,19 +241,13 @@ def _mpirun_command(env: NodeEnvironment, environ: Mapping[str, str], svc: sshd.
         wrapper.chmod(0o700)
     if flavor is not MpiFlavor.OPENMPI or any(":" in h for h in env.hosts):
         hostfile = directory / "hostfile"
-        write_private_file(hostfile, hostfile_text(flavor, env.hosts_primary_first, ppn).encode())
-    spec = spec_for_node(env, mpirun_env, flavor=flavor, ppn=ppn, command=[program, *command[1:]],
+        write_private_file(hostfile, hostfile_text(flavor, env.hosts_primary_first, placement.ppn).encode())
+    spec = spec_for_node(env, mpirun_env, flavor=flavor, ppn=placement.ppn, command=[program, *command[1:]],
                          ssh_config=svc.client_config, as_root=os.geteuid() == 0, hostfile=hostfile,
                          ssh_wrapper=wrapper, gate=gate, mpirun=mpirun,
-                         interface=None if flavor is MpiFlavor.OPENMPI else _interface_of(env.current_address))
+                         interface=None if flavor is MpiFlavor.OPENMPI else choice.interface, fabric=choice,
+                         threads=placement.threads, bind=placement.bind)
     return build_mpirun_argv(spec), mpirun_env
-
-
-def _interface_of(address: str) -> str | None:
-    import psutil
-
-    return next((name for name, addrs in psutil.net_if_addrs().items() if any(a.address == address for a in addrs)),
-                None)
 
 
 def _wind_up(report: Report, svc: sshd.Service, masters: Masters, gate: _Gate,

@@ -4,7 +4,9 @@ A master is ``ssh -M -S <control socket> HOST <SESSION>`` with the task's ``ssh_
 
 - its login is launch's wait for that node's service: the host key is pinned by the derived known_hosts and the
   task's user key must be accepted. Once logged in (and listening on its control socket), ssh runs its
-  ``LocalCommand``, which says :data:`LOGGED_IN`; ssh exiting instead, with its reason, is a failed attempt;
+  ``LocalCommand``, which says :data:`LOGGED_IN`; ssh exiting instead, with its reason, is a failed attempt. Its
+  session then prints the node's fabric detection (:data:`NODE` and the line ``coordinate`` wrote there:
+  :data:`node_runtime.fabric.NODE_FILE`);
 - mpirun's own ssh connections to that node go through its control socket (``ControlPath`` in ``ssh_config``)
   instead of logging in again, so the wait costs mpirun nothing (unless the node's TMPDIR is too long for a Unix
   socket path: see :func:`node_runtime.sshd.control_dir`; then mpirun logs in itself);
@@ -22,24 +24,29 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import shutil
 import socket
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from node_runtime import proc
 from node_runtime.errors import InvalidInput
+from node_runtime.fabric import NODE_FILE, NodeFabric, read_node
 from node_runtime.sshd import Service, clean_environ, control_dir
 
 LOGGED_IN = "mpilaunch-logged-in"
 STOPPED = "mpilaunch-service-stopped"
-# The remote session: at end-of-input, end the node's sshd listener if its pid file still names it, say so, then
-# clean up (the pid file, the node-local TMPDIR and key dir) in the background, so the session ends at once.
-SESSION = ('read _ ; d=$MPILAUNCH_SERVICE_DIR; read p < "$d/sshd.pid" && '
+NODE = "mpilaunch-node"
+# The remote session: print the node's fabric detection; at end-of-input, end the node's sshd listener if its pid
+# file still names it, say so, then clean up (the pid file, the node-local TMPDIR and key dir) in the background, so
+# the session ends at once.
+SESSION = (f'd=$MPILAUNCH_SERVICE_DIR; echo "{NODE} $(cat "$d/{NODE_FILE}" 2>/dev/null)"; '
+           'read _ ; read p < "$d/sshd.pid" && '
            f'grep -qs "$d/sshd_config" "/proc/$p/cmdline" && kill -TERM "$p" && echo {STOPPED}; '
            '{ rm -f "$d/sshd.pid"; for t in "$TMPDIR" "$MPILAUNCH_KEY_DIR"; do case $t in */mpl-*) rm -rf "$t" ;; '
            'esac; done; } </dev/null >/dev/null 2>&1 &')
@@ -61,13 +68,14 @@ class Master:
     host: str
     process: subprocess.Popen[bytes]
     end: socket.socket
+    node: NodeFabric | None  # what the node's coordinate detected (None if it recorded nothing)
 
     def stop(self, timeout: float) -> bool:
         """End its input; True once the remote side says it stopped the service. The master then exits."""
         deadline = time.monotonic() + timeout
         try:
             self.end.shutdown(socket.SHUT_WR)
-            said = _read_until(self.end, STOPPED.encode(), deadline)
+            said = _read_until(self.end, lambda seen: STOPPED.encode() in seen, deadline)
         except OSError:
             said = b""
         finally:
@@ -186,11 +194,12 @@ class Masters:
             finally:
                 theirs.close()
             self._attempts[host] = process
-        said = _read_until(ours, LOGGED_IN.encode(), time.monotonic() + remaining)
+        said = _read_until(ours, _node_said, time.monotonic() + remaining)
         with self._lock:
             del self._attempts[host]
         if LOGGED_IN.encode() in said:
-            return Master(host, process, ours)
+            line = re.search(rf"{NODE} ?(.*)\n".encode(), said)
+            return Master(host, process, ours, None if line is None else read_node(line[1].decode(errors="replace")))
         ours.close()
         if process.poll() is None:
             process.kill()
@@ -204,11 +213,16 @@ class Masters:
         return None
 
 
-def _read_until(end: socket.socket, marker: bytes, deadline: float) -> bytes:
-    """What ``end`` says until ``marker`` (included), end-of-file, or ``deadline``."""
+def _node_said(seen: bytes) -> bool:
+    """Whether a master logged in and its session printed the node's line."""
+    return LOGGED_IN.encode() in seen and re.search(rf"{NODE}[^\n]*\n".encode(), seen) is not None
+
+
+def _read_until(end: socket.socket, done: Callable[[bytes], bool], deadline: float) -> bytes:
+    """What ``end`` says until ``done`` of it, end-of-file, or ``deadline``."""
     seen = b""
     with contextlib.suppress(OSError):
-        while marker not in seen and (remaining := deadline - time.monotonic()) > 0:
+        while not done(seen) and (remaining := deadline - time.monotonic()) > 0:
             end.settimeout(remaining)
             chunk = end.recv(4096)
             if not chunk:

@@ -19,11 +19,16 @@ from node_runtime.addresses import interface_networks, parse_address
 from node_runtime.contract import NODE_ADDRESS_VARIABLE, SECRET_VARIABLE, MpiFlavor
 from node_runtime.env import VARIABLE_NAME, NodeEnvironment
 from node_runtime.errors import InvalidInput
+from node_runtime.fabric import PLAIN_TCP, FabricChoice, mpi_settings
 
 #: Variables the ranks always get when the launching process has them.
 RANK_VARIABLES = ("PATH", "VIRTUAL_ENV", "PYTHONPATH", "LD_LIBRARY_PATH")
 #: Never exported: the secret, and this node's own address (wrong on every other node).
 NEVER_EXPORTED = frozenset({SECRET_VARIABLE, NODE_ADDRESS_VARIABLE})
+THREADS_VARIABLE = "OMP_NUM_THREADS"  # set to --threads-per-rank when given (instead of the exported one)
+#: Never exported either: every rank has its own node's Batch variables (its node's sshd sets them for the session
+#: that starts it, see node_runtime.sshd.batch_session_environment); the primary's would be wrong elsewhere.
+NODE_OWN_PREFIX = "AZ_BATCH_"
 
 
 def detect_flavor(version_text: str) -> MpiFlavor:
@@ -41,12 +46,13 @@ def detect_flavor(version_text: str) -> MpiFlavor:
 
 def ranks_environment(environ: Mapping[str, str], export_names: Iterable[str] = ()) -> dict[str, str]:
     """What the ranks must see of ``environ``: :data:`RANK_VARIABLES`, every ``MPILAUNCH_*`` variable and
-    ``export_names`` — never :data:`NEVER_EXPORTED`. Names absent from ``environ`` are left out."""
+    ``export_names`` — never :data:`NEVER_EXPORTED` nor ``AZ_BATCH_*``. Names absent from ``environ`` are left out."""
     export_names = tuple(export_names)
     if SECRET_VARIABLE in export_names:
         raise InvalidInput(f"{SECRET_VARIABLE} can never be exported to the ranks")
     names = [*RANK_VARIABLES, *sorted(n for n in environ if n.startswith("MPILAUNCH_")), *export_names]
-    return {name: environ[name] for name in dict.fromkeys(names) if name in environ and name not in NEVER_EXPORTED}
+    return {name: environ[name] for name in dict.fromkeys(names)
+            if name in environ and name not in NEVER_EXPORTED and not name.startswith(NODE_OWN_PREFIX)}
 
 
 def with_runtime_environment(environ: Mapping[str, str], prefix: str, base_prefix: str) -> dict[str, str]:
@@ -81,11 +87,28 @@ class LaunchSpec:
     as_root: bool = False
     mpirun: str = "mpirun"
     extra_args: tuple[str, ...] = ()  # appended before the command, as given
+    fabric: FabricChoice = PLAIN_TCP
+    threads: int | None = None  # OpenMP threads per rank: sets OMP_NUM_THREADS (None: 1 core per rank, not set)
+    bind: bool = False  # bind each rank to `threads` cores
 
     def __post_init__(self) -> None:
         problems = [*_host_problems(self.hosts), *_spec_problems(self)]
         if problems:
             raise InvalidInput(f"invalid launch ({len(problems)} problem(s))", details=problems)
+
+    @property
+    def cores_per_rank(self) -> int:
+        return 1 if self.threads is None else self.threads
+
+    @property
+    def threads_env(self) -> tuple[tuple[str, str], ...]:
+        """``OMP_NUM_THREADS`` when threads per rank were given."""
+        return () if self.threads is None else ((THREADS_VARIABLE, str(self.threads)),)
+
+    @property
+    def exported(self) -> tuple[str, ...]:
+        """The names exported from the primary (the thread count launch sets is not one of them)."""
+        return tuple(n for n in self.environment_names if not (self.threads and n == THREADS_VARIABLE))
 
     @property
     def np(self) -> int:
@@ -117,9 +140,9 @@ def _host_problems(hosts: Sequence[str]) -> list[str]:
 
 
 def _spec_problems(spec: LaunchSpec) -> list[str]:
-    problems = []
-    if isinstance(spec.ppn, bool) or not isinstance(spec.ppn, int) or spec.ppn < 1:
-        problems.append(f"ppn={spec.ppn!r}: processes per node must be a positive integer")
+    problems = [f"{label}={count!r}: must be a positive integer"
+                for label, count in (("ppn", spec.ppn), ("threads", spec.cores_per_rank))
+                if isinstance(count, bool) or not isinstance(count, int) or count < 1]
     if not spec.command or not spec.command[0]:
         problems.append("command: a program to run is required")
     elif spec.command[0].startswith("-"):
@@ -157,12 +180,16 @@ def _openmpi_options(spec: LaunchSpec) -> list[str]:
         options += ["--hostfile", str(spec.hostfile)]
     else:
         options += ["--host", ",".join(f"{host}:{spec.ppn}" for host in spec.hosts)]
-    for name, value in (("pml", "ob1"), ("btl", "self,vader,tcp"), ("btl_tcp_if_include", spec.networks),
-                        ("oob_tcp_if_include", spec.networks), ("plm_rsh_agent", " ".join(ssh_command(spec.gate))),
-                        ("plm_rsh_args", f"-F {spec.ssh_config}")):
+    pe = f":PE={spec.cores_per_rank}" if spec.bind else ""
+    options += ["--map-by", f"ppr:{spec.ppn}:node{pe}", "--bind-to", "core" if spec.bind else "none"]
+    settings = mpi_settings(spec.flavor, spec.fabric, spec.networks)
+    for name, value in (*settings.mca, ("oob_tcp_if_include", spec.networks),
+                        ("plm_rsh_agent", " ".join(ssh_command(spec.gate))), ("plm_rsh_args", f"-F {spec.ssh_config}")):
         options += ["--mca", name, value]
     options += ["--wdir", str(spec.working_dir)]
-    for name in spec.environment_names:
+    for name, value in (*settings.env, *spec.threads_env):
+        options += ["-x", f"{name}={value}"]
+    for name in spec.exported:
         options += ["-x", name]
     return options
 
@@ -176,13 +203,18 @@ def _hydra_options(spec: LaunchSpec) -> list[str]:
         options += ["-hosts", ",".join(spec.hosts)]
     if spec.flavor is MpiFlavor.MPICH:
         options += ["-launcher", "ssh", "-launcher-exec", str(spec.ssh_wrapper)]
+        options += ["-bind-to", f"core:{spec.cores_per_rank}" if spec.bind else "none"]
     else:
         options += ["-bootstrap", "ssh", "-bootstrap-exec", str(spec.ssh_wrapper)]
     if spec.interface:
         options += ["-iface", spec.interface]
     options += ["-wdir", str(spec.working_dir), "-genvnone"]
-    if spec.environment_names:
-        options += ["-genvlist", ",".join(spec.environment_names)]
+    pinning = (("I_MPI_PIN_DOMAIN", "omp") if spec.bind else ("I_MPI_PIN", "0"),) \
+        if spec.flavor is MpiFlavor.INTELMPI else ()
+    for name, value in (*mpi_settings(spec.flavor, spec.fabric, spec.networks).env, *pinning, *spec.threads_env):
+        options += ["-genv", name, value]
+    if spec.exported:
+        options += ["-genvlist", ",".join(spec.exported)]
     return options
 
 
@@ -220,6 +252,9 @@ def spec_for_node(
     interface: str | None = None,
     mpirun: str = "mpirun",
     extra_args: Sequence[str] = (),
+    fabric: FabricChoice = PLAIN_TCP,
+    threads: int | None = None,
+    bind: bool = False,
 ) -> LaunchSpec:
     """The launch of ``command`` on every host of ``env`` (primary first) in its working directory, exporting
     :func:`ranks_environment` of ``environ``."""
@@ -227,4 +262,4 @@ def spec_for_node(
                       ssh_config=ssh_config, working_dir=env.working_dir,
                       environment_names=tuple(ranks_environment(environ, env.export_names)), hostfile=hostfile,
                       ssh_wrapper=ssh_wrapper, gate=gate, interface=interface, as_root=as_root, mpirun=mpirun,
-                      extra_args=tuple(extra_args))
+                      extra_args=tuple(extra_args), fabric=fabric, threads=threads, bind=bind)

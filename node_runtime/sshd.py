@@ -51,6 +51,7 @@ class Service:
     files: KeyFiles
     user: str
     tmp_dir: Path
+    session_env: tuple[tuple[str, str], ...] = ()  # set for its sessions: see batch_session_environment
 
     @property
     def config(self) -> Path:
@@ -82,7 +83,21 @@ def service_for(task_shared_dir: str | Path, address: str, port: int, *, node_ro
     directory = Path(task_shared_dir) / SERVICE_DIR_NAME
     name = node_dir_name(directory, address, port)
     private = private_base(node_root, os.environ if environ is None else environ) / f"{name}{KEY_DIR_SUFFIX}"
-    return Service(address, port, KeyFiles(directory, private), current_user(), tmpdirs.base() / name)
+    return Service(address, port, KeyFiles(directory, private), current_user(), tmpdirs.base() / name,
+                   batch_session_environment(os.environ if environ is None else environ))
+
+
+BATCH_PREFIX = "AZ_BATCH_"
+NOT_FOR_SESSIONS = frozenset({"AZ_BATCH_AUTHENTICATION_TOKEN"})  # a credential: it must not reach sshd_config
+
+
+def batch_session_environment(environ: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """This node's Batch variables (``AZ_BATCH_*`` but the authentication token), which its sshd sets for every
+    session (``SetEnv``), so that the ranks mpirun starts here see their own node's. Values sshd_config cannot quote
+    (a double quote, a backslash, a control character) are left out."""
+    return tuple((name, value) for name, value in sorted(environ.items())
+                 if name.startswith(BATCH_PREFIX) and name not in NOT_FOR_SESSIONS
+                 and not re.search(r'["\\\x00-\x1f]', value))
 
 
 def clean_environ() -> dict[str, str]:
@@ -147,7 +162,7 @@ def render_sshd_config(service: Service) -> str:
         # SHLVL=1: bash then runs as a nested shell and skips ~/.bashrc, which it otherwise sources for every ssh
         # command: the ranks get exactly the environment launch exports, and each hop saves the rc files' cost.
         f"SetEnv TMPDIR={service.tmp_dir} MPILAUNCH_SERVICE_DIR={files.directory} MPILAUNCH_KEY_DIR={files.private} "
-        "SHLVL=1",
+        "SHLVL=1" + "".join(f' "{name}={value}"' for name, value in service.session_env),
         "LogLevel INFO",
         "",
     ])

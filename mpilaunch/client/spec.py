@@ -14,7 +14,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from mpilaunch.client.checkpoint import parse_location
-from node_runtime.contract import DEFAULT_SSH_PORT, FLAVORS
+from node_runtime.contract import DEFAULT_FABRIC, DEFAULT_SSH_PORT, FABRICS, FLAVORS
 from node_runtime.errors import InvalidInput, InvalidRequest
 
 ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -117,6 +117,8 @@ class TaskSpec:
     argv: tuple[str, ...]
     ppn: int | None = None
     mpi: str | None = None
+    fabric: str = DEFAULT_FABRIC  # auto | ucx | tcp (see docs/fabric.md)
+    threads_per_rank: int | None = None  # hybrid MPI+OpenMP: OMP_NUM_THREADS per rank
     inputs: tuple[Path, ...] = ()
     primary_inputs: tuple[Path, ...] = ()
     outputs: tuple[str, ...] = ()
@@ -146,6 +148,7 @@ class TaskSpec:
             problems.append("a command argument contains a NUL character")
         if self.ppn is not None and self.ppn < 1:
             problems.append(f"processes per node must be >= 1, got {self.ppn}")
+        problems += _placement_problems(self.threads_per_rank, self.fabric)
         if self.mpi is not None and self.mpi not in FLAVORS:
             problems.append(f"unknown MPI flavor {self.mpi!r}: expected one of {', '.join(FLAVORS)}")
         if self.display_name is not None and len(self.display_name) > MAX_DISPLAY_NAME:
@@ -165,6 +168,15 @@ class TaskSpec:
         if problems:
             raise InvalidInput(f"invalid task spec ({len(problems)} problem(s))", details=problems)
         return self
+
+
+def _placement_problems(threads_per_rank: int | None, fabric: str) -> list[str]:
+    problems = []
+    if threads_per_rank is not None and threads_per_rank < 1:
+        problems.append(f"threads per rank must be >= 1, got {threads_per_rank}")
+    if fabric not in FABRICS:
+        problems.append(f"unknown fabric {fabric!r}: expected one of {', '.join(FABRICS)}")
+    return problems
 
 
 def _checkpoint_problems(location: str | None) -> list[str]:

@@ -47,6 +47,16 @@ def test_command_line_round_trips_through_shlex(argv: list[str], ppn: int | None
     assert ("--ppn" in opts) == (ppn is not None) and ("--mpi" in opts) == (mpi is not None)
 
 
+def test_command_line_carries_fabric_and_threads_per_rank() -> None:
+    assert "--fabric" not in launch_command_line(["a"])  # auto is the runtime's default
+    words = shlex.split(launch_command_line(["a"], fabric="ucx", threads_per_rank=4))
+    assert words == ["node-runtime", "launch", "--threads-per-rank", "4", "--fabric", "ucx", "--", "a"]
+    with pytest.raises(ValueError, match="fabric"):
+        launch_command_line(["a"], fabric="ib")
+    with pytest.raises(InvalidInput, match="unknown fabric 'ib'"):
+        spec(fabric="ib").validate()
+
+
 def test_command_line_with_shell_metacharacters_is_quoted() -> None:
     line = launch_command_line(["python3", "-c", "print('a b'); import os", "$HOME", "--", "x;y"], ppn=2)
     assert line.startswith("node-runtime launch --ppn 2 -- python3 -c ")

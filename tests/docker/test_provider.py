@@ -141,7 +141,8 @@ def test_multi_instance_mpi_task_with_the_node_runtime(provider: DockerProvider,
     for proc in psutil.process_iter(["cmdline"]):  # the secret is never on a command line
         assert secret not in " ".join(proc.info["cmdline"] or ())
     shared = nodes[0].node_path(task_dirs[0])
-    primary = start(0, ["node-runtime", "launch", "--", "/opt/mpilaunch/bin/python", f"{shared}/mpi_probe.py"])
+    primary = start(0, ["node-runtime", "launch", "--ppn", "1", "--", "/opt/mpilaunch/bin/python",
+                        f"{shared}/mpi_probe.py"])
     code = wait(primary, 120)
     stdout = (task_dirs[0] / "stdout.txt").read_text()
     assert code == 0, stdout + (task_dirs[0] / "stderr.txt").read_text()

@@ -1,5 +1,6 @@
 """A real multi-host cluster on one machine: N nodes as network namespaces on a bridge, each with its own address,
-its own hostname (``unshare --uts``) and its own Azure Batch node root with the environment Batch sets.
+its own hostname (``unshare --uts``), its own ``cores`` CPUs (``taskset``: what the runtime detects as the node's
+physical cores, as in ``CCP_NODES``) and its own Azure Batch node root with the environment Batch sets.
 
 ``NetnsCluster`` is plain Python (the demo and the benchmark use it too); ``netns_cluster`` is the pytest fixture
 (a factory: ``netns_cluster(3)``). Needs root; names are unique per process so parallel runs don't collide, and
@@ -46,6 +47,7 @@ class Node:
     address: str
     root: Path
     env: dict[str, str]
+    cpus: str  # the CPUs its processes may run on (taskset -c)
 
     @property
     def task_dir(self) -> Path:
@@ -112,15 +114,16 @@ class NetnsCluster:
             root = self.base / f"n{i}"
             env = batch_environment(root, addresses, i, cores=cores, secret=self.secret, port=port)
             env.update(extra_env)
-            self.nodes.append(Node(i, netns, f"node{i}", address, root, env))
+            cpus = ",".join(str((i * cores + k) % (os.cpu_count() or 1)) for k in range(cores))
+            self.nodes.append(Node(i, netns, f"node{i}", address, root, env, cpus))
             for d in ("shared", "startup", "fsmounts"):
                 (root / d).mkdir(parents=True, exist_ok=True)
             Path(env["AZ_BATCH_TASK_WORKING_DIR"]).mkdir(parents=True, exist_ok=True)
 
     def argv_on(self, i: int, argv: Sequence[str]) -> list[str]:
-        """The argv that runs ``argv`` inside node ``i`` (its namespace and its own hostname)."""
+        """The argv that runs ``argv`` inside node ``i`` (its namespace, its own hostname, its CPUs)."""
         node = self.nodes[i]
-        return ["ip", "netns", "exec", node.netns, "unshare", "--uts", "--", "sh", "-c",
+        return ["ip", "netns", "exec", node.netns, "taskset", "-c", node.cpus, "unshare", "--uts", "--", "sh", "-c",
                 'hostname "$0" && exec "$@"', node.hostname, *argv]
 
     def run_on(self, i: int, argv: Sequence[str], *, timeout: float = 60, env: Mapping[str, str] | None = None,

@@ -22,6 +22,7 @@ from node_runtime.contract import MpiFlavor
 from node_runtime.coordinate import prepare
 from node_runtime.env import NodeEnvironment
 from node_runtime.errors import TaskFailed
+from node_runtime.fabric import PLAIN_TCP, layout
 from node_runtime.launch import REPORT_NAME, Report, _forwarding_signals, _Gate, _kill_gated, _mpirun_command
 from node_runtime.masters import control_path
 from node_runtime.mpirun import ssh_command
@@ -105,7 +106,8 @@ def test_hydra_flavors_get_an_ssh_wrapper_and_a_hostfile(tmp_path: Path, flavor:
     env, environ = hydra_node(tmp_path)
     svc = prepare(env)
     try:
-        argv, mpirun_env = _mpirun_command(env, environ, svc, flavor=flavor, ppn=2, command=["python3", "app.py"],
+        argv, mpirun_env = _mpirun_command(env, environ, svc, flavor=flavor, placement=layout(2, None, None),
+                                           choice=PLAIN_TCP, command=["python3", "app.py"],
                                            mpirun="/usr/bin/mpiexec", gate=svc.files.directory / "gate.lock")
     finally:
         shutil.rmtree(svc.tmp_dir, ignore_errors=True)

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from node_runtime.contract import SECRET_VARIABLE
 from node_runtime.env import NodeEnvironment
 from node_runtime.errors import InvalidInput
+from node_runtime.fabric import FabricChoice
 from node_runtime.mpirun import (
     LaunchSpec,
     MpiFlavor,
@@ -59,12 +60,24 @@ def node() -> NodeEnvironment:
 GOLDEN_SPECS = {
     "openmpi": dict(flavor=MpiFlavor.OPENMPI, ppn=2, as_root=True, gate=GATE),
     "openmpi-hostfile": dict(flavor=MpiFlavor.OPENMPI, ppn=1, as_root=False, hostfile=Path(f"{TASK}/wd/hostfile"),
-                             extra_args=("--bind-to", "none")),
+                             extra_args=("--report-bindings",)),
     "mpich": dict(flavor=MpiFlavor.MPICH, ppn=4, as_root=True, ssh_wrapper=WRAPPER, interface="eth0"),
     "mpich-hostfile": dict(flavor=MpiFlavor.MPICH, ppn=1, as_root=False, ssh_wrapper=WRAPPER,
                            hostfile=Path(f"{TASK}/wd/hostfile")),
     "intelmpi": dict(flavor=MpiFlavor.INTELMPI, ppn=2, as_root=True, ssh_wrapper=WRAPPER, interface="eth0"),
 }
+# flavor x fabric: UCX over InfiniBand, UCX over TCP (no InfiniBand), TCP (Open MPI: one-sided through osc ucx)
+IB = FabricChoice("ucx", "test", ("mlx5_ib0:1",), "eth0", ucx=True)
+UCX_TCP = FabricChoice("ucx", "test", (), "eth0", ucx=True)
+TCP_UCX = FabricChoice("tcp", "test", (), "eth0", ucx=True)
+TCP_OFI = FabricChoice("tcp", "test", (), "eth0", ucx=False)
+for _flavor, _wrapper in ((MpiFlavor.OPENMPI, None), (MpiFlavor.MPICH, WRAPPER), (MpiFlavor.INTELMPI, WRAPPER)):
+    for _name, _choice in (("ucx-ib", IB), ("ucx-tcp", UCX_TCP), ("tcp", TCP_UCX), ("tcp-ofi", TCP_OFI)):
+        if _flavor is MpiFlavor.INTELMPI and _name == "tcp-ofi":
+            continue  # Intel MPI is OFI either way: its tcp is the same
+        GOLDEN_SPECS[f"{_flavor.value}-{_name}"] = dict(
+            flavor=_flavor, ppn=4, as_root=True, gate=GATE, ssh_wrapper=_wrapper, fabric=_choice,
+            interface=None if _wrapper is None else "eth0", threads=2 if _name == "ucx-ib" else None, bind=True)
 
 
 @pytest.mark.parametrize("name", sorted(GOLDEN_SPECS))
@@ -97,11 +110,16 @@ def test_open_mpi_command_line_essentials() -> None:
     mca = {argv[i + 1]: argv[i + 2] for i, a in enumerate(argv) if a == "--mca"}
     assert mca == {"pml": "ob1", "btl": "self,vader,tcp", "btl_tcp_if_include": "10.0.0.4/30",
                    "oob_tcp_if_include": "10.0.0.4/30", "plm_rsh_agent": "ssh", "plm_rsh_args": f"-F {SSH_CONFIG}"}
+    assert ("--map-by", "ppr:2:node") in pairs and ("--bind-to", "none") in pairs
     gated = build_mpirun_argv(replace(spec, gate=GATE))
     assert ("plm_rsh_agent", f"flock -s -o {GATE} ssh") in itertools.pairwise(gated)
     exported = [argv[i + 1] for i, a in enumerate(argv) if a == "-x"]
+    # AZ_BATCH_* are each node's own (never the primary's)
     assert exported == ["PATH", "VIRTUAL_ENV", "MPILAUNCH_CHECKPOINT_URL", "MPILAUNCH_EXPORT_ENV",
                         "MPILAUNCH_SSH_PORT", "OMP_NUM_THREADS", "DATA"]
+    threaded = build_mpirun_argv(replace(spec, threads=4))  # --threads-per-rank replaces the exported value
+    assert next(threaded[i + 1] for i, a in enumerate(threaded) if a == "-x") == "OMP_NUM_THREADS=4"
+    assert threaded.count("OMP_NUM_THREADS") == 0
     assert ("--wdir", f"{TASK}/wd") in pairs and tuple(argv[-4:]) == COMMAND
 
 
