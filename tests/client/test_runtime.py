@@ -89,6 +89,9 @@ def test_a_node_install_pulls_nothing_of_the_client_and_passes_the_node_tests_un
     version = subprocess.run([str(venv / "bin" / "node-runtime"), "--version"], check=True, capture_output=True,
                              text=True, timeout=60)
     assert mpilaunch.__version__ in version.stdout
+    client = subprocess.run([str(venv / "bin" / "mpilaunch"), "--help"], check=False, capture_output=True, text=True,
+                            timeout=60)
+    assert client.returncode == 2 and 'pip install "mpilaunch[client]"' in client.stderr, client.stderr
     subprocess.run([*pip, "pytest", "hypothesis", "pytest-timeout"], check=True, timeout=600)
     # --noconftest: the suite's conftest registers the client's fixtures, which a node install cannot import.
     done = subprocess.run([str(venv / "bin" / "python"), "-m", "pytest", "-q", "-p", "no:cacheprovider",

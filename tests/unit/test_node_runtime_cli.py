@@ -36,23 +36,25 @@ def launched(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
 
 
 @pytest.mark.parametrize(("argv", "command", "ppn"), [
-    (["python", "app.py", "--ppn", "3"], ["python", "app.py", "--ppn", "3"], 1),
-    (["--", "prog"], ["prog"], 1),
+    (["python", "app.py", "--ppn", "3"], ["python", "app.py", "--ppn", "3"], None),
+    (["--", "prog"], ["prog"], None),
     (["--ppn", "2", "--", "prog", "-x"], ["prog", "-x"], 2),
     (["--ppn=2", "prog", "--", "x"], ["prog", "--", "x"], 2),
-    (["prog", "-h", "--version", "--help"], ["prog", "-h", "--version", "--help"], 1),
-    (["--", "--ppn", "3"], ["--ppn", "3"], 1),
-    (["--", "--"], ["--"], 1),
+    (["prog", "-h", "--version", "--help"], ["prog", "-h", "--version", "--help"], None),
+    (["--", "--ppn", "3"], ["--ppn", "3"], None),
+    (["--", "--"], ["--"], None),
 ])
 def test_launch_command_is_everything_from_the_program_on(launched: list[dict[str, Any]], argv: list[str],
-                                                           command: list[str], ppn: int) -> None:
+                                                           command: list[str], ppn: int | None) -> None:
     assert main(["launch", *argv]) == 7
-    assert launched == [{"command": command, "ppn": ppn, "flavor": None, "timeout": 30.0}]
+    assert launched == [{"command": command, "ppn": ppn, "threads": None, "flavor": None, "fabric_request": "auto",
+                         "allow_small_shm": False, "timeout": 30.0}]
 
 
 def test_launch_options(launched: list[dict[str, Any]]) -> None:
     assert main(["launch", "--mpi", "mpich", "--timeout", "1.5", "--ppn", "4", "prog"]) == 7
-    assert launched == [{"command": ["prog"], "ppn": 4, "flavor": MpiFlavor.MPICH, "timeout": 1.5}]
+    assert launched == [{"command": ["prog"], "ppn": 4, "threads": None, "flavor": MpiFlavor.MPICH,
+                         "fabric_request": "auto", "allow_small_shm": False, "timeout": 1.5}]
 
 
 @pytest.mark.parametrize(("argv", "named"), [
@@ -126,8 +128,9 @@ def test_help_describes_every_command() -> None:
         assert summary in group, group
     text = subprocess.run([NODE_RUNTIME, "launch", "--help"], capture_output=True, text=True, timeout=60,
                           check=True).stdout
-    assert "[--ppn N] [--mpi F] [--timeout S] [--] COMMAND ARGS..." in text
-    assert "launch-report.json" in text and "(default: 1)" in text and "(default: 30.0)" in text
+    assert "[--ppn N] [--threads-per-rank T] [--mpi F] [--fabric auto|ucx|tcp]" in text
+    assert "[--timeout S] [--] COMMAND ARGS..." in text
+    assert "launch-report.json" in text and "(default: the node's physical" in text and "(default: 30.0)" in text
 
 
 def test_python_m_node_runtime_launch_in_a_real_process() -> None:
