@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "results": "mpilaunch.cmd_task:results",
     "logs": "mpilaunch.cmd_task:logs",
     "terminate": "mpilaunch.cmd_task:terminate",
+    "reactivate": "mpilaunch.cmd_task:reactivate",
     "pool": "mpilaunch.cmd_pool:pool",
     "local": "mpilaunch.cmd_local:local",
 }

@@ -20,7 +20,9 @@ def pool() -> None:
 @pool.command()
 @click.argument("pool_id")
 @click.option("-n", "--nodes", type=int, default=2, show_default=True, help="Dedicated nodes.")
-@click.option("--low-priority", type=int, default=0, show_default=True, help="Low-priority/spot nodes.")
+@click.option("--spot", "--low-priority", "spot", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Spot (low-priority) nodes: cheaper, but Azure may preempt them, which requeues the whole task "
+                   "running on them (checkpoint it: docs/checkpointing.md). Alias --low-priority.")
 @click.option("--vm-size", default=DEFAULT_VM_SIZE, show_default=True)
 @click.option("--image", help=f"Marketplace image PUBLISHER:OFFER:SKU [default: {DEFAULT_IMAGE.name}; with "
                               f"--container-image: {DEFAULT_CONTAINER_IMAGE.name}].")
@@ -38,7 +40,7 @@ def create(**opts: Any) -> int:
     """Create POOL_ID with inter-node communication and one task slot per node (or grow it if it exists)."""
     from mpilaunch.client.pools import ensure_pool
 
-    spec = PoolSpec(opts["pool_id"], opts["nodes"], opts["low_priority"], opts["vm_size"], opts["image"],
+    spec = PoolSpec(opts["pool_id"], opts["nodes"], opts["spot"], opts["vm_size"], opts["image"],
                     opts["node_agent"], tuple(opts["container_image"]), opts["start_task"], opts["install_runtime"],
                     emulator_nodes=KIND_VM if opts["local"] and opts["install_runtime"] else None).validate()
     launch = cliopts.launcher(opts)
@@ -50,7 +52,7 @@ def create(**opts: Any) -> int:
                            "low_priority_nodes": spec.low_priority_nodes, "image": ":".join(spec.image_reference),
                            "install_runtime": spec.install_runtime})
     else:
-        click.echo(f"pool {spec.id}: {outcome} ({spec.nodes} dedicated + {spec.low_priority_nodes} low-priority "
+        click.echo(f"pool {spec.id}: {outcome} ({spec.nodes} dedicated + {spec.low_priority_nodes} Spot "
                    f"node(s) of {':'.join(spec.image_reference)}, inter-node communication on, 1 task slot per node"
                    f"{', runtime installed by the StartTask' if spec.install_runtime else ''})")
     if runtime and launch.store.max_sas_validity is not None:

@@ -111,8 +111,7 @@ def submit(**opts: Any) -> int:
         cliopts.emit_json({"job_id": task.job_id, "task_id": task.task_id})
     else:
         click.echo(f"submitted {task}")
-        cliopts.note(f"follow it: mpilaunch wait --job {task.job_id} {task.task_id}"
-                     f"{' --local' if opts['local'] else ''}")
+        cliopts.note(f"follow it: {cliopts.wait_command(task, opts['local'])}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""``mpilaunch status|wait|results|logs|terminate``: follow and inspect a submitted task."""
+"""``mpilaunch status|wait|results|logs|terminate|reactivate``: follow, inspect and steer a submitted task."""
 
 from __future__ import annotations
 
@@ -90,8 +90,26 @@ def terminate(**opts: Any) -> int:
     """Terminate the task (every instance stops; it will not be retried)."""
     task = cliopts.ref(opts)
     cliopts.launcher(opts).terminate(task)
-    if opts["output"] == "json":
-        cliopts.emit_json({"job_id": task.job_id, "task_id": task.task_id, "terminated": True})
-    else:
-        click.echo(f"terminated {task}")
+    _done(opts, "terminated")
     return 0
+
+
+@click.command()
+@cliopts.task_ref_options
+@cliopts.connection_options
+def reactivate(**opts: Any) -> int:
+    """Run a failed task again: Batch makes it active, with its retry count reset to 0 (only completed, failed
+    tasks of an active job)."""
+    cliopts.launcher(opts).reactivate(cliopts.ref(opts))
+    _done(opts, "reactivated")
+    cliopts.note(f"follow it: {cliopts.wait_command(cliopts.ref(opts), opts['local'])}")
+    return 0
+
+
+def _done(opts: dict[str, Any], what: str) -> None:
+    """Say that the task was ``what`` (``terminated``, ``reactivated``), as text or JSON."""
+    task = cliopts.ref(opts)
+    if opts["output"] == "json":
+        cliopts.emit_json({"job_id": task.job_id, "task_id": task.task_id, what: True})
+    else:
+        click.echo(f"{what} {task}")

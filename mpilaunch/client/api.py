@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from mpilaunch.client import config as cfg
-from mpilaunch.client.results import TaskResults, build_results
+from mpilaunch.client.results import NODE_FIELDS, TaskResults, build_results, lists_nodes
 from mpilaunch.client.spec import TaskSpec
 from node_runtime.errors import BatchError, InvalidInput, MpilaunchError
 
@@ -212,11 +212,18 @@ class Launcher:
         return TaskRef(spec.job_id, spec.task_id)
 
     def results(self, ref: TaskRef) -> TaskResults:
-        """The task and every subtask (all pages of List Subtasks)."""
+        """The task and every subtask (all pages of List Subtasks); for a requeued or failed task also its pool's
+        nodes (what happened to them)."""
+        from azure.core.exceptions import ResourceNotFoundError
+
         with self.errors():
             task = self.batch.get_task(ref.job_id, ref.task_id)
             subtasks = list(self.batch.list_subtasks(ref.job_id, ref.task_id))
-        return build_results(ref.job_id, task, subtasks)
+            nodes = None
+            if task.node_info is not None and lists_nodes(task):
+                with contextlib.suppress(ResourceNotFoundError):  # the pool is gone: nothing to say about nodes
+                    nodes = list(self.batch.list_nodes(task.node_info.pool_id, select=list(NODE_FIELDS)))
+        return build_results(ref.job_id, task, subtasks, nodes)
 
     def wait(self, ref: TaskRef, *, timeout: float | None = None, interval: float = 1.0,
              max_interval: float = 15.0, on_update: Callable[[TaskResults], None] | None = None) -> TaskResults:
@@ -235,7 +242,7 @@ class Launcher:
                 return res
             if deadline is not None and time.monotonic() >= deadline:
                 raise MpilaunchError(f"task {ref} still {res.state} after {timeout:g}s (it keeps running)")
-            seen = (res.state, tuple(r.state for r in res.instances), res.retry_count)
+            seen = (res.state, tuple(r.state for r in res.instances), res.retry_count, res.requeue_count)
             delay = interval if seen != last else min(delay * 1.5, max(interval, max_interval))
             last = seen
             time.sleep(delay if deadline is None else max(0.0, min(delay, deadline - time.monotonic())))
@@ -243,6 +250,12 @@ class Launcher:
     def terminate(self, ref: TaskRef) -> None:
         with self.errors():
             self.batch.terminate_task(ref.job_id, ref.task_id)
+
+    def reactivate(self, ref: TaskRef) -> None:
+        """Batch's reactivate: a completed, failed task becomes active again, its retry count reset to 0 (the
+        service refuses other tasks: ``TaskNotCompleted``, ``TaskSucceeded``)."""
+        with self.errors():
+            self.batch.reactivate_task(ref.job_id, ref.task_id)
 
     def download_logs(self, results: TaskResults, dest: Path, *, workers: int = 16) -> list[Path]:
         """Every instance's stdout.txt/stderr.txt into ``dest/instance-<i>/``, fetched in parallel."""

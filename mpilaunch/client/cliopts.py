@@ -64,6 +64,11 @@ def ref(opts: dict[str, Any]) -> TaskRef:
     return TaskRef(opts["job"], opts["task_id"])
 
 
+def wait_command(task: TaskRef, local: bool) -> str:
+    """The command that follows ``task``: ``mpilaunch wait --job J T [--local]``."""
+    return f"mpilaunch wait --job {task.job_id} {task.task_id}{' --local' if local else ''}"
+
+
 def emit_json(doc: Any) -> None:
     click.echo(json.dumps(doc, indent=2))
 
@@ -85,6 +90,8 @@ def show_results(results: TaskResults, output: str) -> None:
     if not console.is_terminal:
         console = Console(width=200)
     console.print(render_table(results))
+    for line in results.notes():
+        note(line)
 
 
 def explain_failure(launch: Launcher, results: TaskResults) -> None:
@@ -129,9 +136,8 @@ def wait_and_report(launch: Launcher, task: TaskRef, opts: dict[str, Any]) -> in
             launch.terminate(task)
             note(f"interrupted: terminated task {task}")
         else:
-            note(f"interrupted: task {task} keeps running. Resume with: mpilaunch wait --job {task.job_id} "
-                 f"{task.task_id}{' --local' if opts.get('local') else ''}  (stop it: mpilaunch terminate "
-                 f"--job {task.job_id} {task.task_id})")
+            note(f"interrupted: task {task} keeps running. Resume with: {wait_command(task, bool(opts.get('local')))}"
+                 f"  (stop it: mpilaunch terminate --job {task.job_id} {task.task_id})")
         raise click.exceptions.Exit(INTERRUPTED) from None
     show_results(results, opts["output"])
     if opts["output"] == "table":

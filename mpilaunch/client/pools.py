@@ -176,7 +176,7 @@ def runtime_start_task(files: Sequence[StagedFile]) -> Any:
 
 
 def ensure_pool(client: Any, spec: PoolSpec, runtime_files: Sequence[StagedFile] = ()) -> str:
-    """Create the pool unless it exists; grow a fixed-size pool whose dedicated target is below ``spec.nodes``.
+    """Create the pool unless it exists; grow a fixed-size pool whose dedicated or Spot target is below the spec's.
 
     Returns ``"created"``, ``"resized"`` or ``"exists"``.
     """
@@ -188,9 +188,11 @@ def ensure_pool(client: Any, spec: PoolSpec, runtime_files: Sequence[StagedFile]
     except ResourceNotFoundError:
         client.create_pool(build_pool(spec, runtime_files))
         return "created"
-    if not pool.enable_auto_scale and (pool.target_dedicated_nodes or 0) < spec.nodes:
+    dedicated, spot = pool.target_dedicated_nodes or 0, pool.target_low_priority_nodes or 0
+    if not pool.enable_auto_scale and (dedicated < spec.nodes or spot < spec.low_priority_nodes):
         client.begin_resize_pool(spec.id, bm.BatchPoolResizeOptions(
-            target_dedicated_nodes=spec.nodes, target_low_priority_nodes=pool.target_low_priority_nodes or 0,
+            target_dedicated_nodes=max(dedicated, spec.nodes),
+            target_low_priority_nodes=max(spot, spec.low_priority_nodes),
         ), polling_interval=1).result()
         return "resized"
     return "exists"

@@ -49,7 +49,11 @@ def _check_size(pool: Any, spec: TaskSpec) -> list[str]:
     if current < n:
         warnings.append(f"pool {pid!r} has {current} of its {target} node(s) so far; the task waits for {n}")
     if pool.target_low_priority_nodes:
-        warnings.append(f"pool {pid!r} uses low-priority/spot nodes: a preemption fails and retries the whole task")
+        then = ("it resumes from its --checkpoint" if spec.checkpoint_url else
+                "it starts over unless it checkpoints its work (--checkpoint, see docs/checkpointing.md)")
+        warnings.append(f"pool {pid!r} has {pool.target_low_priority_nodes} Spot/low-priority node(s): if Azure "
+                        f"preempts one, Batch requeues the whole multi-instance task (without using a retry) and "
+                        f"{then}")
     return warnings
 
 

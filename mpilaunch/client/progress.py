@@ -1,4 +1,5 @@
-"""Live progress of a waiting task on stderr: a rich live line on a terminal, state changes otherwise."""
+"""Live progress of a waiting task on stderr: a rich live line on a terminal, state changes otherwise, and a line
+for each requeue saying which node caused it."""
 
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ def describe(results: TaskResults, elapsed: float) -> str:
     subs = Counter(r.state or "pending" for r in results.instances[1:])
     counts = ", ".join(f"{n} {state}" for state, n in sorted(subs.items())) or "none reported yet"
     retry = f" | retry {results.retry_count}" if results.retry_count else ""
+    requeue = f" | requeued {results.requeue_count}" if results.requeue_count else ""
     return (f"{results.job_id}/{results.task_id}: {results.state} | primary {primary.state or 'pending'}{where} | "
-            f"subtasks: {counts}{retry} | {elapsed:.0f}s")
+            f"subtasks: {counts}{retry}{requeue} | {elapsed:.0f}s")
 
 
 class Progress:
@@ -31,6 +33,8 @@ class Progress:
         self._live: Any = None
         self._last = ""
         self._start = time.monotonic()
+        self._requeues = 0
+        self._nodes: list[str] = []
 
     def __enter__(self) -> Progress:
         if self.enabled:
@@ -46,6 +50,11 @@ class Progress:
             self._live.__exit__(et, ev, tb)
 
     def update(self, results: TaskResults) -> None:
+        if results.requeue_count > self._requeues:  # nodes of the previous look: the requeue may have moved it
+            for note in results.notes(self._nodes):
+                self._say(note)
+        self._requeues = results.requeue_count
+        self._nodes = [r.node for r in results.instances if r.node]
         line = describe(results, time.monotonic() - self._start)
         if self._live is not None:
             self._live.update(line)
@@ -54,3 +63,10 @@ class Progress:
         if state != self._last:
             click.echo(line, err=True)
             self._last = state
+
+    def _say(self, message: str) -> None:
+        """A line that stays (above the live line on a terminal)."""
+        if self._live is not None:
+            self._live.console.print(message, markup=False, highlight=False)
+        else:
+            click.echo(message, err=True)

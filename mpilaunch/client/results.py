@@ -1,7 +1,9 @@
 """Per-instance results of a multi-instance task: rows, table, stable JSON, parallel log download.
 
-Instance 0 is the primary (from Get Task); instances 1..N-1 come from List Subtasks, every page. The JSON document
-(``results_json``) follows ``results.schema.json`` next to this module; docs/client.md describes it.
+Instance 0 is the primary (from Get Task); instances 1..N-1 come from List Subtasks, every page. Requeues (a node
+lost, preempted, rebooted or removed: Batch runs the whole task again without using a retry) come from the task's
+execution info, what happened to nodes from the pool's List Nodes; :meth:`TaskResults.notes` puts both in words. The
+JSON document (``results_json``) follows ``results.schema.json`` next to this module; docs/client.md describes it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,13 @@ SCHEMA_ID = "mpilaunch.results/1"
 SCHEMA_PATH = Path(__file__).with_name("results.schema.json")
 LOG_FILES = ("stdout.txt", "stderr.txt")
 ENDED_WITH_TASK = "TaskEnded"  # a subtask stopped because another instance failed: not a cause
+HEALTHY_STATES = ("idle", "running")
+NODE_WORDS = {"preempted": "was preempted", "unusable": "went down", "rebooting": "is rebooting",
+              "reimaging": "is being reimaged", "leavingpool": "is leaving the pool",
+              "starttaskfailed": "failed its StartTask", "offline": "is offline (scheduling disabled)"}
+"""How a node state reads in a sentence; other states read ``is STATE``."""
+NODE_FIELDS = ("id", "state", "errors", "isDedicated")
+"""What List Nodes must return for :func:`node_events`."""
 
 
 def _str(value: Any) -> str | None:
@@ -65,10 +74,45 @@ class InstanceResult:
             "exit_code": self.exit_code, "result": self.result,
             "start_time": self.start.isoformat() if self.start else None,
             "end_time": self.end.isoformat() if self.end else None,
-            "duration_seconds": self.duration,
-            "failure": None if self.failure is None else {
-                "category": self.failure.category, "code": self.failure.code, "message": self.failure.message},
+            "duration_seconds": self.duration, "failure": _failure_json(self.failure),
         }
+
+
+@dataclass(frozen=True)
+class NodeEvent:
+    """A node of the task's pool that cannot run tasks now (not idle or running), with its errors."""
+
+    node: str
+    state: str
+    dedicated: bool | None
+    errors: tuple[Failure, ...] = ()
+
+    def words(self) -> str:
+        """``node tvmps_1 was preempted``; errors in parentheses."""
+        why = "; ".join(str(e) for e in self.errors)
+        return (f"node {self.node} {NODE_WORDS.get(self.state, f'is {self.state}')}"
+                + (f" ({why})" if why else ""))
+
+    def to_json(self, instance: int | None) -> dict[str, Any]:
+        return {"node": self.node, "state": self.state, "dedicated": self.dedicated, "instance": instance,
+                "errors": [_failure_json(e) for e in self.errors], "description": self.words()}
+
+
+def node_events(nodes: Iterable[Any]) -> tuple[NodeEvent, ...]:
+    """The :class:`NodeEvent`\\ s of a List Nodes answer (its nodes that are not idle or running)."""
+    events = []
+    for node in nodes:
+        state = _str(node.state) or "unknown"
+        if state not in HEALTHY_STATES:
+            errors = tuple(Failure(None, e.code, e.message) for e in node.errors or ())
+            events.append(NodeEvent(node.id, state, node.is_dedicated, errors))
+    return tuple(events)
+
+
+def _failure_json(failure: Failure | None) -> dict[str, Any] | None:
+    if failure is None:
+        return None
+    return {"category": failure.category, "code": failure.code, "message": failure.message}
 
 
 def _failure(info: Any) -> Failure | None:
@@ -108,6 +152,55 @@ class TaskResults:
     failure: Failure | None
     retry_count: int
     instances: tuple[InstanceResult, ...]
+    requeue_count: int = 0
+    last_requeue_time: datetime | None = None
+    max_retries: int | None = None
+    """The task's ``maxTaskRetryCount`` (-1: unlimited; ``None``: not known)."""
+    node_events: tuple[NodeEvent, ...] = ()
+    pool_nodes: frozenset[str] | None = None
+    """Every node id of the pool when it was listed (``None``: not listed; nodes are listed only for a requeued or
+    failed task)."""
+
+    @property
+    def attempt(self) -> int:
+        """Which run of the task this is (or was, once completed): 1 + retries + requeues."""
+        return 1 + self.retry_count + self.requeue_count
+
+    @property
+    def retries_used(self) -> str:
+        """``retries used: 1 of 3`` (``of unlimited`` for -1)."""
+        of = "" if self.max_retries is None else (
+            " of unlimited" if self.max_retries == -1 else f" of {self.max_retries}")
+        return f"retries used: {self.retry_count}{of}"
+
+    def _node_words(self, node: str) -> str | None:
+        """What happened to ``node``, if it cannot run tasks now or left the pool."""
+        for event in self.node_events:
+            if event.node == node:
+                return event.words()
+        if self.pool_nodes is not None and node not in self.pool_nodes:
+            return f"node {node} was removed from the pool"
+        return None
+
+    def notes(self, earlier_nodes: Iterable[str] = ()) -> list[str]:
+        """Requeues and node events in words: ``node tvmps_1 was preempted; the task was requeued (attempt 2);
+        retries used: 0 of 0``. ``earlier_nodes``: nodes an earlier look saw the task on (the requeued attempt's
+        nodes may be gone from the rows already)."""
+        ours = list(dict.fromkeys([*earlier_nodes, *(r.node for r in self.instances if r.node)]))
+        said = [w for w in map(self._node_words, ours) if w]
+        notes = []
+        if self.requeue_count:
+            times = "" if self.requeue_count == 1 else f" {self.requeue_count} times"
+            when = f", last at {_time(self.last_requeue_time)}" if self.last_requeue_time else ""
+            cause = "; ".join(said) or "Batch took a node of the task away (lost, preempted, rebooted or removed)"
+            notes.append(f"{cause}; the task was requeued{times} (attempt {self.attempt}{when}); "
+                         f"{self.retries_used}")
+        elif said:
+            notes.extend(said)
+        others = [e for e in self.node_events if e.node not in ours]
+        if others and not self.completed:
+            notes.append(f"pool nodes that cannot run tasks now: {', '.join(f'{e.node} ({e.state})' for e in others)}")
+        return notes
 
     @property
     def completed(self) -> bool:
@@ -139,27 +232,42 @@ class TaskResults:
         return f"{head}, failure: {why}"
 
     def to_json(self) -> dict[str, Any]:
+        where = {r.node: r.instance for r in reversed(self.instances) if r.node}
         return {
             "schema": SCHEMA_ID, "job_id": self.job_id, "task_id": self.task_id, "state": self.state,
             "result": self.result, "exit_code": self.exit_code, "retry_count": self.retry_count,
-            "failure": None if self.failure is None else {
-                "category": self.failure.category, "code": self.failure.code, "message": self.failure.message},
+            "failure": _failure_json(self.failure),
             "instances": [r.to_json() for r in self.instances],
+            "max_task_retry_count": self.max_retries, "requeue_count": self.requeue_count,
+            "last_requeue_time": self.last_requeue_time.isoformat() if self.last_requeue_time else None,
+            "attempt": self.attempt,
+            "node_events": [e.to_json(where.get(e.node)) for e in self.node_events], "notes": self.notes(),
         }
 
 
-def build_results(job_id: str, task: Any, subtasks: Iterable[Any]) -> TaskResults:
-    """Combine Get Task and List Subtasks answers (the emulator may also list the primary as subtask 0)."""
+def lists_nodes(task: Any) -> bool:
+    """Whether the pool's nodes say something about ``task``: it was requeued or it failed."""
+    ex = task.execution_info
+    return ex is not None and bool(ex.requeue_count or _str(ex.result) == "failure")
+
+
+def build_results(job_id: str, task: Any, subtasks: Iterable[Any],
+                  nodes: Iterable[Any] | None = None) -> TaskResults:
+    """Combine Get Task and List Subtasks answers (the emulator may also list the primary as subtask 0) and, if
+    given, the pool's List Nodes answer."""
     rows = {0: primary_row(task)}
     for sub in subtasks:
         row = subtask_row(sub)
         if row.instance != 0:
             rows[row.instance] = row
     ex = task.execution_info
+    listed = list(nodes or ())
     return TaskResults(
         job_id, task.id, _str(task.state), _str(ex.result) if ex else None, ex.exit_code if ex else None,
         _failure(ex.failure_info) if ex else None, ex.retry_count if ex else 0,
-        tuple(rows[i] for i in sorted(rows)))
+        tuple(rows[i] for i in sorted(rows)), (ex.requeue_count or 0) if ex else 0,
+        ex.last_requeue_time if ex else None, task.constraints.max_task_retry_count if task.constraints else None,
+        node_events(listed), None if nodes is None else frozenset(n.id for n in listed))
 
 
 def results_json(results: TaskResults) -> str:
@@ -174,8 +282,10 @@ def render_table(results: TaskResults) -> Any:
     """A rich ``Table`` of the instances."""
     from rich.table import Table
 
-    table = Table(title=f"{results.job_id}/{results.task_id}  state={results.state}  result={results.result or '-'}",
-                  title_justify="left")
+    again = f"  attempt={results.attempt} (requeued {results.requeue_count}, " \
+        f"{results.retries_used})" if results.attempt > 1 else ""
+    table = Table(title=f"{results.job_id}/{results.task_id}  state={results.state}  result={results.result or '-'}"
+                        f"{again}", title_justify="left")
     for col in ("instance", "node", "state", "exit code", "result", "start", "end", "duration", "failure"):
         table.add_column(col, justify="right" if col in ("instance", "exit code", "duration") else "left",
                          no_wrap=col != "failure", min_width=30 if col == "failure" else None)

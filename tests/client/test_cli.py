@@ -12,7 +12,7 @@ from mpilaunch.cli import cli
 from mpilaunch.clickutil import run_cli
 
 KEY = "c2VjcmV0LWtleS1ieXRlcy0xMjM0NTY3ODkwMTIzNDU2Nzg5MA=="
-CLIENT_COMMANDS = ["submit", "run", "status", "wait", "results", "logs", "terminate", "pool", "local"]
+CLIENT_COMMANDS = ["submit", "run", "status", "wait", "results", "logs", "terminate", "reactivate", "pool", "local"]
 
 PROBE = """
 import sys
@@ -81,3 +81,11 @@ def test_local_status_when_nothing_runs(capsys: pytest.CaptureFixture[str], monk
     assert '"running": false' in capsys.readouterr().out
     assert run_cli(cli, "mpilaunch", ["status", "--local", "t1"]) == 2
     assert "mpilaunch local up" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", ["--spot", "--low-priority"])
+def test_pool_create_refuses_a_negative_spot_count(option: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code = run_cli(cli, "mpilaunch", ["pool", "create", "p", "--endpoint", "http://127.0.0.1:9", option, "-1"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "-1" in err and "--spot" in err

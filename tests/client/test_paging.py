@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import threading
 from collections.abc import Iterator
 from http.server import ThreadingHTTPServer
@@ -14,6 +13,7 @@ import pytest
 from mpilaunch.client.api import Launcher, TaskRef
 from mpilaunch.client.config import BatchConfig, Settings
 from mpilaunch.emulator import defaults
+from tests.support.exec_engine import load_file
 
 REPLAY = Path(__file__).resolve().parents[2] / "benchmarks" / "gather_results.py"
 INSTANCES = 60  # 59 subtasks: 3 pages of 25
@@ -21,11 +21,7 @@ INSTANCES = 60  # 59 subtasks: 3 pages of 25
 
 @pytest.fixture(scope="module")
 def replay() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("gather_results", REPLAY)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file("gather_results", REPLAY)
 
 
 @pytest.fixture

@@ -46,7 +46,13 @@ def test_refusals_say_why_and_how_to_fix(kw: dict[str, object], reason: str, fix
 def test_low_priority_autoscale_and_allocating_warn() -> None:
     warnings = check_pool(pool(targetDedicatedNodes=1, targetLowPriorityNodes=2, currentDedicatedNodes=1), SPEC)
     assert any("has 1 of its 3 node(s)" in w for w in warnings)
-    assert any("low-priority" in w for w in warnings)
+    spot = [w for w in warnings if "Spot" in w]
+    assert spot == ["pool 'p1' has 2 Spot/low-priority node(s): if Azure preempts one, Batch requeues the whole "
+                    "multi-instance task (without using a retry) and it starts over unless it checkpoints its work "
+                    "(--checkpoint, see docs/checkpointing.md)"]
+    checkpointed = TaskSpec("job", "task", 3, ("python3", "a.py"), checkpoint_url="/shared/ckpt")
+    assert any(w.endswith("it resumes from its --checkpoint")
+               for w in check_pool(pool(targetDedicatedNodes=1, targetLowPriorityNodes=2), checkpointed))
     assert "autoscales" in check_pool(pool(enableAutoScale=True, targetDedicatedNodes=0), SPEC)[0]
 
 

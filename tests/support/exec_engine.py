@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 from typing import Any, cast
 
 import psutil
@@ -42,6 +44,15 @@ def leftovers(node_ids: list[str]) -> list[psutil.Process]:
         if any(tag.startswith(f"{n}/") for n in node_ids):
             found.append(p)
     return found
+
+
+def load_file(name: str, path: Path) -> ModuleType:
+    """Import the Python file ``path`` as module ``name`` (a script or example that is not in a package)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
