@@ -296,6 +296,11 @@ class NodeManager:
             else:
                 node = self.ctx.provider.restore_node(node)
             created = node
+            # AZ_BATCH_NODE_SHARED_DIR exists from the node's start, read/write for every task ("shared" in
+            # https://learn.microsoft.com/azure/batch/files-and-directories), before any StartTask runs
+            shared = node.root / "shared"
+            shared.mkdir(parents=True, exist_ok=True)
+            shared.chmod(0o777)
 
             def starting(doc: Doc) -> None:
                 doc["_node"] = created.to_json()

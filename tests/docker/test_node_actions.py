@@ -26,7 +26,7 @@ from tests.support.exec_engine import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
-BOOT = 'mkdir -p "$AZ_BATCH_NODE_SHARED_DIR" && echo x >>"$AZ_BATCH_NODE_SHARED_DIR/boots"'
+BOOT = 'echo x >>"$AZ_BATCH_NODE_SHARED_DIR/boots"'
 """The StartTask: one ``x`` in ``shared/boots`` per run on the node."""
 
 

@@ -18,7 +18,7 @@ from tests.support.exec_sdk import Batch, add_mi_task, completed, uid
 
 pytestmark = pytest.mark.timeout(120)
 
-COUNT_BOOTS = py("import os; d = os.environ['AZ_BATCH_NODE_SHARED_DIR']; os.makedirs(d, exist_ok=True); "
+COUNT_BOOTS = py("import os; d = os.environ['AZ_BATCH_NODE_SHARED_DIR']; "
                  "open(os.path.join(d, 'boots'), 'a').write('x')")
 """A StartTask that appends to ``shared/boots`` on its node: the number of times it ran there."""
 
