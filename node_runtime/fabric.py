@@ -1,10 +1,11 @@
 """What a node offers MPI, and the fabric, rank layout and MPI settings launch derives from it.
 
 ``node-runtime coordinate`` detects this node (:func:`detect`) and writes the result in the service directory
-(:data:`NODE_FILE`, nothing secret); the primary learns every other node's through the control master's session
-(:mod:`node_runtime.masters`) and refuses nodes that disagree (:func:`disagreements`) or whose ``/dev/shm`` is too
-small (:func:`shm_problems`). Detection reads files below a root (``/``; unit tests give a fake sysfs/proc tree) and
-asks the MPI itself (Open MPI: ``ompi_info``, ~0.2 s, so the answer is cached per node, keyed by the binary).
+(:data:`NODE_FILE`, nothing secret; also the service's ssh banner); the primary learns every other node's from the
+banner its control master shows at login (:mod:`node_runtime.masters`) and refuses nodes that disagree
+(:func:`disagreements`) or whose ``/dev/shm`` is too small (:func:`shm_problems`). Detection reads files below a root
+(``/``; unit tests give a fake sysfs/proc tree) and asks the MPI itself (Open MPI: ``ompi_info``, ~0.2 s, so the
+answer is cached per node, keyed by the binary).
 
 The builders (:func:`choose`, :func:`layout`, :func:`mpi_settings`) are pure.
 """
@@ -331,20 +332,24 @@ class Layout:
     threads: int | None
     cores: int  # physical cores per node
     bind: bool  # each rank bound to `threads` cores (only when ppn x threads fit in the cores)
+    shared: bool = False  # the nodes share one machine's cores: never bound
 
     def describe(self, nodes: int) -> str:
         width = self.threads or 1
         binding = (f"each bound to {width} core(s)" if self.bind
+                   else "not bound (the nodes share one machine's cores)" if self.shared
                    else f"not bound ({self.ppn}x{width} > {self.cores} physical cores)")
         threads = f"{self.threads} thread(s) (OMP_NUM_THREADS={self.threads})" if self.threads else "1 core"
         return f"layout: {nodes} node(s) x {self.ppn} rank(s) x {threads}, {binding}"
 
 
-def layout(cores: int, ppn: int | None, threads: int | None) -> Layout:
-    """``ppn`` ranks per node (default: as many as ``threads``-core groups fit in the node's physical cores)."""
+def layout(cores: int, ppn: int | None, threads: int | None, *, shared: bool = False) -> Layout:
+    """``ppn`` ranks per node (default: as many as ``threads``-core groups fit in the node's physical cores). Nodes
+    that share one machine (``shared``) are never bound: Open MPI and Hydra bind every node's ranks to that node's
+    first cores, the same cores on every node of one machine."""
     width = threads or 1
     ranks = ppn if ppn is not None else max(1, cores // width)
-    return Layout(ranks, threads, cores, ranks * width <= cores)
+    return Layout(ranks, threads, cores, not shared and ranks * width <= cores, shared)
 
 
 @dataclass(frozen=True)

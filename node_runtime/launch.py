@@ -167,11 +167,11 @@ def _plan(env: NodeEnvironment, svc: sshd.Service, report: Report, *, fabric_req
           threads: int | None, shared_machine: bool) -> tuple[fabric.NodeFabric, fabric.FabricChoice, fabric.Layout]:
     """This node's detection, the fabric and the layout, chosen from it (every other node must agree: checked at
     the gate), recorded in the report and said once on stderr. Nodes that share one machine (the emulator's, which
-    say their address in MPILAUNCH_NODE_ADDRESS) share its cores."""
+    say their address in MPILAUNCH_NODE_ADDRESS) share its cores and are not bound."""
     node = _own_node(env, svc)
     choice = fabric.choose(fabric_request, node)
     cores = max(1, node.physical_cores // len(env.hosts)) if shared_machine else node.physical_cores
-    placement = fabric.layout(cores, ppn, threads)
+    placement = fabric.layout(cores, ppn, threads, shared=shared_machine)
     report.ppn, report.fabric, report.layout = placement.ppn, _as_dict(choice), _as_dict(placement)
     print(f"node-runtime: launch: {choice.describe()}; {placement.describe(len(env.hosts))}", file=sys.stderr,
           flush=True)

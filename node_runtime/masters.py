@@ -4,9 +4,11 @@ A master is ``ssh -M -S <control socket> HOST <SESSION>`` with the task's ``ssh_
 
 - its login is launch's wait for that node's service: the host key is pinned by the derived known_hosts and the
   task's user key must be accepted. Once logged in (and listening on its control socket), ssh runs its
-  ``LocalCommand``, which says :data:`LOGGED_IN`; ssh exiting instead, with its reason, is a failed attempt. Its
-  session then prints the node's fabric detection (:data:`NODE` and the line ``coordinate`` wrote there:
-  :data:`node_runtime.fabric.NODE_FILE`);
+  ``LocalCommand``, which says :data:`LOGGED_IN`; ssh exiting instead, with its reason, is a failed attempt. Before
+  that, during the login, ssh prints the service's banner: the node's fabric detection, the line ``coordinate``
+  wrote to :data:`node_runtime.fabric.NODE_FILE` (``Banner`` in the node's ``sshd_config``; ssh shows banners at
+  ``LogLevel INFO``, which masters get, and mpirun's ssh, at ``ERROR``, does not). So the detection costs the wait
+  nothing: a session that printed it would answer only a round trip after the login;
 - mpirun's own ssh connections to that node go through its control socket (``ControlPath`` in ``ssh_config``)
   instead of logging in again, so the wait costs mpirun nothing (unless the node's TMPDIR is too long for a Unix
   socket path: see :func:`node_runtime.sshd.control_dir`; then mpirun logs in itself);
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 import shutil
 import socket
 import subprocess
@@ -36,17 +37,14 @@ from pathlib import Path
 
 from node_runtime import proc
 from node_runtime.errors import InvalidInput
-from node_runtime.fabric import NODE_FILE, NodeFabric, read_node
+from node_runtime.fabric import NodeFabric, read_node
 from node_runtime.sshd import Service, clean_environ, control_dir
 
 LOGGED_IN = "mpilaunch-logged-in"
 STOPPED = "mpilaunch-service-stopped"
-NODE = "mpilaunch-node"
-# The remote session: print the node's fabric detection; at end-of-input, end the node's sshd listener if its pid
-# file still names it, say so, then clean up (the pid file, the node-local TMPDIR and key dir) in the background, so
-# the session ends at once.
-SESSION = (f'd=$MPILAUNCH_SERVICE_DIR; echo "{NODE} $(cat "$d/{NODE_FILE}" 2>/dev/null)"; '
-           'read _ ; read p < "$d/sshd.pid" && '
+# The remote session: at end-of-input, end the node's sshd listener if its pid file still names it, say so, then
+# clean up (the pid file, the node-local TMPDIR and key dir) in the background, so the session ends at once.
+SESSION = ('read _ ; d=$MPILAUNCH_SERVICE_DIR; read p < "$d/sshd.pid" && '
            f'grep -qs "$d/sshd_config" "/proc/$p/cmdline" && kill -TERM "$p" && echo {STOPPED}; '
            '{ rm -f "$d/sshd.pid"; for t in "$TMPDIR" "$MPILAUNCH_KEY_DIR"; do case $t in */mpl-*) rm -rf "$t" ;; '
            'esac; done; } </dev/null >/dev/null 2>&1 &')
@@ -68,7 +66,7 @@ class Master:
     host: str
     process: subprocess.Popen[bytes]
     end: socket.socket
-    node: NodeFabric | None  # what the node's coordinate detected (None if it recorded nothing)
+    node: NodeFabric | None  # what the node's coordinate detected (its banner; None if it recorded nothing)
 
     def stop(self, timeout: float) -> bool:
         """End its input; True once the remote side says it stopped the service. The master then exits."""
@@ -177,7 +175,8 @@ class Masters:
             path.unlink(missing_ok=True)  # a master refuses an existing socket (one a killed launch left)
         ours, theirs = socket.socketpair()
         multiplexing = [] if path is None else ["-M", "-S", str(path), "-o", "ControlPersist=no"]
-        argv = [ssh, "-F", str(self.service.client_config), *multiplexing, "-o", "PermitLocalCommand=yes",
+        argv = [ssh, "-F", str(self.service.client_config), *multiplexing, "-o", "LogLevel=INFO",
+                "-o", "PermitLocalCommand=yes",
                 "-o", f"LocalCommand=echo {LOGGED_IN}",
                 "-o", f"ConnectTimeout={math.ceil(min(CONNECT_TIMEOUT, remaining))}", host, SESSION]
         with self._lock:
@@ -194,12 +193,12 @@ class Masters:
             finally:
                 theirs.close()
             self._attempts[host] = process
-        said = _read_until(ours, _node_said, time.monotonic() + remaining)
+        said = _read_until(ours, lambda seen: LOGGED_IN.encode() in seen, time.monotonic() + remaining)
         with self._lock:
             del self._attempts[host]
         if LOGGED_IN.encode() in said:
-            line = re.search(rf"{NODE} ?(.*)\n".encode(), said)
-            return Master(host, process, ours, None if line is None else read_node(line[1].decode(errors="replace")))
+            banner = said.decode(errors="replace").splitlines()
+            return Master(host, process, ours, next(filter(None, map(read_node, banner)), None))
         ours.close()
         if process.poll() is None:
             process.kill()
@@ -211,11 +210,6 @@ class Masters:
             self.failures[host] = ("no answer before the deadline" if process.returncode < 0
                                    else f"ssh exited with code {process.returncode}")
         return None
-
-
-def _node_said(seen: bytes) -> bool:
-    """Whether a master logged in and its session printed the node's line."""
-    return LOGGED_IN.encode() in seen and re.search(rf"{NODE}[^\n]*\n".encode(), seen) is not None
 
 
 def _read_until(end: socket.socket, done: Callable[[bytes], bool], deadline: float) -> bytes:

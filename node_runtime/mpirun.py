@@ -4,7 +4,7 @@ The launch module runs ``mpirun --version`` and gives the text to :func:`detect_
 (see :func:`spec_for_node`), runs :func:`build_mpirun_argv` with the environment :func:`ranks_environment` returns,
 and writes :func:`hostfile_text` / :func:`ssh_wrapper_script` where the spec says. ``MPILAUNCH_TASK_SECRET`` can never
 be exported: :func:`ranks_environment` drops it and :class:`LaunchSpec` refuses it. MPICH and Intel MPI pass the whole
-environment by default, so their command lines start the list from nothing (``-genvnone``).
+environment by default, so their command lines name the variables to pass (``-genvlist``; ``-genvnone`` if none).
 """
 
 from __future__ import annotations
@@ -208,13 +208,13 @@ def _hydra_options(spec: LaunchSpec) -> list[str]:
         options += ["-bootstrap", "ssh", "-bootstrap-exec", str(spec.ssh_wrapper)]
     if spec.interface:
         options += ["-iface", spec.interface]
-    options += ["-wdir", str(spec.working_dir), "-genvnone"]
+    options += ["-wdir", str(spec.working_dir)]
     pinning = (("I_MPI_PIN_DOMAIN", "omp") if spec.bind else ("I_MPI_PIN", "0"),) \
         if spec.flavor is MpiFlavor.INTELMPI else ()
     for name, value in (*mpi_settings(spec.flavor, spec.fabric, spec.networks).env, *pinning, *spec.threads_env):
         options += ["-genv", name, value]
-    if spec.exported:
-        options += ["-genvlist", ",".join(spec.exported)]
+    # -genvlist passes these names only; Hydra refuses it beside -genvnone ("duplicate environment setting")
+    options += ["-genvlist", ",".join(spec.exported)] if spec.exported else ["-genvnone"]
     return options
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from node_runtime import proc, tmpdirs
 from node_runtime.contract import SECRET_VARIABLE
 from node_runtime.errors import ServiceError
+from node_runtime.fabric import NODE_FILE
 from node_runtime.keys import SERVICE_DIR_NAME, KeyFiles, ensure_private_dir, private_base, write_private_file
 
 SSHD_SEARCH_PATH = ("/usr/sbin", "/usr/local/sbin", "/sbin")
@@ -152,7 +153,9 @@ def render_sshd_config(service: Service) -> str:
         "AllowAgentForwarding no",
         "AllowTcpForwarding no",
         "PermitTunnel no",
-        "Banner none",
+        # The node's fabric detection, sent before the login: launch's masters (LogLevel INFO) learn it on the
+        # login they wait for anyway; every other ssh of the task (LogLevel ERROR) does not print it.
+        f"Banner {files.directory / NODE_FILE}",
         "MaxStartups 256:30:512",
         "MaxSessions 64",
         "LoginGraceTime 30",

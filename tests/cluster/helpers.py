@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from node_runtime import sshd
 from tests.support.netns import REPO, NetnsCluster
 
 PROBE = [sys.executable, str(REPO / "tests" / "programs" / "mpi_probe.py")]
+MPICH = Path("/usr/bin/mpiexec.hydra")  # Debian's mpich (scripts/setup installs it; `mpirun` stays Open MPI's)
+needs_mpich = pytest.mark.skipif(not MPICH.exists(), reason="MPICH is not installed (scripts/setup installs it)")
 
 
 def coordinate(cluster: NetnsCluster, *nodes: int) -> None:
@@ -67,3 +72,19 @@ def environ_shows(pid: int, secret: str) -> bool:
         return secret.encode() in Path(f"/proc/{pid}/environ").read_bytes()
     except OSError:
         return False
+
+
+def mpich_first(directory: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """Debian's MPICH first on the nodes' PATH, through links in ``directory`` (Hydra finds hydra_pmi_proxy beside
+    itself): the nodes' extra environment, and launch's. mpi4py's wheel would load the ``libmpi.so`` development link
+    (Open MPI's here: every rank would run alone, size 1) and its MPICH module needs ``libmpi.so.12``, which Debian
+    names ``libmpich.so.12``."""
+    for name in ("hydra_pmi_proxy", "mpichversion"):
+        (directory / name).symlink_to(MPICH.parent / name)
+    (directory / "mpirun").symlink_to(MPICH)
+    (directory / "lib").mkdir()
+    (directory / "lib" / "libmpi.so.12").symlink_to(next(Path("/usr/lib").glob("*/libmpich.so.12")))
+    nodes = {"PATH": f"{directory}:{os.environ['PATH']}"}
+    launch = {"MPI4PY_LIBMPI": "libmpi.so.12", "LD_LIBRARY_PATH": str(directory / "lib"),
+              "MPILAUNCH_EXPORT_ENV": "MPI4PY_LIBMPI"}
+    return nodes, launch

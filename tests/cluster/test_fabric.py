@@ -7,12 +7,13 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from node_runtime.fabric import NODE_FILE
-from tests.cluster.helpers import coordinate, report
+from tests.cluster.helpers import coordinate, mpich_first, needs_mpich, report
 from tests.support.netns import REPO, NetnsCluster
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -25,12 +26,15 @@ def records(stdout: str) -> list[dict[str, Any]]:
     return sorted(found, key=lambda r: r["rank"])
 
 
-@pytest.mark.parametrize("fabric", ["auto", "ucx", "tcp"])
-def test_one_sided_windows_across_nodes_and_each_ranks_own_batch_environment(netns_cluster: Cluster,
-                                                                             fabric: str) -> None:
-    cluster = netns_cluster(2)
+@pytest.mark.parametrize(("fabric", "mpi"), [("auto", "openmpi"), ("ucx", "openmpi"), ("tcp", "openmpi"),
+                                             pytest.param("auto", "mpich", marks=needs_mpich)])
+def test_one_sided_windows_across_nodes_and_each_ranks_own_batch_environment(netns_cluster: Cluster, fabric: str,
+                                                                             mpi: str, tmp_path: Path) -> None:
+    nodes, launch_env = mpich_first(tmp_path) if mpi == "mpich" else ({}, {})
+    cluster = netns_cluster(2, extra_env=nodes)
     coordinate(cluster)
-    done = cluster.node_runtime(0, "launch", "--fabric", fabric, "--ppn", "2", "--", *ONESIDED, timeout=180)
+    done = cluster.node_runtime(0, "launch", "--fabric", fabric, "--ppn", "2", "--", *ONESIDED, timeout=180,
+                                env=launch_env)
     assert done.returncode == 0, done.stderr
     ranks = records(done.stdout)
     assert [r["rank"] for r in ranks] == [0, 1, 2, 3]
@@ -54,8 +58,8 @@ def test_one_sided_windows_across_nodes_and_each_ranks_own_batch_environment(net
                 "tcp": "fabric tcp: TCP, because --fabric tcp was given"}[fabric]
     assert expected in said[0] and "layout: 2 node(s) x 2 rank(s) x 1 core, not bound" in said[0]
     data = report(cluster)
-    assert data["fabric"]["fabric"] == ("ucx" if fabric == "ucx" else "tcp")
-    assert data["layout"] == {"ppn": 2, "threads": None, "cores": 1, "bind": False}
+    assert data["flavor"] == mpi and data["fabric"]["fabric"] == ("ucx" if fabric == "ucx" else "tcp")
+    assert data["layout"] == {"ppn": 2, "threads": None, "cores": 1, "bind": False, "shared": False}
     assert set(data["nodes"]) == set(cluster.addresses)
     assert all(n["ucx"] and n["physical_cores"] == 1 and n["rdma"] == [] for n in data["nodes"].values())
 
@@ -67,7 +71,7 @@ def test_default_layout_is_one_rank_per_physical_core_bound(netns_cluster: Clust
     assert done.returncode == 0, done.stderr
     assert [r["hostname"] for r in records(done.stdout)] == ["node0", "node0", "node1", "node1"]  # 2 cores each
     data = report(cluster)
-    assert data["layout"] == {"ppn": 2, "threads": None, "cores": 2, "bind": True}
+    assert data["layout"] == {"ppn": 2, "threads": None, "cores": 2, "bind": True, "shared": False}
     assert "--bind-to" in data["argv"] and data["argv"][data["argv"].index("--bind-to") + 1] == "core"
     # hybrid: 2 threads per rank leave one rank per node, bound to both cores, OMP_NUM_THREADS=2
     coordinate(cluster)
@@ -75,7 +79,7 @@ def test_default_layout_is_one_rank_per_physical_core_bound(netns_cluster: Clust
     assert done.returncode == 0, done.stderr
     ranks = records(done.stdout)
     assert [r["hostname"] for r in ranks] == ["node0", "node1"] and {r["omp_num_threads"] for r in ranks} == {"2"}
-    assert report(cluster)["layout"] == {"ppn": 1, "threads": 2, "cores": 2, "bind": True}
+    assert report(cluster)["layout"] == {"ppn": 1, "threads": 2, "cores": 2, "bind": True, "shared": False}
     assert "ppr:1:node:PE=2" in report(cluster)["argv"]
 
 

@@ -18,6 +18,8 @@ from tests.cluster.helpers import (
     coordinate,
     environ_shows,
     files_with_keys,
+    mpich_first,
+    needs_mpich,
     ranks,
     report,
     service_of,
@@ -64,6 +66,26 @@ def test_ranks_run_on_distinct_nodes_and_collectives_agree(netns_cluster: Cluste
     assert not any(sshd_running(cluster, i) for i in range(3))
     # One login per remote node besides coordinate's own check: launch's master, which mpirun's session went through.
     assert [logins(cluster, i) for i in (1, 2)] == [2, 2]
+    # Every node's detection arrived as its service's banner on that login, and only the masters show banners.
+    assert sorted(data["nodes"]) == sorted(cluster.addresses) and all(data["nodes"].values())
+    assert '"physical_cores"' not in done.stdout + done.stderr
+
+
+@needs_mpich
+def test_an_mpich_job_runs_through_launch(netns_cluster: Cluster, tmp_path: Path) -> None:
+    nodes, launch_env = mpich_first(tmp_path)
+    cluster = netns_cluster(3, extra_env=nodes)
+    coordinate(cluster)
+    done = cluster.node_runtime(0, "launch", "--mpi", "mpich", "--", *PROBE, timeout=120, env=launch_env)
+    assert done.returncode == 0, done.stderr
+    records = ranks(done.stdout)
+    assert [r["hostname"] for r in records] == ["node0", "node1", "node2"]
+    assert all((r["size"], r["allreduce"], r["bcast"]) == (3, 6, "token-from-0") for r in records), records
+    data = report(cluster)
+    assert data["flavor"] == "mpich" and "-launcher-exec" in data["argv"]
+    assert all(node["mpi"] == "mpich" and node["ucx"] for node in data["nodes"].values())  # ch4:ucx
+    assert data["services_stopped"] == dict.fromkeys(cluster.addresses, True)
+    assert [logins(cluster, i) for i in (1, 2)] == [2, 2]  # Hydra's ssh went through launch's masters too
 
 
 def test_no_process_of_the_job_shows_the_secret_and_no_key_outlives_it(netns_cluster: Cluster) -> None:
@@ -139,6 +161,7 @@ def test_a_tmpdir_too_long_for_control_sockets_runs_without_multiplexing(netns_c
     assert [r["hostname"] for r in ranks(done.stdout)] == ["node0", "node1"]
     assert report(cluster)["services_stopped"] == dict.fromkeys(cluster.addresses, True)
     assert logins(cluster, 1) == 3  # coordinate's check, the master, and mpirun's own login
+    assert '"physical_cores"' not in done.stderr  # mpirun's ssh does not print the banner (the node's detection)
 
 
 def test_an_mpirun_that_fails_while_the_services_are_awaited_ends_the_launch_with_its_code(

@@ -100,6 +100,9 @@ def test_layout_defaults_to_the_physical_cores() -> None:
     assert fabric.layout(120, None, None) == fabric.Layout(120, None, 120, True)
     assert fabric.layout(120, None, 4) == fabric.Layout(30, 4, 120, True)
     assert fabric.layout(2, 4, None) == fabric.Layout(4, None, 2, False)  # more ranks than cores: not bound
+    shared = fabric.layout(1, None, None, shared=True)  # nodes of one machine would all be bound to its first core
+    assert shared == fabric.Layout(1, None, 1, False, True)
+    assert "not bound (the nodes share one machine's cores)" in shared.describe(3)
 
 
 def test_open_mpi_settings_per_fabric() -> None:
