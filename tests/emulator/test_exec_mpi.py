@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import json
 import os
 import secrets
 import shlex
@@ -17,7 +16,7 @@ from azure.batch import models as m
 from mpilaunch.emulator.nodes.process import isolation_available
 from tests.support.azurite import free_port
 from tests.support.exec_engine import leftovers
-from tests.support.exec_sdk import Batch, completed, text, uid
+from tests.support.exec_sdk import Batch, probe_ranks, uid
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.timeout(240)]
 PROBE = Path(__file__).resolve().parents[1] / "programs" / "mpi_probe.py"
@@ -48,11 +47,7 @@ def test_mpi4py_program_across_three_emulated_nodes(batch: Batch) -> None:
         multi_instance_settings=m.MultiInstanceSettings(number_of_instances=3,
                                                         coordination_command_line="node-runtime coordinate"),
         environment_settings=[m.EnvironmentSetting(name=k, value=v) for k, v in env.items()]))
-    task = completed(client, job_id, task_id, 180)
-    stdout = text(client.download_task_file(job_id, task_id, "stdout.txt"))
-    assert task.execution_info.result == m.BatchTaskExecutionResult.SUCCESS, (
-        stdout, text(client.download_task_file(job_id, task_id, "stderr.txt")))
-    ranks = [json.loads(line) for line in stdout.splitlines() if line.startswith('{"')]
+    stdout, ranks = probe_ranks(client, job_id, task_id)
     assert sorted(r["rank"] for r in ranks) == [0, 1, 2]
     assert all(r["allreduce"] == 6 and r["bcast"] == "token-from-0" for r in ranks)
     assert len({r["hostname"] for r in ranks}) == 3, "each rank on its own node"

@@ -5,7 +5,6 @@ services run and after a real MPI job; the keys live outside the node root, and 
 from __future__ import annotations
 
 import base64
-import json
 import re
 import secrets
 import shlex
@@ -15,13 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from azure.batch import models as m
 from azure.core.exceptions import ResourceNotFoundError
 
 from mpilaunch.emulator.nodes.process import isolation_available
 from tests.support.azurite import free_port
 from tests.support.exec_engine import py, wait_for
-from tests.support.exec_sdk import Batch, add_mi_task, completed, text
+from tests.support.exec_sdk import Batch, add_mi_task, completed, probe_ranks
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.timeout(240)]
 PROBE = Path(__file__).resolve().parents[1] / "programs" / "mpi_probe.py"
@@ -109,11 +107,7 @@ def test_no_key_is_served_and_none_is_left_after_an_mpi_job(batch: Batch) -> Non
     env, secret = task_env(3)
     launch = shlex.join(["node-runtime", "launch", "--", sys.executable, str(PROBE), "--env"])
     task_id = add_mi_task(client, job_id, launch, "node-runtime coordinate", instances=3, env=env)
-    task = completed(client, job_id, task_id, 180)
-    stdout = text(client.download_task_file(job_id, task_id, "stdout.txt"))
-    assert task.execution_info.result == m.BatchTaskExecutionResult.SUCCESS, (
-        stdout, text(client.download_task_file(job_id, task_id, "stderr.txt")))
-    ranks = [json.loads(line) for line in stdout.splitlines() if line.startswith('{"')]
+    _, ranks = probe_ranks(client, job_id, task_id)
     assert sorted(r["rank"] for r in ranks) == [0, 1, 2]
     files = served_files(client, pool_id, job_id, task_id)
     assert any(name.endswith("wd/launch-report.json") for name in files), sorted(files)

@@ -3,6 +3,7 @@ and deletes them (through the API, waiting until they are gone) when the test en
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from functools import partial
@@ -60,6 +61,16 @@ def completed(client: Any, job_id: str, task_id: str, timeout: float = 90) -> An
 
 def text(chunks: Any) -> str:
     return b"".join(chunks).decode()
+
+
+def probe_ranks(client: Any, job_id: str, task_id: str, timeout: float = 180) -> tuple[str, list[dict[str, Any]]]:
+    """Once the task completed successfully (else its stdout and stderr in the failure): its stdout, and the JSON
+    records its ranks printed there (tests/programs/mpi_probe.py)."""
+    task = completed(client, job_id, task_id, timeout)
+    stdout = text(client.download_task_file(job_id, task_id, "stdout.txt"))
+    assert task.execution_info.result == m.BatchTaskExecutionResult.SUCCESS, (
+        stdout, text(client.download_task_file(job_id, task_id, "stderr.txt")))
+    return stdout, [json.loads(line) for line in stdout.splitlines() if line.startswith('{"')]
 
 
 class Batch:
