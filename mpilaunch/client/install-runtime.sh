@@ -20,6 +20,8 @@ say() { echo "install-runtime: $*"; }
 fail() { echo "install-runtime: error: $*" >&2; exit 1; }
 step=starting
 trap 'fail "step \"$step\" failed (exit code $?); its output is above"' ERR
+made_policy=0  # 1 while our policy-rc.d is in place: removed on any exit, failures included
+trap '((made_policy)) && rm -f /usr/sbin/policy-rc.d' EXIT
 
 [[ $# -eq 1 ]] || fail "usage: install-runtime.sh WHEEL"
 wheel=$1
@@ -37,7 +39,6 @@ if ((${#missing[@]})); then
     export DEBIAN_FRONTEND=noninteractive
     # No service may be started by the packages' scripts (sshd would outlive the StartTask): policy-rc.d, the
     # Debian way to say so, for the duration of the install only.
-    made_policy=0
     if [[ ! -e /usr/sbin/policy-rc.d ]]; then
         printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d && made_policy=1
     fi
@@ -45,7 +46,7 @@ if ((${#missing[@]})); then
     lock=(-o DPkg::Lock::Timeout=600)
     apt-get "${lock[@]}" update -qq
     apt-get "${lock[@]}" install -y -qq --no-install-recommends "${missing[@]}"
-    ((made_policy)) && rm -f /usr/sbin/policy-rc.d
+    if ((made_policy)); then rm -f /usr/sbin/policy-rc.d && made_policy=0; fi
 fi
 
 step="check python3"
