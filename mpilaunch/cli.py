@@ -19,6 +19,8 @@ COMMANDS: dict[str, str] = {
     "terminate": "mpilaunch.cmd_task:terminate",
     "reactivate": "mpilaunch.cmd_task:reactivate",
     "pool": "mpilaunch.cmd_pool:pool",
+    "job": "mpilaunch.cmd_job:job",
+    "list": "mpilaunch.cmd_job:list_tasks",
     "local": "mpilaunch.cmd_local:local",
 }
 

@@ -1,4 +1,4 @@
-"""``mpilaunch pool create``: a pool that can run multi-instance MPI tasks."""
+"""``mpilaunch pool create|list|show|resize|delete``: pools that can run multi-instance MPI tasks."""
 
 from __future__ import annotations
 
@@ -8,8 +8,11 @@ from typing import Any
 import click
 
 from mpilaunch.client import cliopts
+from mpilaunch.client.confirm import confirm
 from mpilaunch.client.pools import DEFAULT_CONTAINER_IMAGE, DEFAULT_IMAGE, DEFAULT_VM_SIZE, PoolSpec
+from mpilaunch.client.tabulate import Column, show_rows
 from mpilaunch.emulator.defaults import KIND_VM
+from node_runtime.errors import InvalidInput
 
 
 @click.group()
@@ -60,3 +63,107 @@ def create(**opts: Any) -> int:
                      "user delegation SAS): nodes that start or reimage later fail their StartTask; use a storage "
                      "account key to sign them for a year")
     return 0
+
+
+POOL_COLUMNS: list[Column] = [
+    ("pool", lambda r: r.id), ("state", lambda r: r.state), ("allocation", lambda r: r.allocation_state),
+    ("vm size", lambda r: r.vm_size), ("dedicated", lambda r: f"{r.dedicated}/{r.target_dedicated}"),
+    ("spot", lambda r: f"{r.spot}/{r.target_spot}"), ("created", lambda r: r.created)]
+
+
+@pool.command("list")
+@cliopts.connection_options
+def list_(**opts: Any) -> int:
+    """List the account's pools: state and nodes (current/target), dedicated and Spot."""
+    from mpilaunch.client.inventory import pool_rows
+
+    launch = cliopts.launcher(opts)
+    with launch.errors():
+        rows = pool_rows(launch.batch)
+    show_rows(rows, POOL_COLUMNS, opts["output"], empty="no pools")
+    return 0
+
+
+@pool.command()
+@click.argument("pool_id")
+@cliopts.connection_options
+def show(**opts: Any) -> int:
+    """Show POOL_ID and each of its nodes."""
+    from mpilaunch.client.inventory import pool_detail
+
+    launch = cliopts.launcher(opts)
+    with launch.errors():
+        row = pool_detail(launch.batch, opts["pool_id"])
+    if opts["output"] == "json":
+        cliopts.emit_json(row.to_json())
+        return 0
+    show_rows([row], POOL_COLUMNS, "table", empty="")
+    show_rows([_Node(n) for n in row.nodes], [("node", lambda n: n.doc["id"]), ("state", lambda n: n.doc["state"]),
+                                               ("address", lambda n: n.doc["ip_address"]),
+                                               ("spot", lambda n: "yes" if n.doc["spot"] else "")],
+              "table", empty="no nodes")
+    return 0
+
+
+@pool.command()
+@click.argument("pool_id")
+@click.option("-n", "--nodes", type=click.IntRange(min=0), help="Target dedicated nodes.")
+@click.option("--spot", "--low-priority", "spot", type=click.IntRange(min=0), help="Target Spot nodes.")
+@click.option("--deallocation", type=click.Choice(["requeue", "terminate", "taskcompletion", "retaineddata"]),
+              help="What happens to tasks on removed nodes [Batch's default: requeue].")
+@cliopts.connection_options
+def resize(**opts: Any) -> int:
+    """Resize POOL_ID to --nodes dedicated and/or --spot nodes (the other count keeps its target)."""
+    from azure.batch.models import BatchPoolResizeOptions
+
+    if opts["nodes"] is None and opts["spot"] is None:
+        raise InvalidInput("pool resize needs --nodes N and/or --spot N")
+    launch = cliopts.launcher(opts)
+    with launch.errors():
+        current = launch.batch.get_pool(opts["pool_id"])
+        dedicated = current.target_dedicated_nodes if opts["nodes"] is None else opts["nodes"]
+        spot = current.target_low_priority_nodes if opts["spot"] is None else opts["spot"]
+        launch.batch.begin_resize_pool(opts["pool_id"], BatchPoolResizeOptions(
+            target_dedicated_nodes=dedicated, target_low_priority_nodes=spot,
+            node_deallocation_option=opts["deallocation"]))
+    if opts["output"] == "json":
+        cliopts.emit_json({"pool_id": opts["pool_id"], "target_dedicated": dedicated, "target_spot": spot})
+    else:
+        click.echo(f"pool {opts['pool_id']}: resizing to {dedicated} dedicated + {spot} Spot node(s)")
+    return 0
+
+
+@pool.command()
+@click.argument("pool_id")
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--force", is_flag=True, help="Delete even while nodes run tasks (those tasks are requeued or lost).")
+@cliopts.connection_options
+def delete(**opts: Any) -> int:
+    """Delete POOL_ID and its nodes (billing stops). Asks first unless --yes; refuses while nodes run tasks unless
+    --force."""
+    from mpilaunch.client.inventory import pool_detail
+
+    launch = cliopts.launcher(opts)
+    with launch.errors():
+        row = pool_detail(launch.batch, opts["pool_id"])
+    if row.busy_nodes and not opts["force"]:
+        raise InvalidInput(f"pool {row.id} has {row.busy_nodes} node(s) running tasks; wait for them "
+                           f"(`mpilaunch list --job JOB --state running`) or delete anyway with --force")
+    confirm(f"delete pool {row.id} and its {len(row.nodes)} node(s)?", opts["yes"])
+    with launch.errors():
+        launch.batch.begin_delete_pool(row.id)
+    if opts["output"] == "json":
+        cliopts.emit_json({"pool_id": row.id, "deleting": True})
+    else:
+        click.echo(f"pool {row.id}: deleting")
+    return 0
+
+
+class _Node:
+    """A node of ``pool show`` as a row."""
+
+    def __init__(self, doc: dict[str, Any]) -> None:
+        self.doc = doc
+
+    def to_json(self) -> dict[str, Any]:
+        return self.doc
