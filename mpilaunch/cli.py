@@ -21,6 +21,8 @@ COMMANDS: dict[str, str] = {
     "pool": "mpilaunch.cmd_pool:pool",
     "job": "mpilaunch.cmd_job:job",
     "list": "mpilaunch.cmd_job:list_tasks",
+    "delete": "mpilaunch.cmd_job:delete_task",
+    "cleanup": "mpilaunch.cmd_job:cleanup",
     "local": "mpilaunch.cmd_local:local",
 }
 

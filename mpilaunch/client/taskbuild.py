@@ -9,6 +9,7 @@ the command line is quoted with :func:`shlex.join` and the node splits it back i
 from __future__ import annotations
 
 import base64
+import glob
 import json
 import secrets
 from collections.abc import Sequence
@@ -112,7 +113,10 @@ def output_files(patterns: Sequence[str], target: OutputTarget, *, logs: bool = 
                              upload_options=bm.OutputFileUploadConfiguration(upload_condition="taskCompletion"))
 
     prefix = target.prefix.strip("/")
-    files = [upload(p, f"{prefix}/outputs") for p in patterns]
+    # a pattern naming one file (no wildcard) makes `path` that blob's own name, not a folder (OutputFile, Batch
+    # REST reference): without its name, every such file would land on the blob `outputs`
+    files = [upload(p, f"{prefix}/outputs" if glob.has_magic(p) else f"{prefix}/outputs/{p.lstrip('/')}")
+             for p in patterns]
     if logs:
         files.append(upload(LOG_PATTERN, f"{prefix}/logs"))
     return files

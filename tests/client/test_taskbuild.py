@@ -65,7 +65,7 @@ def test_command_line_with_shell_metacharacters_is_quoted() -> None:
 
 def test_build_task_is_a_correct_multi_instance_task(tmp_path: Path) -> None:
     s = spec(env=(("OMP_NUM_THREADS", "2"), ("MY_FLAG", "a b")), wall_time=timedelta(minutes=30), retries=2,
-             outputs=("result-*.json",), mpi="openmpi", ppn=2, checkpoint_url="/shared/ckpt")
+             outputs=("result-*.json", "sub/final.h5"), mpi="openmpi", ppn=2, checkpoint_url="/shared/ckpt")
     common = [StagedFile("https://acct/c/app.py?sig=x", "app.py", "0755")]
     primary = [StagedFile("https://acct/c/only.txt?sig=x", "only.txt")]
     task = build_task(s, common_files=common, primary_files=primary,
@@ -88,8 +88,10 @@ def test_build_task_is_a_correct_multi_instance_task(tmp_path: Path) -> None:
     assert task.constraints is not None and task.constraints.max_wall_clock_time == timedelta(minutes=30)
     assert body["userIdentity"] == {"autoUser": {"scope": "pool", "elevationLevel": "nonadmin"}}
     outs = body["outputFiles"]
-    assert [o["filePattern"] for o in outs] == ["result-*.json", "../std*.txt"]
-    assert outs[1]["destination"]["container"] == {"containerUrl": "https://acct/out?sig=w",
+    assert [o["filePattern"] for o in outs] == ["result-*.json", "sub/final.h5", "../std*.txt"]
+    assert [o["destination"]["container"]["path"] for o in outs[:2]] == ["job-1/task_1/outputs",
+                                                                         "job-1/task_1/outputs/sub/final.h5"]
+    assert outs[2]["destination"]["container"] == {"containerUrl": "https://acct/out?sig=w",
                                                    "path": "job-1/task_1/logs"}
     assert all(o["uploadOptions"]["uploadCondition"] == "taskCompletion" for o in outs)
     assert "containerSettings" not in body
