@@ -23,6 +23,10 @@ from mpilaunch.client.spec import (
 )
 from node_runtime.contract import DEFAULT_FABRIC, DEFAULT_SSH_PORT, FABRICS, FLAVORS
 
+# mpilaunch's options end at the program's first word (or at `--`): nothing after it is ever read as ours, and an
+# unknown option before it is an error (exit 2, with click's "did you mean"), not the start of the program
+PROGRAM_FIRST = {"allow_interspersed_args": False}
+
 task_options = cliopts.stack(
     click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED),
     click.option("-n", "--nodes", type=int, default=2, show_default=True, help="Number of nodes (instances)."),
@@ -102,20 +106,44 @@ def _submit(opts: dict[str, Any]) -> tuple[Any, Any]:
     return launch, task
 
 
-@click.command(context_settings={"ignore_unknown_options": True})
+@click.command(context_settings=PROGRAM_FIRST, short_help="Submit a program as a multi-instance task and return.")
 @task_options
+@click.option("--dry-run", is_flag=True, help="Print the Add Task JSON (secrets masked) and the pool checks, and "
+                                              "send nothing: no upload, no job, no task.")
 def submit(**opts: Any) -> int:
     """Submit ARGV (e.g. `-- python3 app.py`) as a multi-instance task and return."""
+    if opts["dry_run"]:
+        return _dry_run(opts)
     _, task = _submit(opts)
     if opts["output"] == "json":
         cliopts.emit_json({"job_id": task.job_id, "task_id": task.task_id})
     else:
         click.echo(f"submitted {task}")
-        cliopts.note(f"follow it: {cliopts.wait_command(task, opts['local'])}")
+        cliopts.note(f"follow it: {cliopts.wait_command(task, opts)}")
     return 0
 
 
-@click.command(context_settings={"ignore_unknown_options": True})
+def _dry_run(opts: dict[str, Any]) -> int:
+    from mpilaunch.client.dryrun import dry_run
+    from node_runtime.errors import MpilaunchError
+
+    spec = spec_from(opts)
+    try:  # what is configured, read offline; a missing configuration only leaves placeholders
+        launch = cliopts.launcher(opts)
+        container, pool = launch.store.container.url, opts["pool"] or launch.settings.pool
+    except MpilaunchError:
+        container, pool = None, opts["pool"] or ("local" if opts["local"] else None)
+    doc = dry_run(spec, container_url=container, pool=pool)
+    if opts["output"] == "json":
+        cliopts.emit_json(doc)
+        return 0
+    cliopts.emit_json(doc["task"])
+    cliopts.note(f"dry run: nothing was sent. The task would go to {doc['pool']}, after these checks:"
+                 + "".join(f"\n  - {check}" for check in doc["pool_checks"]))
+    return 0
+
+
+@click.command(context_settings=PROGRAM_FIRST)
 @task_options
 @cliopts.wait_options
 def run(**opts: Any) -> int:

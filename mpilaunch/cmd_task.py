@@ -102,7 +102,7 @@ def reactivate(**opts: Any) -> int:
     tasks of an active job)."""
     cliopts.launcher(opts).reactivate(cliopts.ref(opts))
     _done(opts, "reactivated")
-    cliopts.note(f"follow it: {cliopts.wait_command(cliopts.ref(opts), opts['local'])}")
+    cliopts.note(f"follow it: {cliopts.wait_command(cliopts.ref(opts), opts)}")
     return 0
 
 

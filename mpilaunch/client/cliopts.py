@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -64,9 +65,21 @@ def ref(opts: dict[str, Any]) -> TaskRef:
     return TaskRef(opts["job"], opts["task_id"])
 
 
-def wait_command(task: TaskRef, local: bool) -> str:
-    """The command that follows ``task``: ``mpilaunch wait --job J T [--local]``."""
-    return f"mpilaunch wait --job {task.job_id} {task.task_id}{' --local' if local else ''}"
+CONNECTION_FLAGS = ("profile", "endpoint", "account", "storage_account", "container")
+
+
+def task_command(verb: str, task: TaskRef, opts: dict[str, Any]) -> str:
+    """``mpilaunch VERB --job J T`` with the connection flags in use, so that it works when pasted."""
+    words = ["mpilaunch", verb, "--job", task.job_id, task.task_id] + (["--local"] if opts.get("local") else [])
+    for name in CONNECTION_FLAGS:
+        if opts.get(name):
+            words += [f"--{name.replace('_', '-')}", str(opts[name])]
+    return shlex.join(words)
+
+
+def wait_command(task: TaskRef, opts: dict[str, Any]) -> str:
+    """The command that follows ``task``: ``mpilaunch wait --job J T [--local] [connection flags]``."""
+    return task_command("wait", task, opts)
 
 
 def emit_json(doc: Any) -> None:
@@ -136,8 +149,8 @@ def wait_and_report(launch: Launcher, task: TaskRef, opts: dict[str, Any]) -> in
             launch.terminate(task)
             note(f"interrupted: terminated task {task}")
         else:
-            note(f"interrupted: task {task} keeps running. Resume with: {wait_command(task, bool(opts.get('local')))}"
-                 f"  (stop it: mpilaunch terminate --job {task.job_id} {task.task_id})")
+            note(f"interrupted: task {task} keeps running. Resume with: {wait_command(task, opts)}"
+                 f"  (stop it: {task_command('terminate', task, opts)})")
         raise click.exceptions.Exit(INTERRUPTED) from None
     show_results(results, opts["output"])
     if opts["output"] == "table":

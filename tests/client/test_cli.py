@@ -12,7 +12,8 @@ from mpilaunch.cli import cli
 from mpilaunch.clickutil import run_cli
 
 KEY = "c2VjcmV0LWtleS1ieXRlcy0xMjM0NTY3ODkwMTIzNDU2Nzg5MA=="
-CLIENT_COMMANDS = ["submit", "run", "status", "wait", "results", "logs", "terminate", "reactivate", "pool", "local"]
+CLIENT_COMMANDS = ["submit", "run", "status", "wait", "results", "logs", "terminate", "reactivate", "pool", "local",
+                   "job", "list", "delete", "cleanup"]
 
 PROBE = """
 import sys
