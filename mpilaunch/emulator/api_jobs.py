@@ -49,12 +49,15 @@ def get(ctx: Context, req: Request, ids: list[str]) -> Response:
 
 
 def list_(ctx: Context, req: Request, _ids: list[str]) -> Response:
-    return listing(req, ctx.store, "job", (), "jobs")
+    return listing(req, ctx.store, "job", (), "jobs", cache=ctx.lists)
 
 
 def patch(ctx: Context, req: Request, ids: list[str]) -> Response:
-    body = validation.check(body_object(req), "BatchJobUpdateOptions")
+    body = validation.check(body_object(req), "BatchJobUpdateOptions", update=True)
     validation.check_priority(body.get("priority"))
+    validation.check_constraints(body.get("constraints"))
+    if "poolInfo" in body:
+        validation.check_pool_info(body["poolInfo"])
 
     def apply(doc: Doc) -> None:
         require_active(doc)

@@ -69,11 +69,11 @@ def exists_(ctx: Context, req: Request, ids: list[str]) -> Response:
 
 
 def list_(ctx: Context, req: Request, _ids: list[str]) -> Response:
-    return listing(req, ctx.store, "pool", (), "pools")
+    return listing(req, ctx.store, "pool", (), "pools", cache=ctx.lists)
 
 
 def patch(ctx: Context, req: Request, ids: list[str]) -> Response:
-    body = validation.check(body_object(req), "BatchPoolUpdateOptions")
+    body = validation.check(body_object(req), "BatchPoolUpdateOptions", update=True)
 
     def apply(doc: Doc) -> None:
         for key in _PATCHABLE:
@@ -91,12 +91,12 @@ def delete(ctx: Context, req: Request, ids: list[str]) -> Response:
 
 def resize(ctx: Context, req: Request, ids: list[str]) -> Response:
     body = validation.check(body_object(req), "BatchPoolResizeOptions")
-    for name in ("targetDedicatedNodes", "targetLowPriorityNodes"):
-        if (body.get(name) or 0) < 0:
-            raise invalid_value(name, body[name], "must be 0 or more")
+    validation.check_targets(body)
 
     def apply(doc: Doc) -> None:
         _resizable(doc)
+        validation.check_targets({name: body.get(name, doc.get(name))
+                                  for name in ("targetDedicatedNodes", "targetLowPriorityNodes")})
         for name in ("targetDedicatedNodes", "targetLowPriorityNodes", "resizeTimeout"):
             if name in body:
                 doc[name] = body[name]
@@ -161,7 +161,7 @@ def remove_nodes(ctx: Context, req: Request, ids: list[str]) -> Response:
 
 def list_nodes(ctx: Context, req: Request, ids: list[str]) -> Response:
     pool = get_pool(ctx, ids[0])
-    return listing(req, ctx.store, "node", (pool["id"],), f"pools/{pool['id']}/nodes")
+    return listing(req, ctx.store, "node", (pool["id"],), f"pools/{pool['id']}/nodes", cache=ctx.lists)
 
 
 def get_node(ctx: Context, req: Request, ids: list[str]) -> Response:

@@ -32,13 +32,19 @@ def get_task(ctx: Context, job_id: str, task_id: str) -> Doc:
     return doc
 
 
+def default_constraints(job: Doc) -> dict[str, Any]:
+    """A task's constraints when none are given (task add, and a task update without them): "the maxTaskRetryCount
+    is the maxTaskRetryCount specified for the Job, the maxWallClockTime is infinite, and the retentionTime is 7
+    days" (BatchTaskCreateOptions.constraints)."""
+    job_retries = (job.get("constraints") or {}).get("maxTaskRetryCount", 0)
+    return {"maxWallClockTime": FOREVER, "retentionTime": "P7D", "maxTaskRetryCount": job_retries}
+
+
 def _new_task(req: Request, job: Doc, body: dict[str, Any]) -> Doc:
     url = f"{req.base_url}/jobs/{job['id']}/tasks/{body['id']}"
-    job_retries = (job.get("constraints") or {}).get("maxTaskRetryCount", 0)
     doc: dict[str, Any] = {
         **body, "url": url, "state": "active",
-        "constraints": {"maxWallClockTime": FOREVER, "retentionTime": "P7D", "maxTaskRetryCount": job_retries,
-                        **(body.get("constraints") or {})},
+        "constraints": {**default_constraints(job), **(body.get("constraints") or {})},
         "requiredSlots": body.get("requiredSlots") or 1,
         "userIdentity": body.get("userIdentity") or {"autoUser": {"scope": "pool", "elevationLevel": "nonadmin"}},
         "executionInfo": {"retryCount": 0, "requeueCount": 0},
@@ -107,21 +113,32 @@ def get(ctx: Context, req: Request, ids: list[str]) -> Response:
 def list_(ctx: Context, req: Request, ids: list[str]) -> Response:
     job = get_job(ctx, ids[0])
     return listing(req, ctx.store, "task", (job["id"],), f"jobs/{job['id']}/tasks",
-                   keep=lambda d: not d.get("_deleting"))
+                   keep=lambda d: not d.get("_deleting"), cache=ctx.lists)
 
 
 def replace(ctx: Context, req: Request, ids: list[str]) -> Response:
-    """Task Update: only ``constraints`` can change."""
+    """Task Update (PUT, a replace): only ``constraints`` can change, and they are replaced whole: what the body
+    leaves out gets its default, and a body without ``constraints`` gives the task the default constraints
+    ("If omitted, the Task is given the default constraints", TaskUpdateParameter.constraints)."""
     body = body_object(req)
     if not isinstance(body, dict):
-        raise invalid_value("body", body, "must be a JSON object")
-    constraints = validation.check(body.get("constraints") or {}, "BatchTaskConstraints", "constraints")
+        raise invalid_value("body", body, "must be a JSON object (a task with its constraints)")
+    constraints: dict[str, Any] = {}
+    if "constraints" in body:
+        if body["constraints"] is None:
+            raise invalid_value("constraints", None, "null is not a value in an update: leave the property out "
+                                "to give the task the default constraints")
+        constraints = validation.check(body["constraints"], "BatchTaskConstraints", "constraints")
+    validation.check_constraints(constraints)
 
-    def apply(doc: Doc) -> None:
-        doc["constraints"] = {**doc.get("constraints", {}), **constraints}
+    with ctx.store.transaction():
+        defaults = default_constraints(get_job(ctx, ids[0]))
 
-    get_task(ctx, ids[0], ids[1])
-    doc = mutate(ctx, req, "task", (ids[0],), ids[1], fn=apply)
+        def apply(doc: Doc) -> None:
+            doc["constraints"] = {**defaults, **constraints}
+
+        get_task(ctx, ids[0], ids[1])
+        doc = mutate(ctx, req, "task", (ids[0],), ids[1], fn=apply)
     return accepted(doc, status=200)
 
 

@@ -9,12 +9,13 @@ foreground.
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import re
 import sys
 import threading
 import time
+from datetime import datetime
+from email.utils import parsedate_to_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import IO, Any
@@ -26,15 +27,32 @@ from mpilaunch.emulator.engine import Engine
 from mpilaunch.emulator.nodes.base import NodeProvider
 from mpilaunch.emulator.store import Store
 from mpilaunch.emulator.validation import MAX_BODY
-from mpilaunch.emulator.wire import Context, FileBody, Handler, Request, Response
+from mpilaunch.emulator.wire import (
+    Context,
+    FileBody,
+    Handler,
+    ListCache,
+    Request,
+    Response,
+    conditions,
+    failed_condition,
+    not_met,
+    to_json,
+)
 from mpilaunch.emulator.wire_errors import WireError, new_request_id
 from node_runtime.errors import InvalidInput
 
 log = logging.getLogger("mpilaunch.emulator")
 access = logging.getLogger("mpilaunch.emulator.access")
 
-_API_VERSION = re.compile(r"\d{4}-\d{2}-\d{2}(\.\d+\.\d+)?")
-"""Dated api-versions (``2025-06-01``, ``2024-07-01.20.0``); the wire format served is 2025-06-01's."""
+API_VERSIONS = frozenset((
+    "2025-06-01", "2024-07-01.20.0", "2024-02-01.19.0", "2023-11-01.18.0", "2023-05-01.17.0", "2022-10-01.16.0",
+    "2022-01-01.15.0", "2021-06-01.14.0", "2020-09-01.12.0", "2020-03-01.11.0", "2019-08-01.10.0",
+    "2019-06-01.9.0", "2018-12-01.8.0", "2018-08-01.7.0", "2018-03-01.6.1", "2017-09-01.6.0", "2017-06-01.5.1",
+    "2017-05-01.5.0", "2017-01-01.4.0", "2016-07-01.3.1", "2016-02-01.3.0", "2015-12-01.2.2"))
+"""The Batch data-plane api-versions ever published (the stable folders of the REST spec); any other is 400
+``UnsupportedRequestVersion``. The wire format served is 2025-06-01's whichever the client names: the SDKs of
+the last few versions (azure-batch 15.x, azure-cli's) read it."""
 _ID = "*"
 _REST = "**"
 _FILE = ("files", _REST)
@@ -56,6 +74,10 @@ ROUTES: list[tuple[str, tuple[str, ...], Handler]] = [
     ("POST", ("pools", _ID, "nodes", _ID, "disablescheduling"), api_nodes.disable_scheduling),
     ("POST", ("pools", _ID, "nodes", _ID, "enablescheduling"), api_nodes.enable_scheduling),
     ("POST", ("pools", _ID, "nodes", _ID, FAULT), api_nodes.fault),
+    ("POST", ("pools", _ID, "nodes", _ID, "users"), api_nodes.add_user),
+    ("PUT", ("pools", _ID, "nodes", _ID, "users", _ID), api_nodes.replace_user),
+    ("DELETE", ("pools", _ID, "nodes", _ID, "users", _ID), api_nodes.delete_user),
+    ("GET", ("pools", _ID, "nodes", _ID, "remoteloginsettings"), api_nodes.remote_login_settings),
     ("GET", ("pools", _ID, "nodes", _ID, "files"), api_files.list_node_files),
     ("GET", ("pools", _ID, "nodes", _ID, *_FILE), api_files.get_node_file),
     ("HEAD", ("pools", _ID, "nodes", _ID, *_FILE), api_files.get_node_file),
@@ -131,6 +153,7 @@ def _lock_data_dir(data_dir: Path) -> IO[str]:
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 256  # listen() backlog: many clients connect at once (socketserver's default is 5)
+    block_on_close = False
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """Clients hanging up mid-request are normal (debug); anything else is a bug, logged with its traceback."""
@@ -160,7 +183,8 @@ class EmulatorServer:
         self.store = Store(self.data_dir / "state.sqlite3")
         self.engine = (Engine(self.store, self.data_dir, provider, account=account, account_url=self.endpoint)
                        if execute else None)
-        self.ctx = Context(self.store, account, self.data_dir, self.engine)
+        self.lists = ListCache(self.store.path)
+        self.ctx = Context(self.store, account, self.data_dir, self.engine, self.lists)
         self.httpd.emulator = self  # type: ignore[attr-defined]
         self._thread: threading.Thread | None = None
 
@@ -184,6 +208,7 @@ class EmulatorServer:
             self._thread.join(10)
         if self.engine is not None:
             self.engine.stop()
+        self.lists.close()
         self.store.close()
         self._lock_file.close()
 
@@ -194,12 +219,16 @@ class EmulatorServer:
             if "api-version" not in req.query:
                 raise WireError(400, "MissingRequiredQueryParameter", "A query parameter that's mandatory for this "
                                 "request is not specified.", QueryParameterName="api-version")
-            if not _API_VERSION.fullmatch(req.query["api-version"]):
+            if req.query["api-version"] not in API_VERSIONS:
                 raise WireError(400, "UnsupportedRequestVersion", "The specified version of the REST API is not "
                                 "supported.", QueryParameterName="api-version",
                                 QueryParameterValue=req.query["api-version"][:40])
+            conditions(req.headers)  # 400 for a combination Batch refuses, before anything is done
             handler, ids = route(req.method, req.segments)
-            return handler(self.ctx, req, ids)
+            resp = handler(self.ctx, req, ids)
+            if req.method in ("GET", "HEAD") and resp.status == 200:
+                resp = _read_condition(req, resp)
+            return resp
         except WireError as exc:
             return Response(exc.status, exc.body(req.request_id))
         except Exception:
@@ -208,12 +237,71 @@ class EmulatorServer:
             return Response(500, err.body(req.request_id))
 
 
+def _read_condition(req: Request, resp: Response) -> Response:
+    """A read of an entity (pool, job, task, node, file; GET or HEAD) honours its conditional headers against the
+    answer's ``ETag``/``Last-Modified``: 304 (If-None-Match, If-Modified-Since) or 412 (If-Match,
+    If-Unmodified-Since) when one does not hold. Reads without either header (lists) ignore them, as Batch's list
+    operations take none."""
+    etag, stamp = resp.headers.get("ETag"), resp.headers.get("Last-Modified")
+    if etag is None and stamp is None:
+        return resp
+    modified: datetime | None = parsedate_to_datetime(stamp) if stamp else None
+    name = failed_condition(req.headers, etag, modified)
+    if name is None:
+        return resp
+    err = not_met(True, name)
+    if err.status == 304:
+        kept = {k: v for k, v in resp.headers.items() if k in ("ETag", "Last-Modified")}
+        return Response(304, None, kept, content_type=resp.content_type)
+    return Response(err.status, err.body(req.request_id))
+
+
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,8}")
+_LENGTH = re.compile(r"[0-9]{1,12}")
+_HTTP_ERRORS = {400: "InvalidHttpRequest", 408: "RequestTimeout", 414: "RequestUrlTooLong", 431: "InvalidHeaderValue",
+                505: "UnsupportedHttpVersion"}
+"""Batch error codes for the answers the HTTP layer gives before a request is routed."""
+
+
+def _body_error(reason: str) -> WireError:
+    return WireError(400, "InvalidRequestBody", "The specified Request Body is not syntactically valid.",
+                     Reason=reason)
+
+
+def _header_error(name: str, value: str) -> WireError:
+    return WireError(400, "InvalidHeaderValue", "The value for one of the HTTP headers is not in the correct "
+                     "format.", HeaderName=name, HeaderValue=value[:100])
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "mpilaunch-batch-emulator"
+    disable_nagle_algorithm = True
+    """TCP_NODELAY: a small answer leaves at once instead of waiting up to 40 ms for the client's delayed ACK."""
+    coalesce_writes = True
+    """Status line, headers and (the first 64 KiB of) the body leave in one send; False = headers, then body."""
+    timeout = 120
+    """Seconds a connection may stay silent (idle between requests, or mid-request) before it is closed."""
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s " + format, self.address_string(), *args)
+
+    def __getattr__(self, name: str) -> Any:
+        """Every method (OPTIONS, TRACE, anything) is routed, so an unserved one gets Batch's own answer: 405
+        ``UnsupportedHttpVerb`` on a resource, 400 ``InvalidUri`` elsewhere, after authentication."""
+        if name.startswith("do_"):
+            return self._serve
+        raise AttributeError(name)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """What the HTTP layer refuses before routing (bad request line, header too long, unknown version) gets a
+        Batch error body too, never http.server's HTML."""
+        self.log_error("code %d, message %s", code, message)
+        text = message or self.responses.get(code, ("Bad request",))[0]
+        err = WireError(code, _HTTP_ERRORS.get(code, "InvalidInput"), f"The request could not be read: {text}.")
+        self.close_connection = True
+        request_id = new_request_id()
+        self._send(Response(code, err.body(request_id)), request_id)
 
     def _serve(self) -> None:
         emulator: EmulatorServer = self.server.emulator  # type: ignore[attr-defined]
@@ -238,74 +326,119 @@ class _Handler(BaseHTTPRequestHandler):
                     (time.perf_counter() - started) * 1000)
 
     def _read_body(self) -> bytes:
-        """The request body (Content-Length or chunked), refusing more than twice the Batch limit unread."""
-        too_large = WireError(413, "RequestBodyTooLarge", "The request body is too large and exceeds the maximum "
-                              "permissible limit.", MaxLimit=str(MAX_BODY))
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            data = bytearray()
-            while True:
-                line = self.rfile.readline(1024).split(b";")[0].strip()
-                try:
-                    size = int(line, 16)
-                except ValueError as exc:
-                    raise WireError(400, "InvalidRequestBody", "The chunked request body is malformed.") from exc
-                if size == 0:
-                    while self.rfile.readline(65537).strip():
-                        pass
-                    return bytes(data)
-                if len(data) + size > 2 * MAX_BODY:
-                    raise too_large
-                data += self.rfile.read(size)
-                self.rfile.readline(8)
-        length = self.headers.get("Content-Length", "0")
-        if not length.isdigit():
-            raise WireError(400, "InvalidHeaderValue", "The value for one of the HTTP headers is not in the correct "
-                            "format.", HeaderName="Content-Length", HeaderValue=length)
-        if int(length) > 2 * MAX_BODY:
-            raise too_large
-        return self.rfile.read(int(length)) if int(length) else b""
+        """The request body (Content-Length or chunked), refusing more than twice the Batch limit unread and any
+        framing that is not exactly HTTP/1.1's (the connection is closed after such an error)."""
+        encoding = self.headers.get("Transfer-Encoding")
+        lengths = self.headers.get_all("Content-Length") or []
+        if encoding is not None:
+            if encoding.strip().lower() != "chunked":
+                raise _header_error("Transfer-Encoding", encoding)
+            if lengths:  # RFC 9112 6.3: chunked wins, and such a message must not leave the connection open
+                self.close_connection = True
+            return self._read_chunked()
+        if not lengths:
+            return b""
+        if len(set(lengths)) > 1 or not _LENGTH.fullmatch(lengths[0].strip()):
+            raise _header_error("Content-Length", ", ".join(lengths))
+        length = int(lengths[0])
+        if length > 2 * MAX_BODY:
+            raise _too_large()
+        data = self.rfile.read(length) if length else b""
+        if len(data) != length:
+            raise _body_error(f"the body ended after {len(data)} of its {length} bytes (Content-Length)")
+        return data
+
+    def _read_chunked(self) -> bytes:
+        data = bytearray()
+        while True:
+            line = self.rfile.readline(1026)
+            size_text = line.split(b";", 1)[0].strip()
+            if not line.endswith(b"\n") or not _CHUNK_SIZE.fullmatch(size_text):
+                raise _body_error(f"malformed chunk size line {line[:40]!r}")
+            size = int(size_text, 16)
+            if size == 0:
+                for _ in range(100):  # trailer fields, then the empty line
+                    trailer = self.rfile.readline(8194)
+                    if not trailer.endswith(b"\n"):
+                        raise _body_error("malformed chunked trailer")
+                    if not trailer.strip():
+                        return bytes(data)
+                raise _body_error("too many chunked trailer fields")
+            if len(data) + size > 2 * MAX_BODY:
+                raise _too_large()
+            chunk = self.rfile.read(size)
+            if len(chunk) != size or self.rfile.readline(3) not in (b"\r\n", b"\n"):
+                raise _body_error("a chunk is shorter than its size or not followed by CRLF")
+            data += chunk
 
     def _send(self, resp: Response, request_id: str) -> None:
         self.send_response(resp.status)
         self.send_header("request-id", request_id)
         self.send_header("DataServiceVersion", "3.0")
-        client_id = self.headers.get("client-request-id")
-        if client_id and self.headers.get("return-client-request-id", "").lower() == "true":
+        headers = getattr(self, "headers", None)
+        client_id = headers.get("client-request-id") if headers is not None else None
+        if client_id and headers is not None and headers.get("return-client-request-id", "").lower() == "true":
             self.send_header("client-request-id", client_id)
+        if self.close_connection:
+            self.send_header("Connection", "close")
         for name, value in resp.headers.items():
             if name != "Content-Length":
                 self.send_header(name, value)
-        if isinstance(resp.body, dict):
-            data = json.dumps(resp.body).encode()
+        head_only = self.command == "HEAD"  # a HEAD answer has headers only, even for errors
+        if isinstance(resp.body, dict | bytes):
+            data = resp.body if isinstance(resp.body, bytes) else to_json(resp.body)
             self.send_header("Content-Type", resp.content_type)
             self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            if self.command != "HEAD":  # a HEAD answer has headers only, even for errors
-                self.wfile.write(data)
+            self._finish(b"" if head_only else data)
         elif isinstance(resp.body, FileBody):
             self.send_header("Content-Type", resp.content_type)
             self.send_header("Content-Length", str(resp.body.length))
-            self.end_headers()
-            _copy(resp.body, self.wfile)
+            if not _copy(resp.body, self._finish):
+                self.close_connection = True  # fewer bytes than announced: only closing tells the client
         else:
-            head_length = resp.headers.get("Content-Length", "0") if self.command == "HEAD" else "0"
-            self.send_header("Content-Length", head_length)
-            if self.command == "HEAD" and "Content-Type" not in resp.headers and resp.status == 200:
+            head_length = resp.headers.get("Content-Length", "0") if head_only else "0"
+            if resp.status != 304:
+                self.send_header("Content-Length", head_length)
+            if head_only and "Content-Type" not in resp.headers and resp.status == 200:
                 self.send_header("Content-Type", resp.content_type)
-            self.end_headers()
+            self._finish(b"")
 
-    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _serve
+    def _finish(self, data: bytes) -> None:
+        """End the headers and send ``data`` (the body, or its first part) with them in one write; later calls
+        (the rest of a file) just write."""
+        buffer = getattr(self, "_headers_buffer", None)
+        if not buffer:
+            if data:
+                self.wfile.write(data)
+            return
+        buffer.append(b"\r\n")
+        if self.coalesce_writes:
+            buffer.append(data)
+            self.flush_headers()
+        else:
+            self.flush_headers()
+            if data:
+                self.wfile.write(data)
 
 
-def _copy(body: FileBody, out: Any) -> None:
+def _too_large() -> WireError:
+    return WireError(413, "RequestBodyTooLarge", "The request body is too large and exceeds the maximum "
+                     "permissible limit.", MaxLimit=str(MAX_BODY))
+
+
+def _copy(body: FileBody, write: Any) -> bool:
+    """Send ``body`` through ``write`` in 64 KiB parts, the first with the headers; False if the file ended before
+    ``body.length`` bytes (it shrank since it was measured)."""
     if body.length <= 0:  # also a directory: headers only
-        return
+        write(b"")
+        return True
     with body.path.open("rb") as f:
         f.seek(body.start)
         left = body.length
         while left > 0:
             chunk = f.read(min(left, 1 << 16))
+            write(chunk)
             if not chunk:
-                break
-            out.write(chunk)
+                return False
             left -= len(chunk)
+    return True

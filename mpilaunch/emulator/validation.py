@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from mpilaunch.emulator.multiinstance import parse_duration
 from mpilaunch.emulator.wire_errors import WireError, bad_body, invalid_value, missing
 
 SPEC = Path(__file__).with_name("batch_spec_2025-06-01.json")
@@ -22,10 +23,16 @@ MAX_BODY = 1024 * 1024
 MAX_RESOURCE_FILES_BYTES = 64 * 1024
 """Our limit for a task's serialized resource-file lists (Batch documents a limit but not its value)."""
 MAX_TASKS_PER_COLLECTION = 100
+MAX_POOL_NODES = 1000
+"""Nodes one pool may ask for (dedicated + low-priority), and instances one task may need: the emulator account's
+quota. Batch's default account quotas are at most 900 dedicated and 100 low-priority cores ("Batch service quotas
+and limits"), so 1,000 single-core nodes is the most a default account can hold; far more than one machine runs."""
+MAX_TASK_SLOTS = 256
+"""``taskSlotsPerNode``: "The maximum value is the smaller of 4 times the number of cores of the vmSize of the pool
+or 256" (the spec)."""
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_DURATION = re.compile(r"-?P(?!$)(\d+(\.\d+)?Y)?(\d+(\.\d+)?M)?(\d+(\.\d+)?W)?(\d+(\.\d+)?D)?"
-                       r"(T(?=\d)(\d+(\.\d+)?H)?(\d+(\.\d+)?M)?(\d+(\.\d+)?S)?)?")
 _INT32 = (-(2**31), 2**31 - 1)
+_INT64 = (-(2**63), 2**63 - 1)
 
 
 @functools.cache
@@ -46,12 +53,21 @@ def parse_json(raw: bytes) -> Any:
         raise bad_body(f"The body is not valid JSON: {exc}") from exc
 
 
-def check(value: Any, definition: str, path: str = "") -> dict[str, Any]:
-    """Validate a request body (or the part at ``path``) against a spec definition; returns it or raises a 400."""
+def check(value: Any, definition: str, path: str = "", *, update: bool = False) -> dict[str, Any]:
+    """Validate a request body (or the part at ``path``) against a spec definition; returns it or raises a 400.
+
+    A property whose value is ``null`` counts as left out, and is removed (the spec's own examples send such
+    nulls), except in an ``update`` (PATCH), where a top-level ``null`` would have to mean "clear it", which
+    Batch defines nowhere: 400 naming it. A ``null`` item of a list is a 400 too."""
     if not isinstance(value, dict):
         if path:
             raise invalid_value(path, value, "must be an object")
         raise bad_body(f"The body must be a JSON object ({definition}).")
+    if update:
+        for key, item in value.items():
+            if item is None:
+                raise invalid_value(f"{path}.{key}" if path else key, None, "null is not a value in an update: "
+                                    "leave the property out to keep it as it is")
     _walk(value, {"$ref": f"#/definitions/{definition}"}, path)
     return value
 
@@ -64,22 +80,25 @@ def _resolve(schema: dict[str, Any]) -> dict[str, Any]:
 
 def _walk(value: Any, schema: dict[str, Any], path: str) -> None:  # noqa: PLR0912 - one branch per JSON type
     schema = _resolve(schema)
-    if value is None or schema.get("readOnly"):
+    if schema.get("readOnly"):
         return
     kind = schema.get("type", "object")
     name = path or "body"
+    if value is None:  # only items of lists get here: null properties were removed by their object
+        raise invalid_value(name, value, "null is not an item: leave it out of the list")
     if kind == "string":
         if not isinstance(value, str):
             raise invalid_value(name, value, "must be a string")
         if "enum" in schema and value.lower() not in {e.lower() for e in schema["enum"]}:
             raise invalid_value(name, value, f"must be one of {', '.join(schema['enum'])}")
-        if schema.get("format") == "duration" and not _DURATION.fullmatch(value):
-            raise invalid_value(name, value, "must be an ISO-8601 duration such as PT1H30M")
+        if schema.get("format") == "duration":
+            check_duration(value, name)
     elif kind == "integer":
         if isinstance(value, bool) or not isinstance(value, int):
             raise invalid_value(name, value, "must be an integer")
-        if schema.get("format") == "int32" and not _INT32[0] <= value <= _INT32[1]:
-            raise invalid_value(name, value, "must fit in 32 bits")
+        low, high = _INT32 if schema.get("format") == "int32" else _INT64
+        if not low <= value <= high:
+            raise invalid_value(name, value, f"must fit in {'32' if high == _INT32[1] else '64'} bits")
     elif kind == "number":
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise invalid_value(name, value, "must be a number")
@@ -97,6 +116,8 @@ def _walk(value: Any, schema: dict[str, Any], path: str) -> None:  # noqa: PLR09
         for req in schema.get("required", ()):
             if value.get(req) is None:
                 raise missing(f"{path}.{req}" if path else req)
+        for key in [k for k, item in value.items() if item is None]:
+            del value[key]
         props = schema.get("properties", {})
         extra = schema.get("additionalProperties")
         for key, item in value.items():
@@ -104,6 +125,16 @@ def _walk(value: Any, schema: dict[str, Any], path: str) -> None:  # noqa: PLR09
                 _walk(item, props[key], f"{path}.{key}" if path else key)
             elif isinstance(extra, dict):
                 _walk(item, extra, f"{path}.{key}" if path else key)
+
+
+def check_duration(value: str, name: str) -> None:
+    """An ISO-8601 duration of days, hours, minutes and seconds (``PT1H30M``, ``P2DT12H``), as Batch writes them;
+    larger than Batch's "no limit" (.NET ``TimeSpan.MaxValue``, ``P10675199DT2H48M5.4775807S``) means no limit."""
+    try:
+        parse_duration(value)
+    except (ValueError, OverflowError) as exc:
+        raise invalid_value(name, value, "must be an ISO-8601 duration of days, hours, minutes and seconds such as "
+                            "PT1H30M or P2DT12H") from exc
 
 
 def check_id(value: Any, name: str = "id") -> str:
@@ -150,12 +181,13 @@ def task(raw: Any) -> dict[str, Any]:
         lists["multiInstanceSettings.commonResourceFiles"] = mi.get("commonResourceFiles") or []
         if body.get("requiredSlots") not in (None, 1):
             raise invalid_value("requiredSlots", body["requiredSlots"], "must be 1 for a multi-instance task")
-        if mi.get("numberOfInstances") is not None and mi["numberOfInstances"] < 1:
-            raise invalid_value("multiInstanceSettings.numberOfInstances", mi["numberOfInstances"],
-                                "must be at least 1")
+        instances = mi.get("numberOfInstances")
+        if instances is not None and not 1 <= instances <= MAX_POOL_NODES:
+            raise invalid_value("multiInstanceSettings.numberOfInstances", instances,
+                                f"must be from 1 to {MAX_POOL_NODES} (the most nodes a pool of this account has)")
     if body.get("requiredSlots") is not None and body["requiredSlots"] < 1:
         raise invalid_value("requiredSlots", body["requiredSlots"], "must be at least 1")
-    _check_constraints(body.get("constraints"))
+    check_constraints(body.get("constraints"))
     for path, files in lists.items():
         _check_resource_files(files, path)
     if len(json.dumps(list(lists.values()))) > MAX_RESOURCE_FILES_BYTES:
@@ -164,7 +196,8 @@ def task(raw: Any) -> dict[str, Any]:
     return body
 
 
-def _check_constraints(constraints: dict[str, Any] | None) -> None:
+def check_constraints(constraints: dict[str, Any] | None) -> None:
+    """``maxTaskRetryCount`` is -1 (no limit) or more: 400 ``InvalidConstraintValue`` otherwise."""
     retries = (constraints or {}).get("maxTaskRetryCount")
     if retries is not None and retries < -1:
         raise WireError(400, "InvalidConstraintValue", "A value in a job or task constraint is out of range.",
@@ -172,15 +205,30 @@ def _check_constraints(constraints: dict[str, Any] | None) -> None:
                         Reason="must be -1 (no limit) or more")
 
 
-def pool(raw: Any) -> dict[str, Any]:
-    body = check(raw, "BatchPoolCreateOptions")
-    check_id(body["id"])
-    check_display_name(body)
+def check_targets(body: dict[str, Any]) -> None:
+    """``targetDedicatedNodes``/``targetLowPriorityNodes`` (pool add, resize): 0 or more, together at most
+    :data:`MAX_POOL_NODES` (refused at the door, before any node is made)."""
     for name in ("targetDedicatedNodes", "targetLowPriorityNodes"):
         if (body.get(name) or 0) < 0:
             raise invalid_value(name, body[name], "must be 0 or more")
-    if body.get("taskSlotsPerNode") is not None and body["taskSlotsPerNode"] < 1:
-        raise invalid_value("taskSlotsPerNode", body["taskSlotsPerNode"], "must be at least 1")
+    total = (body.get("targetDedicatedNodes") or 0) + (body.get("targetLowPriorityNodes") or 0)
+    if total > MAX_POOL_NODES:
+        name = "targetDedicatedNodes" if body.get("targetDedicatedNodes") else "targetLowPriorityNodes"
+        raise invalid_value(name, body[name], f"{total} nodes exceed the emulator account's quota of "
+                            f"{MAX_POOL_NODES} nodes per pool (dedicated + low-priority)")
+
+
+def pool(raw: Any) -> dict[str, Any]:
+    if isinstance(raw, dict) and "virtualMachineConfiguration" in raw and raw["virtualMachineConfiguration"] is None:
+        raise invalid_value("virtualMachineConfiguration", None, "must be an object: the pool's virtual machine "
+                            "configuration must be specified")
+    body = check(raw, "BatchPoolCreateOptions")
+    check_id(body["id"])
+    check_display_name(body)
+    check_targets(body)
+    slots = body.get("taskSlotsPerNode")
+    if slots is not None and not 1 <= slots <= MAX_TASK_SLOTS:
+        raise invalid_value("taskSlotsPerNode", slots, f"must be from 1 to {MAX_TASK_SLOTS}")
     if body.get("enableAutoScale"):
         raise invalid_value("enableAutoScale", True, "autoscale is not supported by the emulator")
     return body
@@ -191,10 +239,15 @@ def job(raw: Any) -> dict[str, Any]:
     check_id(body["id"])
     check_display_name(body)
     check_priority(body.get("priority"))
-    _check_constraints(body.get("constraints"))
-    if body["poolInfo"].get("autoPoolSpecification") is not None:
+    check_constraints(body.get("constraints"))
+    check_pool_info(body["poolInfo"])
+    return body
+
+
+def check_pool_info(info: dict[str, Any]) -> None:
+    """A job's ``poolInfo`` (add, patch) names a pool: auto pools are not emulated."""
+    if info.get("autoPoolSpecification") is not None:
         raise invalid_value("poolInfo.autoPoolSpecification", "{...}", "auto pools are not supported by the "
                             "emulator: create a pool and set poolInfo.poolId")
-    if not body["poolInfo"].get("poolId"):
+    if not info.get("poolId"):
         raise missing("poolInfo.poolId")
-    return body

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+import sqlite3
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from email.utils import format_datetime, parsedate_to_datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -60,12 +64,14 @@ class Response:
 
 @dataclass
 class Context:
-    """What handlers need: the store, the engine (``None`` when the emulator runs without execution)."""
+    """What handlers need: the store, the engine (``None`` when the emulator runs without execution), and the
+    cache of list pages (``None``: every list is computed)."""
 
     store: Store
     account: str
     data_dir: Path
     engine: EngineLike | None = None
+    lists: ListCache | None = None
 
     def wake(self) -> None:
         if self.engine is not None:
@@ -95,39 +101,88 @@ def entity_headers(doc: Doc) -> dict[str, str]:
     return out
 
 
-def _modified_since(doc: Doc, raw: str, name: str) -> bool:
+CONDITIONAL = ("if-match", "if-none-match", "if-modified-since", "if-unmodified-since")
+_PAIRS = ({"if-none-match", "if-modified-since"}, {"if-match", "if-unmodified-since"})
+
+
+def conditions(headers: Mapping[str, str]) -> dict[str, str]:
+    """The conditional headers a request is evaluated on (Batch, "Specifying conditional headers for Batch service
+    operations"): at most one, except If-None-Match with If-Modified-Since (If-None-Match decides) and If-Match with
+    If-Unmodified-Since (If-Match decides); any other combination is 400 ``MultipleConditionHeadersNotSupported``.
+    Dates that are not RFC 1123 are 400 ``InvalidHeaderValue``."""
+    present = {name: headers[name] for name in CONDITIONAL if name in headers}
+    if len(present) > 1:
+        if set(present) not in _PAIRS:
+            raise WireError(400, "MultipleConditionHeadersNotSupported", "Multiple condition headers are not "
+                            "supported.", HeaderNames=", ".join(sorted(present)))
+        present.pop("if-modified-since", None)
+        present.pop("if-unmodified-since", None)
+    for name in ("if-modified-since", "if-unmodified-since"):
+        if name in present:
+            _http_date(name, present[name])
+    return present
+
+
+def _http_date(name: str, raw: str) -> datetime:
     try:
-        since = parsedate_to_datetime(raw)
+        when = parsedate_to_datetime(raw)
     except (TypeError, ValueError, IndexError) as exc:
         raise WireError(400, "InvalidHeaderValue", "The value for one of the HTTP headers is not in the correct "
-                        "format.", HeaderName=name, HeaderValue=raw) from exc
-    changed = datetime.fromisoformat(doc["lastModified"].replace("Z", "+00:00")).replace(microsecond=0)
-    return changed > since
+                        "format.", HeaderName=name.title(), HeaderValue=raw[:100]) from exc
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
+def _etag_in(raw: str, etag: str | None) -> bool:
+    """Whether ``etag`` is among the (quoted or bare, comma-separated) tags of an If-Match/If-None-Match value."""
+    tags = {t.strip().removeprefix("W/").strip('"') for t in raw.split(",")}
+    return "*" in tags or (etag is not None and etag.strip('"') in tags)
+
+
+def failed_condition(headers: Mapping[str, str], etag: str | None, modified: datetime | None) -> str | None:
+    """The conditional header that does not hold for an entity with ``etag`` and last-modified time ``modified``
+    (compared at whole seconds, as HTTP dates carry), or None if all hold."""
+    cond = conditions(headers)
+    if modified is not None:
+        modified = modified.replace(microsecond=0)
+    for name, raw in cond.items():
+        if name == "if-match":
+            ok = _etag_in(raw, etag)
+        elif name == "if-none-match":
+            ok = not _etag_in(raw, etag)
+        elif modified is None:
+            ok = True
+        elif name == "if-modified-since":
+            ok = modified > _http_date(name, raw)
+        else:
+            ok = modified <= _http_date(name, raw)
+        if not ok:
+            return name
+    return None
+
+
+def not_met(read: bool, name: str) -> WireError:
+    """The answer to a failed condition: 304 for If-None-Match/If-Modified-Since on a read (GET, HEAD), else 412."""
+    if read and name in ("if-none-match", "if-modified-since"):
+        return WireError(304, "ConditionNotMet", "The condition specified in the conditional header(s) was not met "
+                         "for a read operation.")
+    return WireError(412, "ConditionNotMet", "The condition specified using HTTP conditional header(s) is not met.")
+
+
+def _doc_modified(doc: Doc) -> datetime | None:
+    raw = doc.get("lastModified")
+    return datetime.fromisoformat(raw.replace("Z", "+00:00")) if raw else None
 
 
 def precondition(req: Request, doc: Doc) -> None:
-    """412 ``ConditionNotMet`` unless the request's If-Match/If-None-Match/If-(Un)Modified-Since hold for ``doc``."""
-    h = req.headers
-    failed = (
-        ("if-match" in h and h["if-match"] != "*" and h["if-match"].strip('"') != doc.get("eTag"))
-        or ("if-none-match" in h and h["if-none-match"] in ("*", doc.get("eTag"), f'"{doc.get("eTag")}"'))
-        or ("if-unmodified-since" in h and _modified_since(doc, h["if-unmodified-since"], "If-Unmodified-Since"))
-        or ("if-modified-since" in h and not _modified_since(doc, h["if-modified-since"], "If-Modified-Since")))
-    if failed:
-        raise WireError(412, "ConditionNotMet", "The condition specified using HTTP conditional header(s) is not met.")
+    """412 ``ConditionNotMet`` (304 for a read) unless the request's conditional headers hold for ``doc``."""
+    name = failed_condition(req.headers, doc.get("eTag"), _doc_modified(doc))
+    if name is not None:
+        raise not_met(req.method in ("GET", "HEAD"), name)
 
 
 def entity(req: Request, doc: Doc, metadata: str) -> Response:
-    """200 with one document, honouring ``$select``; 304 if a read condition says the client's copy is current."""
-    try:
-        precondition(req, doc)
-    except WireError as exc:
-        if exc.status != 412:
-            raise
-        none_match = "if-none-match" in req.headers or "if-modified-since" in req.headers
-        if none_match and "if-match" not in req.headers and "if-unmodified-since" not in req.headers:
-            return Response(304, None, entity_headers(doc))
-        raise
+    """200 with one document, honouring ``$select`` (the server answers 304/412 instead when a conditional header
+    does not hold for its ``ETag``/``Last-Modified``, as for every read)."""
     body = {"odata.metadata": f"{req.base_url}/$metadata#{metadata}/@Element", **public(doc)}
     headers = {**entity_headers(doc), "DataServiceId": doc["url"]} if "url" in doc else entity_headers(doc)
     return Response(200, odata.select(body, req.query), headers)
@@ -190,17 +245,104 @@ def accepted(doc: Doc | None = None, status: int = 202) -> Response:
 
 
 def listing(req: Request, store: Store, kind: str, parent: Parent, metadata: str, *,
-            shape: Callable[[Doc], Doc] = public, keep: Callable[[Doc], bool] = lambda _d: True) -> Response:
-    """A paged list: ``maxresults``, ``$skiptoken`` in ``odata.nextLink``, ``$filter``, ``$select``."""
-    limit = odata.max_results(req.query)
-    start = odata.skiptoken(req.query)
-    pred = odata.parse_filter(req.query.get("$filter"))
-    docs, nxt = store.page(kind, parent, start, limit, lambda d: keep(d) and pred(shape(d)))
-    body: dict[str, Any] = {"odata.metadata": f"{req.base_url}/$metadata#{metadata}",
-                            "value": [odata.select(shape(d), req.query) for d in docs]}
-    if nxt is not None:
-        body["odata.nextLink"] = next_link(req, nxt)
-    return Response(200, body)
+            shape: Callable[[Doc], Doc] = public, keep: Callable[[Doc], bool] = lambda _d: True,
+            cache: ListCache | None = None) -> Response:
+    """A paged list: ``maxresults``, ``$skiptoken`` in ``odata.nextLink``, ``$filter``, ``$select``; the body is
+    serialized once and, with a ``cache``, shared by identical requests until the store changes."""
+
+    def page() -> bytes:
+        limit = odata.max_results(req.query)
+        start = odata.skiptoken(req.query)
+        pred = odata.parse_filter(req.query.get("$filter"))
+        docs, nxt = store.page(kind, parent, start, limit, lambda d: keep(d) and pred(shape(d)))
+        body: dict[str, Any] = {"odata.metadata": f"{req.base_url}/$metadata#{metadata}",
+                                "value": [odata.select(shape(d), req.query) for d in docs]}
+        if nxt is not None:
+            body["odata.nextLink"] = next_link(req, nxt)
+        return to_json(body)
+
+    if cache is None:
+        return Response(200, page())
+    return Response(200, cache.get((req.base_url, req.raw_path, tuple(sorted(req.query.items()))), page))
+
+
+def to_json(body: Any) -> bytes:
+    """A response body as sent: compact JSON."""
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+class _Flight:
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.value: bytes | None = None
+
+
+class ListCache:
+    """Serialized list pages keyed by request, each valid while nothing was committed to the store since it was
+    computed; identical requests arriving together compute one page (the others wait for it).
+
+    "Nothing committed" is SQLite's ``PRAGMA data_version`` on a connection of our own to the store's file: it
+    changes whenever any other connection (the store's, whoever writes through it) commits. A page is stored under
+    the version read *before* computing it, so a commit during the computation makes it miss next time, never
+    serve stale data."""
+
+    def __init__(self, db_path: Path, *, entries: int = 64, max_bytes: int = 64 << 20) -> None:
+        self._db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, check_same_thread=False,
+                                   isolation_level=None)
+        self._lock = threading.Lock()
+        self._pages: OrderedDict[Any, tuple[int, bytes]] = OrderedDict()
+        self._flights: dict[Any, _Flight] = {}
+        self._entries, self._max_bytes, self._bytes = entries, max_bytes, 0
+        self.hits = self.misses = 0
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def version(self) -> int:
+        with self._lock:
+            return int(self._db.execute("PRAGMA data_version").fetchone()[0])
+
+    def get(self, key: Any, compute: Callable[[], bytes]) -> bytes:
+        version = self.version()
+        with self._lock:
+            hit = self._pages.get(key)
+            if hit is not None and hit[0] == version:
+                self._pages.move_to_end(key)
+                self.hits += 1
+                return hit[1]
+            self.misses += 1
+            flight = self._flights.get((key, version))
+            leader = flight is None
+            if flight is None:
+                flight = self._flights[(key, version)] = _Flight()
+        if not leader:
+            flight.done.wait(30)
+            if flight.value is not None:
+                return flight.value
+            return compute()  # the leader failed (e.g. a bad $filter): fail the same way
+        try:
+            value = compute()
+            flight.value = value
+            self._keep(key, version, value)
+            return value
+        finally:
+            flight.done.set()
+            with self._lock:
+                self._flights.pop((key, version), None)
+
+    def _keep(self, key: Any, version: int, value: bytes) -> None:
+        with self._lock:
+            old = self._pages.pop(key, None)
+            if old is not None:
+                self._bytes -= len(old[1])
+            if len(value) > self._max_bytes // 4:
+                return
+            self._pages[key] = (version, value)
+            self._bytes += len(value)
+            while len(self._pages) > self._entries or self._bytes > self._max_bytes:
+                _k, (_v, dropped) = self._pages.popitem(last=False)
+                self._bytes -= len(dropped)
 
 
 def next_link(req: Request, token: int) -> str:
