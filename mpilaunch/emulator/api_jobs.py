@@ -19,7 +19,7 @@ from mpilaunch.emulator.wire import (
     mutate,
     remove,
 )
-from mpilaunch.emulator.wire_errors import WireError
+from mpilaunch.emulator.wire_errors import WireError, invalid_value, missing
 
 FOREVER = "P10675199DT2H48M5.4775807S"
 """Batch's "no limit" maxWallClockTime."""
@@ -69,6 +69,36 @@ def patch(ctx: Context, req: Request, ids: list[str]) -> Response:
 
     doc = mutate(ctx, req, "job", (), ids[0], fn=apply)
     return accepted(doc, status=200)
+
+
+_REPLACE_DEFAULTS: dict[str, Any] = {"priority": 0, "allowTaskPreemption": False, "maxParallelTasks": -1,
+                                     "onAllTasksComplete": "noaction"}
+
+
+def replace(ctx: Context, req: Request, ids: list[str]) -> Response:
+    """Job Update (PUT): "fully replaces all the updatable properties of the Job": what the body leaves out gets
+    its default (constraints: no limits; metadata: none); ``poolInfo`` is required."""
+    raw = body_object(req)
+    if not isinstance(raw, dict):
+        raise invalid_value("body", raw, "must be a JSON object (a job)")
+    body = {k: v for k, v in raw.items() if k in _PATCHABLE}
+    if body.get("poolInfo") is None:
+        raise missing("poolInfo")
+    validation.check(body, "BatchJobUpdateOptions")
+    validation.check_priority(body.get("priority"))
+    validation.check_constraints(body.get("constraints"))
+    validation.check_pool_info(body["poolInfo"])
+
+    def apply(doc: Doc) -> None:
+        require_active(doc)
+        for key in _PATCHABLE:
+            doc.pop(key, None)
+        doc.update(_REPLACE_DEFAULTS)
+        doc.update(body)
+        doc["constraints"] = {"maxWallClockTime": FOREVER, "maxTaskRetryCount": 0, **(body.get("constraints") or {})}
+        doc["executionInfo"]["poolId"] = body["poolInfo"]["poolId"]
+
+    return accepted(mutate(ctx, req, "job", (), ids[0], fn=apply), status=200)
 
 
 def delete(ctx: Context, req: Request, ids: list[str]) -> Response:

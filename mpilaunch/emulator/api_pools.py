@@ -84,6 +84,25 @@ def patch(ctx: Context, req: Request, ids: list[str]) -> Response:
     return accepted(doc, status=200)
 
 
+def replace(ctx: Context, req: Request, ids: list[str]) -> Response:
+    """Pool Replace (``POST .../updateproperties``): "fully replaces all the updatable properties of the Pool":
+    ``startTask`` left out is removed; ``applicationPackageReferences`` and ``metadata`` are required (may be
+    empty lists). 204."""
+    body = validation.check(body_object(req), "BatchPoolReplaceOptions")
+
+    def apply(doc: Doc) -> None:
+        if doc.get("state") == "deleting":
+            raise WireError(409, "PoolBeingDeleted", "The specified pool has been marked for deletion and is being "
+                            "reclaimed.")
+        doc.pop("startTask", None)
+        for key in ("startTask", "applicationPackageReferences", "metadata"):
+            if key in body:
+                doc[key] = body[key]
+
+    mutate(ctx, req, "pool", (), ids[0], fn=apply)
+    return accepted(status=204)
+
+
 def delete(ctx: Context, req: Request, ids: list[str]) -> Response:
     remove(ctx, req, "pool", (), get_pool(ctx, ids[0]), mark=lambda d: transition(d, "deleting"))
     return accepted()

@@ -66,6 +66,7 @@ ROUTES: list[tuple[str, tuple[str, ...], Handler]] = [
     ("PATCH", ("pools", _ID), api_pools.patch),
     ("DELETE", ("pools", _ID), api_pools.delete),
     ("POST", ("pools", _ID, "resize"), api_pools.resize),
+    ("POST", ("pools", _ID, "updateproperties"), api_pools.replace),
     ("GET", ("pools", _ID, "nodes"), api_pools.list_nodes),
     ("POST", ("pools", _ID, "removenodes"), api_pools.remove_nodes),
     ("GET", ("pools", _ID, "nodes", _ID), api_pools.get_node),
@@ -86,6 +87,7 @@ ROUTES: list[tuple[str, tuple[str, ...], Handler]] = [
     ("GET", ("jobs",), api_jobs.list_),
     ("GET", ("jobs", _ID), api_jobs.get),
     ("PATCH", ("jobs", _ID), api_jobs.patch),
+    ("PUT", ("jobs", _ID), api_jobs.replace),
     ("DELETE", ("jobs", _ID), api_jobs.delete),
     ("POST", ("jobs", _ID, "terminate"), api_jobs.terminate),
     ("GET", ("jobs", _ID, "taskcounts"), api_jobs.task_counts),
@@ -275,6 +277,7 @@ def _header_error(name: str, value: str) -> WireError:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    default_request_version = "HTTP/1.1"  # answers to unparsable request lines get a status line and headers too
     server_version = "mpilaunch-batch-emulator"
     disable_nagle_algorithm = True
     """TCP_NODELAY: a small answer leaves at once instead of waiting up to 40 ms for the client's delayed ACK."""

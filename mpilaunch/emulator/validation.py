@@ -78,10 +78,17 @@ def _resolve(schema: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
-def _walk(value: Any, schema: dict[str, Any], path: str) -> None:  # noqa: PLR0912 - one branch per JSON type
+_INTEGER_TEXT = re.compile(r"\s*-?[0-9]{1,19}\s*")
+_NUMBER_TEXT = re.compile(r"\s*-?[0-9]{1,19}(\.[0-9]{1,19})?\s*")
+
+
+def _walk(value: Any, schema: dict[str, Any], path: str) -> Any:  # noqa: PLR0912 - one branch per JSON type
+    """Check ``value`` against ``schema``; returns it, with numbers and booleans written as strings made numbers
+    and booleans (azure-cli sends ``"targetDedicatedNodes": "2"``; Batch's JSON reader takes such strings) and
+    null properties of objects removed."""
     schema = _resolve(schema)
     if schema.get("readOnly"):
-        return
+        return value
     kind = schema.get("type", "object")
     name = path or "body"
     if value is None:  # only items of lists get here: null properties were removed by their object
@@ -94,22 +101,28 @@ def _walk(value: Any, schema: dict[str, Any], path: str) -> None:  # noqa: PLR09
         if schema.get("format") == "duration":
             check_duration(value, name)
     elif kind == "integer":
+        if isinstance(value, str) and _INTEGER_TEXT.fullmatch(value):
+            value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise invalid_value(name, value, "must be an integer")
         low, high = _INT32 if schema.get("format") == "int32" else _INT64
         if not low <= value <= high:
             raise invalid_value(name, value, f"must fit in {'32' if high == _INT32[1] else '64'} bits")
     elif kind == "number":
+        if isinstance(value, str) and _NUMBER_TEXT.fullmatch(value):
+            value = float(value) if "." in value else int(value)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise invalid_value(name, value, "must be a number")
     elif kind == "boolean":
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            value = value.strip().lower() == "true"
         if not isinstance(value, bool):
             raise invalid_value(name, value, "must be true or false")
     elif kind == "array":
         if not isinstance(value, list):
             raise invalid_value(name, value, "must be an array")
         for i, item in enumerate(value):
-            _walk(item, schema.get("items", {}), f"{path}[{i}]")
+            value[i] = _walk(item, schema.get("items", {}), f"{path}[{i}]")
     elif kind == "object":
         if not isinstance(value, dict):
             raise invalid_value(name, value, "must be an object")
@@ -122,9 +135,10 @@ def _walk(value: Any, schema: dict[str, Any], path: str) -> None:  # noqa: PLR09
         extra = schema.get("additionalProperties")
         for key, item in value.items():
             if key in props:
-                _walk(item, props[key], f"{path}.{key}" if path else key)
+                value[key] = _walk(item, props[key], f"{path}.{key}" if path else key)
             elif isinstance(extra, dict):
-                _walk(item, extra, f"{path}.{key}" if path else key)
+                value[key] = _walk(item, extra, f"{path}.{key}" if path else key)
+    return value
 
 
 def check_duration(value: str, name: str) -> None:
