@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "delete": "mpilaunch.cmd_job:delete_task",
     "cleanup": "mpilaunch.cmd_job:cleanup",
     "local": "mpilaunch.cmd_local:local",
+    "doctor": "mpilaunch.cmd_doctor:doctor",
 }
 
 
