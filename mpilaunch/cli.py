@@ -16,6 +16,7 @@ COMMANDS: dict[str, str] = {
     "wait": "mpilaunch.cmd_task:wait",
     "results": "mpilaunch.cmd_task:results",
     "logs": "mpilaunch.cmd_task:logs",
+    "ssh": "mpilaunch.cmd_ssh:ssh",
     "terminate": "mpilaunch.cmd_task:terminate",
     "reactivate": "mpilaunch.cmd_task:reactivate",
     "pool": "mpilaunch.cmd_pool:pool",

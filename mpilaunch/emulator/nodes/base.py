@@ -36,9 +36,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from node_runtime.errors import MpilaunchError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from mpilaunch.emulator.nodes.login import LoginUser, RemoteLogin
 
 ADMIN, NONADMIN = "admin", "nonadmin"
 """The elevation levels of Batch's auto-user, as :meth:`NodeProvider.run` takes them."""
@@ -160,3 +165,19 @@ class NodeProvider(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook with a no-op default
         """Release provider-wide resources when the engine stops (nodes stay, for a restart)."""
+
+    # Remote login (Batch's Add/Update/Delete Node User, Get Remote Login Settings): see :mod:`.login`.
+    def edit_users(self, node: Node, edit: Callable[[dict[str, LoginUser]], None]) -> None:
+        """Apply ``edit`` to the node's user accounts (by name) atomically, then make the node's OS match them;
+        :class:`~.login.AccountTaken` if a new name is an account the node has already. A reimaged or preempted
+        node loses them, a rebooted one keeps them. Default: :class:`~.login.LoginUnsupported`."""
+        from mpilaunch.emulator.nodes.login import LoginUnsupported
+
+        raise LoginUnsupported(f"remote login is not supported on {self.name} nodes")
+
+    def remote_login(self, node: Node, env: Mapping[str, str]) -> RemoteLogin:
+        """Start the node's sshd unless it runs (its sessions get ``env``); where it listens. Default:
+        :class:`~.login.LoginUnsupported`."""
+        from mpilaunch.emulator.nodes.login import LoginUnsupported
+
+        raise LoginUnsupported(f"remote login is not supported on {self.name} nodes")

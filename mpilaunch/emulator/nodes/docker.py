@@ -39,7 +39,9 @@ from typing import Any
 
 import psutil
 
+from mpilaunch.emulator.nodes import container_login
 from mpilaunch.emulator.nodes.base import NONADMIN, Execution, Node, NodeError, NodeProvider
+from mpilaunch.emulator.nodes.login import Edit, RemoteLogin
 from mpilaunch.emulator.nodes.process import TAG_VAR, ProcessExecution, ProcessProvider
 from node_runtime import proc
 from node_runtime.errors import CommandFailed
@@ -256,6 +258,18 @@ class DockerProvider(NodeProvider):
         if live:
             proc.run(["docker", "stop", "-t", "0", *live], timeout=120, check=False)
         self.fallback.close()
+
+    # -- remote login (see .container_login) -----------------------------------------------------------------------
+    def edit_users(self, node: Node, edit: Edit) -> None:
+        if self._mine(node):
+            container_login.edit_users(node, edit)
+        else:
+            self.fallback.edit_users(node, edit)
+
+    def remote_login(self, node: Node, env: Mapping[str, str]) -> RemoteLogin:
+        if self._mine(node):
+            return container_login.remote_login(node, env)
+        return self.fallback.remote_login(node, env)
 
     # -- fault injection ------------------------------------------------------------------------------------------
     def kill_node(self, node: Node) -> None:

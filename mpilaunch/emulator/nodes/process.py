@@ -36,6 +36,7 @@ from typing import Any
 import psutil
 
 from mpilaunch.emulator.nodes.base import NONADMIN, Execution, Node, NodeError, NodeProvider
+from mpilaunch.emulator.nodes.login import Edit, ProcessLogin, RemoteLogin
 from node_runtime import proc
 
 AZURE_NODE_ROOT = "/mnt/batch/tasks"
@@ -112,6 +113,7 @@ class ProcessProvider(NodeProvider):
         self._lock = threading.Lock()
         self._given: set[str] = set()  # addresses handed out, not yet in the engine's store
         self._down: set[str] = set()  # ids of killed nodes (kill_node), until restart_node
+        self.login = ProcessLogin(self)  # remote login: node users and sshd (see .login)
 
     def create_node(self, pool: Mapping[str, Any], node_id: str, root: Path, taken: Sequence[str]) -> Node:
         root.mkdir(parents=True, exist_ok=True)
@@ -180,6 +182,7 @@ class ProcessProvider(NodeProvider):
 
     def destroy_node(self, node: Node) -> None:
         self._kill_marked(lambda value: value.startswith(f"{node.id}/"))
+        self.login.forget(node)  # the node's disk is gone: its users too (a reboot, kill_node, keeps them)
 
     def alive(self, node: Node) -> bool:
         """Up unless :meth:`kill_node` killed it (and :meth:`restart_node` has not brought it back)."""
@@ -190,11 +193,20 @@ class ProcessProvider(NodeProvider):
         """The node fails: it is down (:meth:`alive`) and every process any command started on it is killed."""
         with self._lock:
             self._down.add(node.id)
-        self.destroy_node(node)
+        self._kill_marked(lambda value: value.startswith(f"{node.id}/"))
 
     def restart_node(self, node: Node) -> None:
         with self._lock:
             self._down.discard(node.id)
+
+    def edit_users(self, node: Node, edit: Edit) -> None:
+        self.login.edit_users(node, edit)
+
+    def remote_login(self, node: Node, env: Mapping[str, str]) -> RemoteLogin:
+        return self.login.remote_login(node, env)
+
+    def close(self) -> None:
+        self.login.close()
 
     @staticmethod
     def _kill_marked(match: Callable[[str], bool]) -> None:
