@@ -18,7 +18,7 @@ from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 from mpilaunch.client.nodelogin import new_key
 from mpilaunch.emulator.nodes.process import ProcessProvider, isolation_available
 from mpilaunch.emulator.server import EmulatorServer
-from tests.support.emulator import RunningEmulator
+from tests.support.emulator import RunningEmulator, start_emulator
 from tests.support.exec_engine import wait_for
 from tests.support.exec_sdk import Batch, make_pool
 
@@ -239,6 +239,34 @@ def test_a_reboot_keeps_users_and_a_reimage_loses_them(batch: Batch, emulator: R
     assert ssh(settings, "grace", key, "true", tmp_path).returncode == 255
     with pytest.raises(ResourceNotFoundError):
         client.delete_node_user(pool_id, node, "grace")
+
+
+def test_users_survive_an_emulator_restart(tmp_path: Path, key: Key) -> None:
+    """A restart is a reboot: the node keeps its users and its host key; its sshd starts again on first use."""
+    with start_emulator(tmp_path / "data") as emu:
+        client = emu.client()
+        pool_id = make_pool(client, 1)
+        node = node_of(client, pool_id).id
+        client.create_node_user(pool_id, node, user("leo", key))
+        known = host_key(client.get_node_remote_login_settings(pool_id, node), tmp_path / "known")
+        emu.restart()
+        client = emu.client()
+        wait_for(lambda: client.get_node(pool_id, node).state == m.BatchNodeState.IDLE, 60, "the node idle again")
+        after = client.get_node_remote_login_settings(pool_id, node)
+        done = subprocess.run(  # the host key recorded before the restart must match
+            ["ssh", "-i", str(key.path), "-p", str(after.remote_login_port), "-o", "BatchMode=yes",
+             "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={known}", "-o", "HostKeyAlias=node",
+             "-o", "IdentitiesOnly=yes", f"leo@{after.remote_login_ip_address}", "id -un"],
+            capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0 and done.stdout.strip() == "leo", done.stderr
+
+
+def host_key(settings: Any, known: Path) -> Path:
+    """Record the node's host key now, under the name ``node``, in ``known``."""
+    scan = subprocess.run(["ssh-keyscan", "-t", "ed25519", "-p", str(settings.remote_login_port),
+                           settings.remote_login_ip_address], capture_output=True, text=True, timeout=30, check=True)
+    known.write_text(f"node {scan.stdout.strip().splitlines()[0].split(None, 1)[1]}\n")
+    return known
 
 
 def test_nodes_without_accounts_of_their_own_map_users_to_the_emulators(tmp_path: Path, key: Key) -> None:

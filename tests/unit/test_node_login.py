@@ -17,6 +17,7 @@ from mpilaunch.client.nodelogin import (
     new_user_name,
     remote_command,
     ssh_argv,
+    ssh_warnings,
     target_for,
 )
 from mpilaunch.client.results import InstanceResult, TaskResults
@@ -159,3 +160,25 @@ def test_sshd_config() -> None:
     assert "AllowUsers root" in mapped and "PermitRootLogin prohibit-password" in mapped
     assert "PasswordAuthentication no" in mapped and "AuthorizedKeysFile /state/keys" in mapped
     assert "SetEnv" not in mapped
+
+
+class _Batch:
+    def __init__(self, pool: object) -> None:
+        self.pool = pool
+
+    def get_pool(self, _pool_id: str) -> object:
+        return self.pool
+
+
+def test_azure_pools_without_an_ssh_nat_pool_are_warned_about() -> None:
+    from azure.batch import models as m
+
+    nat = {"name": "ssh", "protocol": "tcp", "backendPort": 22, "frontendPortRangeStart": 50000,
+           "frontendPortRangeEnd": 50099}
+    mapped = m.BatchPool({"id": "p", "networkConfiguration": {"endpointConfiguration": {"inboundNATPools": [nat]}}})
+    assert ssh_warnings(_Batch(mapped), "p") == []
+    other = m.BatchPool({"id": "p", "networkConfiguration": {"endpointConfiguration": {"inboundNATPools": [
+        {**nat, "backendPort": 8888}]}}})
+    for pool in (other, m.BatchPool({"id": "p"})):
+        (warning,) = ssh_warnings(_Batch(pool), "p")
+        assert "no inbound NAT pool for SSH (backend port 22)" in warning and "pool-endpoint-configuration" in warning
