@@ -255,11 +255,13 @@ def listing(req: Request, store: Store, kind: str, parent: Parent, metadata: str
         start = odata.skiptoken(req.query)
         pred = odata.parse_filter(req.query.get("$filter"))
         docs, nxt = store.page(kind, parent, start, limit, lambda d: keep(d) and pred(shape(d)))
-        body: dict[str, Any] = {"odata.metadata": f"{req.base_url}/$metadata#{metadata}",
-                                "value": [odata.select(shape(d), req.query) for d in docs]}
-        if nxt is not None:
-            body["odata.nextLink"] = next_link(req, nxt)
-        return to_json(body)
+        head = to_json({"odata.metadata": f"{req.base_url}/$metadata#{metadata}"})[:-1]
+        tail = b"" if nxt is None else b',"odata.nextLink":' + to_json(next_link(req, nxt))
+        if cache is None or req.query.get("$select"):
+            values = b",".join(to_json(odata.select(shape(d), req.query)) for d in docs)
+        else:
+            values = b",".join(cache.fragments(kind, shape, docs))
+        return head + b',"value":[' + values + b"]" + tail + b"}"
 
     if cache is None:
         return Response(200, page())
@@ -286,14 +288,36 @@ class ListCache:
     the version read *before* computing it, so a commit during the computation makes it miss next time, never
     serve stale data."""
 
-    def __init__(self, db_path: Path, *, entries: int = 64, max_bytes: int = 64 << 20) -> None:
+    def __init__(self, db_path: Path, *, entries: int = 64, max_bytes: int = 64 << 20,
+                 fragments: int = 50_000) -> None:
         self._db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, check_same_thread=False,
                                    isolation_level=None)
         self._lock = threading.Lock()
         self._pages: OrderedDict[Any, tuple[int, bytes]] = OrderedDict()
         self._flights: dict[Any, _Flight] = {}
         self._entries, self._max_bytes, self._bytes = entries, max_bytes, 0
+        self._fragments: OrderedDict[Any, bytes] = OrderedDict()
+        self._max_fragments = fragments
         self.hits = self.misses = 0
+
+    def fragments(self, kind: str, shape: Callable[[Doc], Doc], docs: list[Doc]) -> list[bytes]:
+        """Each doc as serialized in a list (``shape`` applied), reused while the doc keeps its ``eTag`` (the store
+        stamps a new one on every write); docs without one are serialized every time."""
+        keys = [(kind, id(shape), d.get("id"), d.get("eTag")) if d.get("eTag") else None for d in docs]
+        with self._lock:
+            found = [self._fragments.get(k) if k is not None else None for k in keys]
+        made: dict[Any, bytes] = {}
+        for i, (key, frag) in enumerate(zip(keys, found, strict=True)):
+            if frag is None:
+                found[i] = fresh = to_json(shape(docs[i]))
+                if key is not None:
+                    made[key] = fresh
+        if made:
+            with self._lock:
+                self._fragments.update(made)
+                while len(self._fragments) > self._max_fragments:
+                    self._fragments.popitem(last=False)
+        return [f for f in found if f is not None]
 
     def close(self) -> None:
         with self._lock:
