@@ -42,8 +42,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mpilaunch.emulator.nodes.base import ADMIN, Execution, Node, NodeError
-from node_runtime import proc
-from node_runtime.errors import CommandFailed
+from node_runtime import proc, sshd
+from node_runtime.errors import CommandFailed, ServiceError
 
 if TYPE_CHECKING:
     from mpilaunch.emulator.nodes.process import ProcessProvider
@@ -54,7 +54,6 @@ LOGIN_GROUP = "mpl-login"
 """The group of a node's users: the only accounts its sshd lets in (``AllowGroups``)."""
 ADMIN_GROUP = "sudo"
 FIRST_UID = 20000
-SSHD_SEARCH_PATH = ("/usr/sbin", "/usr/local/sbin", "/sbin")
 START_TIMEOUT = 10.0
 KEY_TYPES = ("ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521",
              "sk-ssh-ed25519@openssh.com", "sk-ecdsa-sha2-nistp256@openssh.com")
@@ -214,11 +213,12 @@ def hash_password(password: str) -> str:
 
 
 def find_sshd() -> str:
-    found = shutil.which("sshd", path=os.pathsep.join([*SSHD_SEARCH_PATH, os.environ.get("PATH", "")]))
-    if found is None:
-        raise LoginUnsupported("remote login needs OpenSSH's sshd on the emulator's machine (apt install "
-                               "openssh-server)")
-    return found
+    """The machine's sshd (as the coordination service finds it)."""
+    try:
+        return str(sshd.find_sshd())
+    except ServiceError as exc:
+        raise LoginUnsupported(f"remote login to process nodes needs OpenSSH's sshd on the emulator's machine: "
+                               f"{exc}") from exc
 
 
 def wait_listening(address: str, port: int, alive: Callable[[], bool], log: Path, timeout: float = START_TIMEOUT
@@ -303,7 +303,7 @@ class ProcessLogin:
             state = self.state_dir(node)
             state.mkdir(mode=0o711, exist_ok=True)
             if self._isolated(node):
-                users = self._place(state, before, users)
+                users = self._place(before, users)
             write_in_place(state / "users.json", json.dumps([u.to_json() for u in users.values()], indent=1), 0o600)
             if self._isolated(node):
                 self._write_accounts(node, state, before, users)
@@ -314,7 +314,7 @@ class ProcessLogin:
     def _host(name: str) -> str:
         return Path("/etc", name).read_text()
 
-    def _place(self, state: Path, before: Users, users: Users) -> Users:
+    def _place(self, before: Users, users: Users) -> Users:
         """Refuse names the host has; give new users free uids (kept across updates)."""
         passwd, group = self._host("passwd"), self._host("group")
         taken = taken_names(passwd, group) | {LOGIN_GROUP}
@@ -364,7 +364,7 @@ class ProcessLogin:
             return RemoteLogin(node.address, port, self._mapped(node))
 
     def _start(self, node: Node, env: Mapping[str, str]) -> int:
-        sshd = find_sshd()
+        daemon = find_sshd()
         state = self.state_dir(node)
         state.mkdir(mode=0o711, exist_ok=True)
         host_key = state / "ssh_host_ed25519_key"
@@ -383,13 +383,13 @@ class ProcessLogin:
                                     mapped=mapped, keys_file=str(state / "authorized_keys") if mapped
                                     else ".ssh/authorized_keys")
         (state / "sshd_config").write_text(config)
-        argv = [sshd, "-D", "-e", "-f", str(state / "sshd_config")]
+        argv = [daemon, "-D", "-e", "-f", str(state / "sshd_config")]
         if self._isolated(node):
             if not (state / "etc" / "passwd").exists():
                 self._write_accounts(node, state, {}, {})
             binds = [(state / "etc" / n, f"/etc/{n}") for n in _HOST_FILES] + [(state / "home", "/home")]
             argv = [sys.executable, "-I", "-S", str(_OVERLAY), *(f"{src}={dst}" for src, dst in binds), "--", *argv]
-            Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation dir
+            sshd.PRIVSEP_DIR.mkdir(mode=0o755, exist_ok=True)
         log = state / "sshd.log"
         log.write_bytes(b"")
         try:
