@@ -260,9 +260,11 @@ def _read_condition(req: Request, resp: Response) -> Response:
 
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,8}")
 _LENGTH = re.compile(r"[0-9]{1,12}")
-_HTTP_ERRORS = {400: "InvalidHttpRequest", 408: "RequestTimeout", 414: "RequestUrlTooLong", 431: "InvalidHeaderValue",
+_HTTP_ERRORS = {400: "RequestUrlFailedToParse", 414: "InvalidUri", 431: "InvalidHeaderValue",
                 505: "UnsupportedHttpVersion"}
-"""Batch error codes for the answers the HTTP layer gives before a request is routed."""
+"""Batch error codes (BatchErrorCodeStrings) for what the HTTP layer refuses before a request is routed: a request
+line it cannot parse, a URL over 64 KiB, a header line over 64 KiB or over 100 headers, an HTTP version other than
+1.x; anything else ``InvalidInput``."""
 
 
 def _body_error(reason: str) -> WireError:
