@@ -232,7 +232,7 @@ class EmulatorServer:
                 resp = _read_condition(req, resp)
             return resp
         except WireError as exc:
-            return Response(exc.status, exc.body(req.request_id))
+            return Response(exc.status, None if exc.status == 304 else exc.body(req.request_id))
         except Exception:
             log.exception("internal error on %s %s", req.method, req.raw_path)
             err = WireError(500, "InternalError", "An internal error occurred in the emulator.")

@@ -245,3 +245,21 @@ def test_string_integers_and_booleans_as_azure_cli_sends_them(wire_emulator, job
         resp = wire_emulator.raw("POST", "/pools", json_body={"id": uid("bad"), "vmSize": "s",
                                                               "targetDedicatedNodes": bad})
         assert error(resp, 400, "InvalidPropertyValue")["PropertyName"] == "targetDedicatedNodes", bad
+
+
+def test_lists_show_every_change_at_once(wire_emulator, job):
+    """Lists are served from a cache of serialized pages and docs: any committed change shows in the next list."""
+    for i in range(3):
+        assert wire_emulator.raw("POST", f"/jobs/{job}/tasks", json_body={"id": f"l{i}", "commandLine": "true"}
+                                 ).status_code == 201
+    for n in range(5):
+        wire_emulator.raw("GET", f"/jobs/{job}/tasks")  # cached
+        assert wire_emulator.raw("PUT", f"/jobs/{job}/tasks/l1", json_body={"constraints": {"maxTaskRetryCount": n}}
+                                 ).status_code == 200
+        listed = {t["id"]: t for t in wire_emulator.raw("GET", f"/jobs/{job}/tasks").json()["value"]}
+        assert listed["l1"]["constraints"]["maxTaskRetryCount"] == n
+        assert listed["l1"]["eTag"] == wire_emulator.raw("GET", f"/jobs/{job}/tasks/l1").json()["eTag"]
+    assert wire_emulator.raw("DELETE", f"/jobs/{job}/tasks/l2").status_code == 200
+    assert [t["id"] for t in wire_emulator.raw("GET", f"/jobs/{job}/tasks").json()["value"]] == ["l0", "l1"]
+    paged = wire_emulator.raw("GET", f"/jobs/{job}/tasks", params={"maxresults": "1", "$select": "id"}).json()
+    assert paged["value"] == [{"id": "l0"}] and "$skiptoken=" in paged["odata.nextLink"]
