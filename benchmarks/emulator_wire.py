@@ -11,15 +11,15 @@ its interpreter), with the wire behaviour toggled in that process:
   share a page and every update makes all 50 recompute theirs: the cache of serialized docs is what is left.
 
 get_task: ``--gets`` sequential calls through the unmodified azure-batch SDK; median and p90. list_tasks: 1,000
-tasks (ten collections of 100), then 50 threads each sending ``--lists`` signed ``GET /jobs/{job}/tasks`` (one page
-of 1,000, the SDK's default page) on its own keep-alive connection, reading the whole answer; latency percentiles
-and errors. The readers speak raw HTTP: the SDK's own deserialization of 1,000 tasks costs more CPU than the server,
-and 50 of them in one client process would measure the client.
+tasks (ten collections of 100), then for ``--seconds`` 50 threads each sending signed ``GET /jobs/{job}/tasks`` (one
+page of 1,000, the SDK's default page) one after another on its own keep-alive connection, reading the whole answer;
+latency percentiles and errors. The readers speak raw HTTP: the SDK's own deserialization of 1,000 tasks costs more
+CPU than the server, and 50 of them in one client process would measure the client.
 
 Where an uncached list's time goes is measured in-process on the same data: the store's page query
 (``Store.page``: SQLite read and ``json.loads`` of every doc), shaping the docs, and serializing the answer.
 
-Usage: .venv/bin/python benchmarks/emulator_wire.py [--gets N] [--lists N] [--no-write]
+Usage: .venv/bin/python benchmarks/emulator_wire.py [--gets N] [--seconds S] [--no-write]
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def get_latency(served: Served, job: str, n: int) -> list[float]:
     return out
 
 
-def list_load(served: Served, job: str, per_reader: int, *, writes: bool, distinct: bool) -> dict[str, Any]:
+def list_load(served: Served, job: str, seconds: float, *, writes: bool, distinct: bool) -> dict[str, Any]:
     path, query = f"/jobs/{job}/tasks", "api-version=2025-06-01"
     lat: list[float] = []
     errors: list[str] = []
@@ -139,7 +139,7 @@ def list_load(served: Served, job: str, per_reader: int, *, writes: bool, distin
     def reader(n: int) -> None:
         conn = http.client.HTTPConnection(served.host, served.port, timeout=60)
         mine = f"{query}&%24filter=id%20ne%20%27r{n}%27" if distinct else query
-        for _ in range(per_reader):
+        while time.perf_counter() < until:
             start = time.perf_counter()
             try:
                 conn.request("GET", f"{path}?{mine}", headers=signed("GET", path, mine))
@@ -172,6 +172,7 @@ def list_load(served: Served, job: str, per_reader: int, *, writes: bool, distin
             writes_done += 1
         conn.close()
 
+    until = time.perf_counter() + seconds
     threads = [threading.Thread(target=reader, args=(n,)) for n in range(READERS)]
     wthread = threading.Thread(target=writer) if writes else None
     start = time.perf_counter()
@@ -230,7 +231,7 @@ CONFIGS = [("before: Nagle on, two writes, no cache", False, False, False, False
            ("after, 50 different `$filter`s, a task update every 100 ms", True, True, True, True)]
 
 
-def measure(gets: int, lists: int) -> dict[str, Any]:
+def measure(gets: int, seconds: float) -> dict[str, Any]:
     results: dict[str, Any] = {"configs": []}
     with tempfile.TemporaryDirectory(prefix="wirebench-") as tmp:
         for i, (name, nodelay, cache, writes, distinct) in enumerate(CONFIGS):
@@ -239,7 +240,7 @@ def measure(gets: int, lists: int) -> dict[str, Any]:
             try:
                 job = fill(served)
                 got = get_latency(served, job, gets) if not writes else []
-                load = list_load(served, job, lists, writes=writes, distinct=distinct)
+                load = list_load(served, job, seconds, writes=writes, distinct=distinct)
             finally:
                 served.close()
             results["configs"].append({"name": name, "gets": got, **load})
@@ -256,7 +257,7 @@ def _ms(samples: list[float], q: int) -> str:
     return f"{statistics.quantiles(samples, n=100)[q - 1] * 1000:,.1f} ms"
 
 
-def markdown(results: dict[str, Any], lists: int) -> str:
+def markdown(results: dict[str, Any], seconds: float) -> str:
     rows = []
     for c in results["configs"]:
         gets = f"{statistics.median(c['gets']) * 1000:.1f} ms" if c["gets"] else "—"
@@ -276,8 +277,9 @@ def markdown(results: dict[str, Any], lists: int) -> str:
         f"A `--no-execute` emulator in a child process per configuration; {platform.node() or 'this machine'} "
         f"({os.cpu_count()} cores, Python {platform.python_version()}, load average {load[0]:.2f} at the end), "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. get_task: sequential calls through the azure-batch "
-        f"SDK. list_tasks: {TASKS:,} tasks, {READERS} threads each sending {lists} signed `GET /jobs/{{job}}/tasks` "
-        f"(one page of {TASKS:,}, {split['bytes'] / 1000:,.0f} kB) on a keep-alive connection.",
+        f"SDK. list_tasks: {TASKS:,} tasks; for {seconds:.0f} s, {READERS} threads each sending signed "
+        f"`GET /jobs/{{job}}/tasks` (one page of {TASKS:,}, {split['bytes'] / 1000:,.0f} kB) one after another on a "
+        "keep-alive connection.",
         "",
         "| configuration | get_task median | get_task p90 | list p50 | list p95 | list p99 | lists/s | errors |",
         "|---|---|---|---|---|---|---|---|",
@@ -304,9 +306,9 @@ def markdown(results: dict[str, Any], lists: int) -> str:
 def main() -> int:
     cli = parser(__doc__)
     cli.add_argument("--gets", type=int, default=300, help="sequential get_task calls per configuration")
-    cli.add_argument("--lists", type=int, default=20, help="lists per reader (50 readers)")
+    cli.add_argument("--seconds", type=float, default=8.0, help="how long the 50 readers list, per configuration")
     args = cli.parse_args()
-    publish(markdown(measure(args.gets, args.lists), args.lists), BEGIN, END, write=not args.no_write)
+    publish(markdown(measure(args.gets, args.seconds), args.seconds), BEGIN, END, write=not args.no_write)
     return 0
 
 
