@@ -14,6 +14,22 @@ from node_runtime.contract import RUNTIME_VERSION, SECRET_VARIABLE, VERSION_VARI
 from node_runtime.env import NodeEnvironment, parse_bool, parse_endpoint
 from node_runtime.errors import InvalidEnvironment, ServiceError
 
+WAIT_PER_NODE = 0.3
+"""Seconds the primary's wait for the services grows by per remote node (see :func:`wait_timeout`)."""
+
+
+def wait_timeout(timeout: float, remote_nodes: int) -> float:
+    """How long the primary waits for the services of ``remote_nodes`` other nodes when asked for ``timeout``:
+    ``timeout + WAIT_PER_NODE * remote_nodes`` (30 s for 3 nodes becomes 30.6 s, for 100 nodes 59.7 s).
+
+    The logins are one ssh client and one sshd connection each, all at once: their CPU (~60-80 ms per login here,
+    more on a loaded machine) is spent on the primary's cores, so the last one answers after a time that grows
+    linearly with the node count; a fixed deadline that suits 3 nodes gives up on a large task whose nodes are all
+    fine (issue 13: 78 of 99 hosts "no answer" at 30 s). ``WAIT_PER_NODE`` is over 10x the per-node wait measured
+    with 100 emulated nodes on 2 cores at load 40+ (2.5 s for 99 logins: docs/benchmarks.md, "Emulator at
+    scale")."""
+    return timeout + WAIT_PER_NODE * max(remote_nodes, 0)
+
 
 def current_environment(environ: Mapping[str, str] | None = None) -> NodeEnvironment:
     """:meth:`NodeEnvironment.current` without enumerating every interface (psutil, ~10 ms) when binding tells: the

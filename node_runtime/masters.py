@@ -20,6 +20,14 @@ A master is ``ssh -M -S <control socket> HOST <SESSION>`` with the task's ``ssh_
 
 Each master's stdin, stdout and stderr are one socket of a socketpair (one descriptor per node on our side).
 Masters run in their own session: a terminal's Ctrl-C reaches mpirun, not the switches.
+
+No user shell start-up file runs: ssh runs ``LocalCommand`` with ``$SHELL -c``, and bash with a socket as stdin
+takes itself for an ssh session and sources ``/etc/bash.bashrc`` and ``~/.bashrc`` (``BASH_ENV`` too), once per
+remote node (seen: a ``pyenv rehash`` there serialised 99 logins on one lock). The masters' ssh therefore gets
+``SHELL=/bin/sh`` (a POSIX sh reads no start-up file with ``-c``) and no ``BASH_ENV``/``ENV``; the remote side's
+sessions get ``SHLVL=1`` from the service's sshd_config (see :func:`node_runtime.sshd.render_sshd_config`).
+
+The wait's deadline grows with the number of remote nodes: :func:`node_runtime.coordinate.wait_timeout`.
 """
 
 from __future__ import annotations
@@ -36,9 +44,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from node_runtime import proc
+from node_runtime.coordinate import wait_timeout
 from node_runtime.errors import InvalidInput
 from node_runtime.fabric import NodeFabric, read_node
-from node_runtime.sshd import Service, clean_environ, control_dir
+from node_runtime.sshd import Service, control_dir, ssh_environ
 
 LOGGED_IN = "mpilaunch-logged-in"
 STOPPED = "mpilaunch-service-stopped"
@@ -88,7 +97,8 @@ class Master:
 
 @dataclass
 class Masters:
-    """Open a master to every host of ``hosts`` in parallel (a thread each), retrying until ``timeout``.
+    """Open a master to every host of ``hosts`` in parallel (a thread each), retrying until the deadline,
+    :attr:`deadline_s` = :func:`~node_runtime.coordinate.wait_timeout` of ``timeout`` and the number of hosts.
 
     ``finished`` is set once every host answered or gave up; :meth:`silent` names those that did not answer,
     :meth:`cancel` ends the waiting early, :meth:`wait` joins the threads, :meth:`stop` stops every opened master's
@@ -107,13 +117,18 @@ class Masters:
     _threads: list[threading.Thread] = field(default_factory=list)
     _pending: int = 0
 
+    @property
+    def deadline_s(self) -> float:
+        """Seconds the masters keep trying, from :meth:`start`: ``timeout``, grown with the number of hosts."""
+        return wait_timeout(self.timeout, len(self.hosts))
+
     def start(self) -> None:
         ssh = shutil.which("ssh")
         if ssh is None:
             raise InvalidInput("ssh not found on PATH: install an ssh client (Debian: openssh-client) on the task's "
                                "image")
         self.service.tmp_dir.mkdir(mode=0o700, exist_ok=True)
-        deadline = time.monotonic() + self.timeout
+        deadline = time.monotonic() + self.deadline_s
         self._pending = len(self.hosts)
         if not self.hosts:
             self.finished.set()
@@ -185,7 +200,7 @@ class Masters:
                 theirs.close()
                 return None
             try:
-                process = proc.spawn(argv, env=clean_environ(), stdin=theirs.fileno(), stdout=theirs.fileno(),
+                process = proc.spawn(argv, env=ssh_environ(), stdin=theirs.fileno(), stdout=theirs.fileno(),
                                      stderr=theirs.fileno(), new_session=True)
             except BaseException:
                 ours.close()

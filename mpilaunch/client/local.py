@@ -6,6 +6,11 @@ it recorded (and checks they are still ours before signalling them). The emulato
 pools (``pool create --local --container-image IMG``) get docker nodes when the docker engine answers; they carry
 the label ``org.mpilaunch.emulator=<docker_scope()>`` and are stopped (not removed) by ``down``, like deallocated
 VMs, so the next ``up`` starts them again.
+
+Size: pool ``local`` is refused a node count this machine cannot hold (:func:`node_limit`, formula there; the error
+names the limit and the override ``MPILAUNCH_LOCAL_MAX_NODES``). ``down`` leaves no node process behind at any size:
+after the emulator stops (SIGTERM, then SIGKILL after :data:`STOP_TIMEOUT`), one sweep kills every process any
+command started on one of its nodes, with their descendants (also what a killed emulator left running).
 """
 
 from __future__ import annotations
@@ -43,6 +48,83 @@ _LISTENING = {  # what each service prints once it listens, with the port it bou
     "azurite": re.compile(r"successfully listens on https?://\S+:(\d+)"),
     "emulator": re.compile(r"Batch emulator listening on https?://\S+:(\d+)"),
 }
+
+
+MAX_NODES_VARIABLE = "MPILAUNCH_LOCAL_MAX_NODES"
+NODES_PER_CORE = 64
+"""Process nodes per core: a task on every node runs N coordination commands and N ranks on these cores. Measured on
+2 cores (docs/benchmarks.md, "Emulator at scale"): 100 nodes coordinate in ~17 s and run a small mpi4py job in
+~53 s, the load average reaching ~80; 64 per core (128 there) keeps a full pool's coordination inside launch's wait
+(30 s + 0.3 s per node) with room for a loaded machine, where 1,000 nodes (load 43) could not even be stopped."""
+NODE_MEMORY = 100 * 2**20
+"""Memory per node running an MPI task: ~80 MB RSS measured (keeper, sshd, coordinate, orted, an mpi4py rank), with
+a margin."""
+MEMORY_SHARE = 0.8
+"""The share of the machine's memory (or of its cgroup's limit) the local pool may plan to use."""
+NODE_PROCESSES = 12
+"""Processes per node running an MPI task: 9 measured, with a margin."""
+PROCESS_SHARE = 0.5
+"""The share of the free process slots (pid limit minus the processes running) the local pool may plan to use."""
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        text = Path(path).read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def node_limit() -> tuple[int, str]:
+    """The most process nodes this machine can hold, and how that was derived (for the error message).
+
+    ``min(64 x cores, 0.8 x memory / 100 MiB, 0.5 x (pid limit - processes running) / 12)``: cores from
+    ``os.cpu_count()``, memory the total or the cgroup's ``memory.max`` if lower, the pid limit the least of
+    ``kernel.pid_max``, the cgroup's ``pids.max`` and (not for root) ``RLIMIT_NPROC`` (see
+    :data:`NODES_PER_CORE`, :data:`NODE_MEMORY`, :data:`NODE_PROCESSES`). On this project's 2-core, 24 GiB
+    machines: 128 (cores)."""
+    import resource
+
+    cores = os.cpu_count() or 1
+    memory = psutil.virtual_memory().total
+    cgroup_memory = _read_int("/sys/fs/cgroup/memory.max")
+    if cgroup_memory is not None:
+        memory = min(memory, cgroup_memory)
+    pid_limits = [v for v in (_read_int("/proc/sys/kernel/pid_max"), _read_int("/sys/fs/cgroup/pids.max"))
+                  if v is not None]
+    nproc = resource.getrlimit(resource.RLIMIT_NPROC)[0]
+    if nproc != resource.RLIM_INFINITY and os.geteuid() != 0:  # root is not held to RLIMIT_NPROC
+        pid_limits.append(nproc)
+    pids = min(pid_limits) if pid_limits else 32768
+    running = len(psutil.pids())
+    bounds = {
+        "cores": (NODES_PER_CORE * cores, f"{NODES_PER_CORE} per core x {cores} cores"),
+        "memory": (int(MEMORY_SHARE * memory // NODE_MEMORY),
+                   f"{MEMORY_SHARE:g} x {memory / 2**30:.1f} GiB / {NODE_MEMORY // 2**20} MiB per node"),
+        "processes": (int(PROCESS_SHARE * max(pids - running, 0) // NODE_PROCESSES),
+                      f"{PROCESS_SHARE:g} x ({pids} pids - {running} running) / {NODE_PROCESSES} per node"),
+    }
+    limit = max(min(value for value, _ in bounds.values()), 1)
+    why = "; ".join(f"{name}: {text} = {value}" for name, (value, text) in bounds.items())
+    return limit, why
+
+
+def check_size(nodes: int) -> None:
+    """Refuse a local pool of ``nodes`` process nodes beyond :func:`node_limit` (or ``MPILAUNCH_LOCAL_MAX_NODES``)."""
+    override = os.environ.get(MAX_NODES_VARIABLE, "").strip()
+    if override:
+        if not override.isdigit() or int(override) < 1:
+            raise InvalidInput(f"{MAX_NODES_VARIABLE}={override!r}: must be a positive whole number of nodes")
+        if nodes > int(override):
+            raise InvalidInput(f"pool {LOCAL_POOL!r} cannot have {nodes} nodes: {MAX_NODES_VARIABLE} is {override}")
+        return
+    limit, why = node_limit()
+    if nodes > limit:
+        raise InvalidInput(
+            f"pool {LOCAL_POOL!r} cannot have {nodes} nodes on this machine: its limit is {limit} process nodes "
+            f"(the least of {why})",
+            details=[f"fix: use at most {limit} nodes, or set {MAX_NODES_VARIABLE}={nodes} to go beyond this "
+                     "machine's limit at your own risk (each node runs its own sshd, coordinate and MPI rank)"])
 
 
 @dataclass(frozen=True)
@@ -175,6 +257,7 @@ def up(nodes: int = 3, *, default_ports: bool = True) -> LocalState:
     """
     from mpilaunch.emulator import defaults
 
+    check_size(nodes)
     state = _load()
     if state is not None and _running(state):
         ensure_local_pool(state, nodes)
@@ -247,7 +330,8 @@ def _stop(pid: int, name: str) -> bool:
 
 
 def down() -> list[str]:
-    """Stop the recorded local services; return what was stopped."""
+    """Stop the recorded local services, then every process left on the emulator's nodes; return what was
+    stopped."""
     state = _load()
     stopped = []
     if state is not None:
@@ -255,7 +339,34 @@ def down() -> list[str]:
             if _stop(pid, name):
                 stopped.append(f"{name} (pid {pid})")
         (local_dir() / "state.json").unlink(missing_ok=True)
+    left = sweep_nodes()
+    if left:
+        stopped.append(f"{left} node process(es) left behind")
     return stopped
+
+
+def node_ids(data_dir: Path | None = None) -> list[str]:
+    """The ids of every node the local emulator has (its node directories: ``DATA/nodes/POOL/NODE``)."""
+    nodes = (data_dir or local_dir() / "emulator") / "nodes"
+    return sorted(n.name for pool in nodes.glob("*") if pool.is_dir() for n in pool.iterdir() if n.is_dir())
+
+
+def sweep_nodes(data_dir: Path | None = None) -> int:
+    """Kill (one sweep) every process any command started on a node of the local emulator, whatever left it
+    running (an emulator killed before it could end its tasks), and stop its docker nodes; returns how many
+    processes were found."""
+    from mpilaunch.emulator.nodes.process import kill_nodes
+
+    found = kill_nodes(node_ids(data_dir))
+    if shutil.which("docker") is not None:
+        from mpilaunch.emulator.nodes.docker import LABEL_SCOPE
+
+        listed = proc.run(["docker", "ps", "-q", "--filter", f"label={LABEL_SCOPE}={docker_scope()}"], timeout=60,
+                          check=False)
+        ids = listed.stdout.decode().split() if listed.returncode == 0 else []
+        if ids:
+            proc.run(["docker", "stop", "-t", "0", *ids], timeout=120, check=False)
+    return found
 
 
 def status() -> dict[str, object]:

@@ -11,6 +11,12 @@ previous run left), :meth:`Engine.wake` after every mutation, and :meth:`Engine.
   it stays active as in Azure) and run by a :class:`~mpilaunch.emulator.taskrun.TaskRun` thread;
 * jobs with ``onAllTasksComplete = terminatejob`` complete when all their tasks have.
 
+Each step reads only live work, through the store's indexes: jobs in non-final states and the tasks that are active,
+preparing or running or carry a delete/terminate request (:meth:`~mpilaunch.emulator.store.Store.work`); completed
+history costs nothing per step. Each pool, job and task is handled on its own
+(:class:`~mpilaunch.emulator.isolation.Isolation`): one the engine cannot act on is marked with a Batch error and
+skipped, and everything else keeps running.
+
 An attempt that fails because one of its nodes went down (the provider says it is not alive) is requeued, not
 retried: Batch's recovery retries are not counted against ``maxTaskRetryCount``. A shutdown kills every process but
 leaves the documents as they are; the next :meth:`recover` requeues the tasks that were running (``requeueCount``,
@@ -24,11 +30,13 @@ import socket
 import threading
 from collections.abc import Callable
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 from mpilaunch.emulator import defaults, records
 from mpilaunch.emulator import multiinstance as mi
 from mpilaunch.emulator.context import Context, log, wipe
+from mpilaunch.emulator.isolation import DATA_ERRORS, Isolation
 from mpilaunch.emulator.nodes.base import Node, NodeProvider
 from mpilaunch.emulator.pools import START_TAG, NodeManager
 from mpilaunch.emulator.store import Doc, Store, now_iso, transition
@@ -40,6 +48,12 @@ Key = tuple[str, str]
 
 def _key(job_id: str, task_id: str) -> Key:
     return job_id.lower(), task_id.lower()
+
+
+LIVE_JOB_STATES = ("active", "disabling", "disabled", "enabling", "terminating", "deleting")
+"""Job states the engine looks at (``completed`` jobs only through their tasks' delete requests)."""
+WORK_TASK_STATES = ("active", "preparing", "running")
+"""Task states the engine looks at (plus tasks flagged for delete/terminate, whatever their state)."""
 
 
 MASTER_PORT = 6000
@@ -54,6 +68,14 @@ def reserve_port(address: str) -> int:
             return int(s.getsockname()[1])
     except OSError:
         return MASTER_PORT
+
+
+def _check_pool(pool: Doc) -> bool:
+    """Read the pool fields placement uses, so a pool with one of the wrong type is marked (not its tasks)."""
+    for name in ("taskSlotsPerNode", "targetDedicatedNodes", "targetLowPriorityNodes"):
+        int(pool.get(name) or 0)
+    str(pool["id"])
+    return True
 
 
 def _expired(job: Doc) -> bool:
@@ -86,7 +108,8 @@ class Engine:
                            account_url=account_url or defaults.endpoint(), wake=self.wake)
         self.store = store
         self.poll = poll
-        self.nodes = NodeManager(self.ctx, self._busy, self._evict)
+        self.isolation = Isolation(self.ctx)
+        self.nodes = NodeManager(self.ctx, self._busy, self._evict, self.isolation)
         self._runs: dict[Key, TaskRun] = {}
         self._slots: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -136,39 +159,66 @@ class Engine:
         self.ctx.provider.close()
 
     def recover(self) -> None:
-        """Handle what a previous emulator run left: kill its processes, requeue its running tasks, restart nodes."""
+        """Handle what a previous emulator run left: kill its processes, requeue its running tasks, restart nodes.
+
+        Every record on its own (one the engine cannot act on is marked, the rest recovers), and every process of
+        every node in one sweep (:meth:`~mpilaunch.emulator.nodes.base.NodeProvider.kill_tags`)."""
         self._recovered = True
         restored: dict[str, Node] = {}
-        for pool in self.store.list("pool"):
-            for doc in self.store.list("node", (pool["id"],)):
-                node = self.ctx.node_of(doc)
-                if node is None or doc.get("state") == "leavingpool":
-                    self.store.delete("node", (pool["id"],), doc["id"])  # recreated by the next resize
-                    if node is not None:
-                        self.ctx.provider.destroy_node(node)
-                    continue
-                try:
-                    restored[node.id] = self.ctx.provider.restore_node(node)
-                    self.ctx.provider.kill_tag(node, START_TAG)
-                except MpilaunchError as exc:
-                    log.warning("node %s cannot be restored: %s", node.id, exc)
-        for job in self.store.list("job"):
-            for task in self.store.list("task", (job["id"],), states=["running"]):
+        pools = self.store.list("pool")
+        for pool in pools:
+            self.isolation.run("pool", (), pool, partial(self._restore_pool, pool, restored))
+        running = [(parent, task) for parent, task in self.store.work("task", ["running"])
+                   if task.get("state") == "running"]
+        targets: list[tuple[Node, str]] = [(node, START_TAG) for node in restored.values()]
+        attempts: list[tuple[tuple[str, ...], Doc, list[Node]]] = []
+        for parent, task in running:
+            def attempt_nodes(task: Doc = task) -> list[Node]:
                 attempt = task.get("_attempt") or {}
-                nodes = [restored[n] for _pool, n in attempt.get("nodes", []) if n in restored]
-                for node in nodes:
-                    self.ctx.provider.kill_tag(node, attempt.get("tag", ""))
-                records.finish(self.ctx, job["id"], task["id"], nodes, multi="multiInstanceSettings" in task,
-                               outcome=Outcome(kind="requeue"), max_retries=0)
-        for pool in self.store.list("pool"):
-            for doc in self.store.list("node", (pool["id"],)):
-                def reset(d: Doc) -> None:
-                    d["runningTasksCount"] = d["runningTaskSlotsCount"] = 0
-                    for key in ("_action", "_upAt"):  # a restart is a reboot: pending node actions are void
-                        d.pop(key, None)
-                    transition(d, "starting")
-                self.ctx.update_node(pool["id"], doc["id"], reset)
-                self.nodes.restart_node(pool["id"], doc)
+                return [restored[n] for _pool, n in attempt.get("nodes", []) if n in restored]
+            nodes = self.isolation.run("task", parent, task, attempt_nodes)
+            if nodes is not None:
+                attempts.append((parent, task, nodes))
+                targets += [(node, str((task.get("_attempt") or {}).get("tag", ""))) for node in nodes]
+        try:
+            self.ctx.provider.kill_tags(targets)
+        except MpilaunchError as exc:
+            log.warning("what the previous run left could not all be killed: %s", exc)
+        for parent, task, nodes in attempts:
+            job_id = self._job_id(parent)
+            self.isolation.run("task", parent, task, partial(
+                records.finish, self.ctx, job_id, task["id"], nodes, multi="multiInstanceSettings" in task,
+                outcome=Outcome(kind="requeue"), max_retries=0))
+        for pool in pools:
+            self.isolation.run("pool", (), pool, partial(self._restart_pool, pool))
+
+    def _job_id(self, parent: tuple[str, ...]) -> str:
+        """The job id (as the job doc spells it) of a task's parent key (lower-cased)."""
+        job = self.store.get("job", (), parent[0]) if parent else None
+        return str(job["id"]) if job is not None else parent[0]
+
+    def _restore_pool(self, pool: Doc, restored: dict[str, Node]) -> None:
+        for doc in self.store.list("node", (pool["id"],)):
+            node = self.ctx.node_of(doc)
+            if node is None or doc.get("state") == "leavingpool":
+                self.store.delete("node", (pool["id"],), doc["id"])  # recreated by the next resize
+                if node is not None:
+                    self.ctx.provider.destroy_node(node)
+                continue
+            try:
+                restored[node.id] = self.ctx.provider.restore_node(node)
+            except MpilaunchError as exc:
+                log.warning("node %s cannot be restored: %s", node.id, exc)
+
+    def _restart_pool(self, pool: Doc) -> None:
+        for doc in self.store.list("node", (pool["id"],)):
+            def reset(d: Doc) -> None:
+                d["runningTasksCount"] = d["runningTaskSlotsCount"] = 0
+                for key in ("_action", "_upAt"):  # a restart is a reboot: pending node actions are void
+                    d.pop(key, None)
+                transition(d, "starting")
+            self.ctx.update_node(pool["id"], doc["id"], reset)
+            self.nodes.restart_node(pool["id"], doc)
 
     # -- the loop -------------------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -191,18 +241,42 @@ class Engine:
 
     def _step(self) -> None:
         self.nodes.step()
-        for job in self.store.list("job"):
-            state = job.get("state")
-            if state == "deleting":
-                self._delete_job(job)
-                continue
-            if state == "active" and _expired(job):
-                self.store.update("job", (), job["id"], _expire)
-                self.wake()
-                continue
-            if state == "terminating":
-                self._terminate_job(job)
-            self._job_tasks(job, schedule=state == "active")  # deletes happen in any job state
+        work: dict[str, list[Doc]] = {}
+        for parent, task in self.store.work("task", WORK_TASK_STATES):
+            work.setdefault(parent[0] if parent else "", []).append(task)
+        for job in self.store.list("job", states=LIVE_JOB_STATES):
+            tasks = work.pop(str(job.get("id", "")).lower(), [])
+            pool = self.isolation.run("job", (), job, partial(self._job, job))
+            if pool is not False:  # False: the job is being deleted or has just expired; its tasks wait
+                self._job_tasks(job, tasks, pool if isinstance(pool, dict) else None,
+                                complete=job.get("state") == "active")
+        for job_key, tasks in work.items():  # tasks of completed jobs: their delete and terminate requests
+            owner = self.store.get("job", (), job_key)
+            if owner is not None:
+                self._job_tasks(owner, tasks, None)
+
+    def _job(self, job: Doc) -> Doc | bool:
+        """The job's own part of a step; returns ``False`` if its tasks are not to be looked at now, else the pool
+        to place its active tasks on (``True``: none, only deletes and terminations)."""
+        state = job.get("state")
+        if state == "deleting":
+            self._delete_job(job)
+            return False
+        if state == "active" and _expired(job):
+            self.store.update("job", (), job["id"], _expire)
+            self.wake()
+            return False
+        if state == "terminating":
+            self._terminate_job(job)
+        if state != "active":
+            return True
+        # an auto pool's id is only in executionInfo (poolInfo holds its specification)
+        pool_id = str(job.get("poolInfo", {}).get("poolId") or (job.get("executionInfo") or {}).get("poolId") or "")
+        pool = self.store.get("pool", (), pool_id) if pool_id else None
+        if pool is None or pool.get("state") != "active" or self.isolation.skipped("pool", (), pool):
+            return True
+        checked = self.isolation.run("pool", (), pool, lambda: _check_pool(pool))
+        return pool if checked else True
 
     def _cancel_where(self, match: Callable[[TaskRun], bool], kind: str) -> int:
         with self._lock:
@@ -221,6 +295,7 @@ class Engine:
             run.cancel("deleted")
         if not runs:
             self.store.delete("job", (), job["id"])
+            self._end_auto_pool(job)
             for node_doc in self.store.list("node"):
                 wipe(Path(node_doc["_root"]) / "workitems" / job["id"])
 
@@ -240,7 +315,18 @@ class Engine:
             if reason:
                 info["terminateReason"] = reason
             transition(doc, "completed")
-        self.store.update("job", (), job_id, complete)
+        self._end_auto_pool(self.store.update("job", (), job_id, complete))
+
+    def _end_auto_pool(self, job: Doc | None) -> None:
+        """Delete the job's auto pool once the job completes or is deleted, unless ``keepAlive``: "the Batch service
+        deletes the Pool once its lifetime (as determined by the poolLifetimeOption setting) expires; that is, when
+        the Job or Job Schedule completes" (``BatchAutoPoolSpecification``)."""
+        spec = ((job or {}).get("poolInfo") or {}).get("autoPoolSpecification")
+        if job is None or not spec or spec.get("keepAlive") or spec.get("poolLifetimeOption") != "job":
+            return
+        pool_id = str((job.get("executionInfo") or {}).get("poolId") or "")
+        if pool_id and self.store.update("pool", (), pool_id, lambda doc: transition(doc, "deleting")) is not None:
+            self.wake()
 
     def _remove_task(self, job_id: str, task: Doc) -> None:
         """Delete a task that is not running, with its (and its subtasks') directories on the nodes, as Batch does."""
@@ -252,33 +338,39 @@ class Engine:
     def _end_idle_task(self, job_id: str, task_id: str) -> None:
         records.finish(self.ctx, job_id, task_id, [], multi=False, outcome=Outcome(kind="terminated"), max_retries=0)
 
-    def _job_tasks(self, job: Doc, *, schedule: bool) -> None:
-        """Carry out task deletes/terminations; with ``schedule``, also place active tasks and complete the job."""
-        tasks = self.store.list("task", (job["id"],))
-        pool_id = str(job.get("poolInfo", {}).get("poolId") or "") if schedule else ""
-        pool = self.store.get("pool", (), pool_id) if pool_id else None
-        if pool is not None and pool.get("state") != "active":
-            pool = None
-        candidates: list[Doc] | None = None  # the pool's usable node docs, listed once per step
+    def _job_tasks(self, job: Doc, tasks: list[Doc], pool: Doc | None, *, complete: bool = False) -> None:
+        """Carry out the delete/terminate requests of ``tasks`` (the job's live ones); with a ``pool``, also place
+        its active tasks there; with ``complete`` (an active job), complete the job once all its tasks have
+        (``onAllTasksComplete``)."""
+        candidates: list[Doc] = []  # the pool's usable node docs, listed once per step
+        if pool is not None and any(t.get("state") == "active" for t in tasks):
+            candidates = self.store.list("node", (pool["id"],), states=["idle", "running"])
         for task in tasks:
-            with self._lock:
-                run = self._runs.get(_key(job["id"], task["id"]))
-            if task.get("_deleting"):
-                if run is not None:
-                    run.cancel("deleted")
-                else:
-                    self._remove_task(job["id"], task)
-            elif task.get("_terminating") and task.get("state") != "completed":
-                if run is not None:
-                    run.cancel("terminated")
-                else:
-                    self._end_idle_task(job["id"], task["id"])
-            elif task.get("state") == "active" and run is None and pool is not None:
-                if candidates is None:
-                    candidates = self.store.list("node", (pool["id"],), states=["idle", "running"])
-                self._schedule(job, pool, task, candidates)
-        if schedule and job.get("onAllTasksComplete") == "terminatejob" and tasks and all(
-                t.get("state") == "completed" for t in self.store.list("task", (job["id"],))):
+            self.isolation.run("task", (job["id"],), task, partial(self._task, job, task, pool, candidates))
+        if complete and job.get("onAllTasksComplete") == "terminatejob":
+            self.isolation.run("job", (), job, lambda: self._all_complete(job))
+
+    def _task(self, job: Doc, task: Doc, pool: Doc | None, candidates: list[Doc]) -> None:
+        with self._lock:
+            run = self._runs.get(_key(job["id"], task["id"]))
+        if task.get("_deleting"):
+            if run is not None:
+                run.cancel("deleted")
+            else:
+                self._remove_task(job["id"], task)
+        elif task.get("_terminating") and task.get("state") != "completed":
+            if run is not None:
+                run.cancel("terminated")
+            else:
+                self._end_idle_task(job["id"], task["id"])
+        elif task.get("state") == "active" and run is None and pool is not None:
+            self._schedule(job, pool, task, candidates)
+
+    def _all_complete(self, job: Doc) -> None:
+        """Complete the job if it has tasks and all are completed (two indexed queries, not a read of its tasks)."""
+        parent = (str(job["id"]),)
+        if (self.store.count("task", parent, states=WORK_TASK_STATES, limit=1) == 0
+                and self.store.count("task", parent, limit=1) == 1):
             self._complete_job(job["id"], "AllTasksComplete")
 
     # -- placement ------------------------------------------------------------------------------------------------
@@ -307,15 +399,29 @@ class Engine:
             for node in nodes:
                 self._slots[node.id] = self._slots.get(node.id, 0) + (1 if multi else need)
         tag = f"{job['id']}/{task['id']}/{secrets.token_hex(4)}"
-        claimed = records.claim(self.ctx, job["id"], task["id"], nodes, tag)
-        if claimed is None:
+        claimed: Doc | None = None
+        try:
+            claimed = records.claim(self.ctx, job["id"], task["id"], nodes, tag)
+            if claimed is None:
+                self._free(nodes, 1 if multi else need)
+                return
+            run = TaskRun(self.ctx, job, claimed, nodes, tag=tag, master_port=reserve_port(nodes[0].address),
+                          on_done=self._done, on_started=self._started)
+        except DATA_ERRORS:  # the task cannot run: give its nodes back, then it is marked (Isolation)
+            if claimed is not None:
+                records.release_all(self.ctx, job["id"], task["id"], nodes)
             self._free(nodes, 1 if multi else need)
-            return
-        run = TaskRun(self.ctx, job, claimed, nodes, tag=tag, master_port=reserve_port(nodes[0].address),
-                      on_done=self._done)
+            raise
         with self._lock:
             self._runs[key] = run
         run.start()
+
+    def _started(self, run: TaskRun, starts: dict[int, str]) -> None:
+        """Every instance of ``run`` runs: its subtasks are ``running`` since their own start."""
+        try:
+            records.instances_started(self.ctx, run.job["id"], run.task["id"], starts)
+        except Exception:  # the attempt goes on; its subtasks' times are written when it ends
+            log.exception("task %s/%s: subtask start times not recorded", run.job["id"], run.task["id"])
 
     def _free(self, nodes: list[Node], slots: int) -> None:
         with self._lock:
@@ -335,6 +441,11 @@ class Engine:
             if outcome.kind != "shutdown":
                 records.finish(self.ctx, job_id, task_id, run.nodes, multi=run.multi, outcome=outcome,
                                max_retries=self._max_retries(run))
+        except DATA_ERRORS as exc:  # its record cannot take the outcome: mark it, free its nodes
+            task = self.store.get("task", (job_id,), task_id)
+            if task is not None:
+                self.isolation.mark("task", (job_id,), task, exc)
+            records.release_all(self.ctx, job_id, task_id, run.nodes)
         finally:
             with self._lock:
                 self._runs.pop(_key(job_id, task_id), None)

@@ -162,6 +162,31 @@ def exit_failure(exit_code: int, what: str) -> Doc:
                         details={"Message": f"{what} exited with code {exit_code}"})
 
 
+SUBTASK_ENDED = {
+    "terminated": "The subtask was terminated because its task was terminated by user request",
+    "timeout": "The subtask was terminated because its task exceeded its maxWallClockTime",
+    "evicted": "The subtask was terminated because a node of its task was rebooted, reimaged, removed or had its "
+               "scheduling disabled with the terminate option",
+}
+"""Why a subtask still running when its task was ended from outside was ended (``TaskEnded``), per outcome kind."""
+
+
+def subtask_failure(kind: str, code: int | None, failure: Doc | None) -> Doc | None:
+    """The ``failureInfo`` of a subtask when its task's attempt ends as ``kind`` (taskrun's ``Outcome.kind``), its
+    coordination command having exited with ``code`` (None: it had not) or failed with ``failure``: its own failure;
+    else ``TaskEnded`` when the task was terminated, timed out or evicted (a terminated instance is never a success:
+    Batch terminates the subtasks of a terminated multi-instance task, REST spec ``Tasks_TerminateTask``; the subtask
+    is then ``completed``, ``BatchSubtaskState``, with a failure, ``BatchSubtask.result``), or when it was killed
+    before its coordination command ended; None (a success) otherwise."""
+    if failure is not None:
+        return failure
+    if kind in SUBTASK_ENDED:
+        return failure_info("TaskEnded", SUBTASK_ENDED[kind])
+    if code is None and kind != "success":
+        return failure_info("TaskEnded", "The subtask was ended because its task ended")
+    return None
+
+
 def multi_instance_blocker(pool: Mapping[str, Any], task: Mapping[str, Any]) -> str | None:
     """Why ``pool`` can never run the multi-instance ``task`` (it would stay active), or ``None`` if it can.
 

@@ -23,12 +23,14 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from mpilaunch.emulator import multiinstance as mi
 from mpilaunch.emulator import resourcefiles
 from mpilaunch.emulator.context import Context, log, wipe
+from mpilaunch.emulator.isolation import Isolation
 from mpilaunch.emulator.nodes.base import ADMIN, NONADMIN, Node
 from mpilaunch.emulator.store import Doc, now_iso, transition
 from node_runtime.errors import MpilaunchError
@@ -79,8 +81,11 @@ def _ipv6(address: str) -> str:
 class NodeManager:
     """Keeps every pool's nodes at its target and runs their StartTasks."""
 
-    def __init__(self, ctx: Context, is_busy: Callable[[str], bool], evict: Callable[[str, str], None]) -> None:
+    def __init__(self, ctx: Context, is_busy: Callable[[str], bool], evict: Callable[[str, str], None],
+                 isolation: Isolation | None = None) -> None:
         self.ctx = ctx
+        self.isolation = isolation or Isolation(ctx)
+        """Each pool is stepped on its own: one the engine cannot act on is marked (``resizeErrors``) and skipped."""
         self.is_busy = is_busy
         self.evict = evict
         """``evict(node_id, kind)`` ends every attempt running on the node (``requeue`` or ``evicted``)."""
@@ -94,14 +99,17 @@ class NodeManager:
         if probe:
             self._probed = time.monotonic()
         for pool in self.ctx.store.list("pool"):
-            nodes = self.ctx.store.list("node", (pool["id"],))
-            if pool.get("state") == "deleting":
-                self._delete_pool(pool, nodes)
-            else:
-                self._resize(pool, nodes)
-                if probe:
-                    self._revive(pool["id"], nodes)
-            self._act(pool["id"])
+            self.isolation.run("pool", (), pool, partial(self._step_pool, pool, probe))
+
+    def _step_pool(self, pool: Doc, probe: bool) -> None:
+        nodes = self.ctx.store.list("node", (pool["id"],))
+        if pool.get("state") == "deleting":
+            self._delete_pool(pool, nodes)
+        else:
+            self._resize(pool, nodes)
+            if probe:
+                self._revive(pool["id"], nodes)
+        self._act(pool["id"])
 
     def check_lost(self, nodes: Sequence[Node], what: str) -> list[Node]:
         """After a failed attempt (``what``): mark each node the provider says is down ``unusable``; returns them."""
@@ -415,7 +423,8 @@ class NodeManager:
             self._threads.clear()
         for thread in threads:
             thread.join(timeout)
-        for doc in self.ctx.store.list("node"):
-            node = self.ctx.node_of(doc)
-            if node is not None:
-                self.ctx.provider.kill_tag(node, START_TAG)
+        nodes = [node for doc in self.ctx.store.list("node") if (node := self.ctx.node_of(doc)) is not None]
+        try:
+            self.ctx.provider.kill_tags([(node, START_TAG) for node in nodes])
+        except MpilaunchError as exc:
+            log.warning("could not end every StartTask: %s", exc)

@@ -5,9 +5,16 @@ Task: ``active → running → completed`` (or back to ``active`` for a retry / 
 ``nodeInfo`` of the primary. Subtasks: one doc per non-primary instance (ids ``1..N-1``; the primary is the task
 itself, as ``list_subtasks`` shows in Azure). Nodes: ``idle ↔ running`` with their task counters.
 
+Subtasks are ``preparing`` from the claim (their node downloads the common resource files), ``running`` from the
+moment their own coordination command starts, ``completed`` when the attempt ends (the primary's exit ends them) or
+their coordination command failed; their ``startTime``/``endTime`` are their own instance's (Batch's
+``BatchSubtask.startTime``: "The time at which the subtask started running"; the List Subtasks example of the REST
+spec shows a different startTime per subtask).
+
 Internal fields: task ``_taskDir`` (host path of the primary's task dir), ``_attempt`` (``{"tag", "nodes":
 [[pool, node], ...]}`` of the running attempt, so a restarted emulator can kill what it left behind); subtask
 ``_taskDir``.
+
 """
 
 from __future__ import annotations
@@ -58,11 +65,24 @@ def claim(ctx: Context, job_id: str, task_id: str, nodes: Sequence[Node], tag: s
         if "multiInstanceSettings" in task:
             for index, node in enumerate(nodes[1:], start=1):
                 ctx.store.put("subtask", (job_id, task_id), {
-                    "id": index, "nodeInfo": _info(ctx, node, rel), "startTime": now, "state": "running",
+                    "id": index, "nodeInfo": _info(ctx, node, rel), "state": "preparing",
                     "stateTransitionTime": now, "_taskDir": str(node.root / rel)})
         for node in nodes:
             ctx.update_node(node.pool_id, node.id, _occupy)
     return task
+
+
+def instances_started(ctx: Context, job_id: str, task_id: str, starts: dict[int, str]) -> None:
+    """The subtasks whose coordination command started (``{index: time}``, index >= 1) are ``running`` since then."""
+    def running(doc: Doc, at: str) -> None:
+        if doc.get("state") == "preparing":
+            doc["startTime"] = at
+            transition(doc, "running", at)
+    with ctx.store.transaction():
+        for index, at in sorted(starts.items()):
+            if index:
+                ctx.store.update("subtask", (job_id, task_id), str(index),
+                                 lambda d, at=at: running(d, at))  # type: ignore[misc]
 
 
 def _occupy(doc: Doc) -> None:
@@ -90,6 +110,12 @@ def _release(ctx: Context, node: Node, job_id: str, task_id: str, *, index: int 
     ctx.update_node(node.pool_id, node.id, fn)
 
 
+def release_all(ctx: Context, job_id: str, task_id: str, nodes: Sequence[Node]) -> None:
+    """Give ``nodes`` back after an attempt whose task record could not be written (it is marked instead)."""
+    for node in nodes:
+        _release(ctx, node, job_id, task_id, index=None, task=None, ok=False, ran=False)
+
+
 def _public(info: Doc) -> Doc:
     return {k: v for k, v in info.items() if not k.startswith("_")}
 
@@ -109,7 +135,8 @@ def finish(ctx: Context, job_id: str, task_id: str, nodes: Sequence[Node], *, mu
             if task is not None and multi:
                 for index in range(1, len(nodes)):
                     ctx.store.update("subtask", (job_id, task_id), str(index),
-                                     lambda d, i=index: _finish_subtask(d, i, outcome, now))  # type: ignore[misc]
+                                     lambda d, i=index: _finish_subtask(  # type: ignore[misc]
+                                         d, i, outcome, outcome.ends.get(i, now), outcome.starts.get(i)))
         for index, node in enumerate(nodes):
             _release(ctx, node, job_id, task_id, index=index if multi else None, task=task,
                      ok=outcome.kind == "success", ran=outcome.kind not in ("requeue", "deleted"))
@@ -145,11 +172,13 @@ def _finish_task(doc: Doc, outcome: Outcome, max_retries: int, now: str) -> None
         transition(doc, "completed", now)
 
 
-def _finish_subtask(doc: Doc, index: int, outcome: Outcome, now: str) -> None:
+def _finish_subtask(doc: Doc, index: int, outcome: Outcome, now: str, started: str | None = None) -> None:
+    """End subtask ``index`` at ``now`` (its own end); ``started``: its own start, if it got that far."""
+    if started is not None and "startTime" not in doc:
+        doc["startTime"] = started
+        transition(doc, "running", started)
     code = outcome.codes.get(index)
-    failure: dict[str, Any] | None = outcome.failures.get(index)
-    if failure is None and code is None and outcome.kind != "success":
-        failure = mi.failure_info("TaskEnded", "The subtask was ended because its task ended")
+    failure: dict[str, Any] | None = mi.subtask_failure(outcome.kind, code, outcome.failures.get(index))
     if code is not None:
         doc["exitCode"] = code
     doc["endTime"] = now

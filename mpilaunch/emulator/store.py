@@ -57,9 +57,17 @@ API
 case-insensitively); ``put(kind, parent, doc)`` (upsert); ``update(kind, parent, id, fn, touch=False)`` (``fn``
 mutates the doc in place, runs inside the write transaction; returns the stored doc or ``None`` if missing);
 ``delete(kind, parent, id)`` (cascades to children; returns whether it existed); ``list(kind, parent=None,
-states=None)`` (``parent=None``: every parent); ``page(kind, parent, after, limit, keep)`` for paging;
+states=None)`` (``parent=None``: every parent); ``count(...)`` (as ``list``, counted); ``work(kind, states)`` (docs in
+``states`` or flagged for the engine, with their parents); ``page(kind, parent, after, limit, keep)`` for paging;
 ``transaction()`` (re-entrant, for several reads/writes that must be atomic). Thread-safe; all methods may be called
 from any thread. Returned docs are copies: mutate them freely.
+
+Costs
+-----
+Every query the engine and the API make goes through an index, so their cost does not grow with history (completed
+tasks): ``(kind, state)`` for the engine's work (:meth:`Store.work`: docs in non-final states, plus the flagged ones
+through a partial index), ``(kind, parent, seq)`` for lists, pages (``LIMIT``-like: a page reads only its rows and the
+next one) and cascading deletes, ``(kind, parent, lid)`` for gets.
 """
 
 from __future__ import annotations
@@ -88,10 +96,38 @@ CREATE TABLE IF NOT EXISTS docs (
     lid    TEXT NOT NULL,
     state  TEXT,
     doc    TEXT NOT NULL,
+    flag   INTEGER NOT NULL DEFAULT 0,
     UNIQUE (kind, parent, lid)
 );
-CREATE INDEX IF NOT EXISTS docs_state ON docs (kind, state);
 """
+# After the table (an older store gets its flag column first, see Store._migrate).
+_INDEXES = """
+CREATE INDEX IF NOT EXISTS docs_state ON docs (kind, state);
+CREATE INDEX IF NOT EXISTS docs_parent_seq ON docs (kind, parent, seq);
+CREATE INDEX IF NOT EXISTS docs_flagged ON docs (kind) WHERE flag = 1;
+"""
+FLAGS = ("_deleting", "_terminating")
+"""Internal request flags (set by the API, carried out by the engine): a doc with one is *flagged*, which an index
+finds without reading the others (:meth:`Store.work`)."""
+
+
+def _load(lid: str, state: str | None, text: str) -> Doc:
+    """The stored doc; one that is not a JSON object (written by hand, or damaged) comes back as a stub with its id
+    and state and ``_corrupt``, so readers see a record of the wrong shape instead of failing on every read."""
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict):
+        return doc
+    stub: Doc = {"id": lid, "_corrupt": True}
+    if state is not None:
+        stub["state"] = state
+    return stub
+
+
+def _flag(doc: Doc) -> int:
+    return 1 if any(doc.get(name) for name in FLAGS) else 0
 
 
 class Conflict(Exception):
@@ -101,6 +137,19 @@ class Conflict(Exception):
 def now_iso() -> str:
     """The current UTC time as Batch writes it: ``2025-06-01T12:00:00.123456Z``."""
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _where(sql: str, kind: str, parent: Parent | None, states: Iterable[str] | None) -> tuple[str, list[str]]:
+    """``sql`` (ending in ``WHERE kind=?``) narrowed to ``parent`` and ``states`` when given, and its arguments."""
+    args = [kind]
+    if parent is not None:
+        sql += " AND parent=?"
+        args.append(_parent_key(parent))
+    if states is not None:
+        wanted = list(states)
+        sql += f" AND state IN ({','.join('?' * len(wanted))})"
+        args.extend(wanted)
+    return sql, args
 
 
 def transition(doc: Doc, state: str, at: str | None = None) -> None:
@@ -132,7 +181,20 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        self._migrate()
+        self._db.executescript(_INDEXES)
         self._last_etag = 0
+
+    def _migrate(self) -> None:
+        """A store written before the ``flag`` column: add it and set it from the docs (once)."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(docs)")}
+        if "flag" in columns:
+            return
+        with self.transaction():
+            self._db.execute("ALTER TABLE docs ADD COLUMN flag INTEGER NOT NULL DEFAULT 0")
+            for seq, text in self._db.execute("SELECT seq, doc FROM docs WHERE doc LIKE '%\\_deleting%' ESCAPE '\\' "
+                                              "OR doc LIKE '%\\_terminating%' ESCAPE '\\'").fetchall():
+                self._db.execute("UPDATE docs SET flag=? WHERE seq=?", (_flag(_load("", None, text)), seq))
 
     def close(self) -> None:
         with self._lock:
@@ -169,9 +231,9 @@ class Store:
 
     def get(self, kind: str, parent: Parent, id: str) -> Doc | None:
         with self._lock:
-            row = self._db.execute("SELECT doc FROM docs WHERE kind=? AND parent=? AND lid=?",
+            row = self._db.execute("SELECT lid, state, doc FROM docs WHERE kind=? AND parent=? AND lid=?",
                                    (kind, _parent_key(parent), str(id).lower())).fetchone()
-        return None if row is None else dict(json.loads(row[0]))
+        return None if row is None else _load(*row)
 
     def insert(self, kind: str, parent: Parent, doc: Doc) -> Doc:
         """Add a new document; raises :class:`Conflict` if its id exists under ``parent`` in any letter case."""
@@ -183,9 +245,9 @@ class Store:
         with self.transaction():
             self._stamp(doc, True)
             try:
-                self._db.execute("INSERT INTO docs (kind, parent, lid, state, doc) VALUES (?, ?, ?, ?, ?)",
+                self._db.execute("INSERT INTO docs (kind, parent, lid, state, doc, flag) VALUES (?, ?, ?, ?, ?, ?)",
                                  (kind, _parent_key(parent), str(doc["id"]).lower(), doc.get("state"),
-                                  json.dumps(doc)))
+                                  json.dumps(doc), _flag(doc)))
             except sqlite3.IntegrityError as exc:
                 raise Conflict(f"{kind} {doc['id']!r} exists") from exc
         return doc
@@ -196,9 +258,10 @@ class Store:
         with self.transaction():
             self._stamp(doc, touch)
             self._db.execute(
-                "INSERT INTO docs (kind, parent, lid, state, doc) VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT (kind, parent, lid) DO UPDATE SET state=excluded.state, doc=excluded.doc",
-                (kind, _parent_key(parent), str(doc["id"]).lower(), doc.get("state"), json.dumps(doc)))
+                "INSERT INTO docs (kind, parent, lid, state, doc, flag) VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (kind, parent, lid) DO UPDATE SET state=excluded.state, doc=excluded.doc, "
+                "flag=excluded.flag",
+                (kind, _parent_key(parent), str(doc["id"]).lower(), doc.get("state"), json.dumps(doc), _flag(doc)))
         return doc
 
     def update(self, kind: str, parent: Parent, id: str, fn: Callable[[Doc], None], *,
@@ -210,8 +273,9 @@ class Store:
                 return None
             fn(doc)
             self._stamp(doc, touch)
-            self._db.execute("UPDATE docs SET state=?, doc=? WHERE kind=? AND parent=? AND lid=?",
-                             (doc.get("state"), json.dumps(doc), kind, _parent_key(parent), str(id).lower()))
+            self._db.execute("UPDATE docs SET state=?, doc=?, flag=? WHERE kind=? AND parent=? AND lid=?",
+                             (doc.get("state"), json.dumps(doc), _flag(doc), kind, _parent_key(parent),
+                              str(id).lower()))
         return doc
 
     def delete(self, kind: str, parent: Parent, id: str) -> bool:
@@ -221,23 +285,40 @@ class Store:
             cur = self._db.execute("DELETE FROM docs WHERE kind=? AND parent=? AND lid=?",
                                    (kind, _parent_key(parent), str(id).lower()))
             for child in _CHILDREN.get(kind, ()):
-                self._db.execute("DELETE FROM docs WHERE kind=? AND (parent=? OR parent LIKE ? ESCAPE '\\')",
-                                 (child, key, _like_prefix(key)))
+                # the parent itself or any key below it ("job/task" under "job"): a range the index serves
+                self._db.execute("DELETE FROM docs WHERE kind=? AND parent=?", (child, key))
+                self._db.execute("DELETE FROM docs WHERE kind=? AND parent>=? AND parent<?",
+                                 (child, key + "/", key + chr(ord("/") + 1)))
             return cur.rowcount > 0
 
     def list(self, kind: str, parent: Parent | None = None, *, states: Iterable[str] | None = None) -> list[Doc]:
         """All docs of ``kind`` under ``parent`` (every parent if ``None``), optionally only in ``states``."""
-        sql, args = "SELECT doc FROM docs WHERE kind=?", [kind]
-        if parent is not None:
-            sql += " AND parent=?"
-            args.append(_parent_key(parent))
-        if states is not None:
-            wanted = list(states)
-            sql += f" AND state IN ({','.join('?' * len(wanted))})"
-            args.extend(wanted)
+        sql, args = _where("SELECT lid, state, doc FROM docs WHERE kind=?", kind, parent, states)
         with self._lock:
             rows = self._db.execute(sql + " ORDER BY seq", args).fetchall()
-        return [dict(json.loads(r[0])) for r in rows]
+        return [_load(*r) for r in rows]
+
+    def work(self, kind: str, states: Iterable[str]) -> builtins.list[tuple[Parent, Doc]]:
+        """The docs of ``kind`` (under every parent) that are in ``states`` or flagged (see :data:`FLAGS`), with
+        their parent keys (lower-cased ids), in list order: what the engine must look at, found through indexes, so
+        its cost does not grow with history (completed docs)."""
+        wanted = list(states)
+        sql = "SELECT seq, parent, lid, state, doc FROM docs WHERE kind=? AND state IN "
+        sql += f"({','.join('?' * len(wanted))})"
+        sql += " UNION SELECT seq, parent, lid, state, doc FROM docs WHERE kind=? AND flag=1 ORDER BY seq"
+        with self._lock:
+            rows = self._db.execute(sql, [kind, *wanted, kind]).fetchall()
+        return [(tuple(p.split("/")) if p else (), _load(lid, state, text)) for _seq, p, lid, state, text in rows]
+
+    def count(self, kind: str, parent: Parent | None = None, *, states: Iterable[str] | None = None,
+              limit: int | None = None) -> int:
+        """How many docs :meth:`list` would return (at most ``limit``: ``limit=1`` asks whether there is one)."""
+        sql, args = _where("SELECT count(*) FROM (SELECT 1 FROM docs WHERE kind=?", kind, parent, states)
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        with self._lock:
+            row = self._db.execute(sql + ")", args).fetchone()
+        return int(row[0])
 
     def page(self, kind: str, parent: Parent, after: int, limit: int,
              keep: Callable[[Doc], bool] = lambda _d: True) -> tuple[builtins.list[Doc], int | None]:
@@ -245,11 +326,11 @@ class Store:
         out: builtins.list[Doc] = []
         last = after
         with self._lock:
-            rows = self._db.execute("SELECT seq, doc FROM docs WHERE kind=? AND parent=? AND seq>? ORDER BY seq",
-                                    (kind, _parent_key(parent), after))
+            rows = self._db.execute("SELECT seq, lid, state, doc FROM docs WHERE kind=? AND parent=? AND seq>? "
+                                    "ORDER BY seq", (kind, _parent_key(parent), after))
             try:
-                for seq, text in rows:
-                    doc = dict(json.loads(text))
+                for seq, lid, state, text in rows:
+                    doc = _load(lid, state, text)
                     if not keep(doc):
                         continue
                     if len(out) >= max(limit, 1):
@@ -260,7 +341,3 @@ class Store:
                 rows.close()
         return out, None
 
-
-def _like_prefix(key: str) -> str:
-    escaped = key.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return escaped + "/%"

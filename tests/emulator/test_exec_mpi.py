@@ -3,38 +3,24 @@
 from __future__ import annotations
 
 import base64
-import os
 import secrets
 import shlex
-import shutil
 import sys
 from pathlib import Path
 
 import pytest
 from azure.batch import models as m
 
-from mpilaunch.emulator.nodes.process import isolation_available
 from tests.support.azurite import free_port
-from tests.support.exec_engine import leftovers
+from tests.support.exec_engine import leftovers, require_mpi
 from tests.support.exec_sdk import Batch, probe_ranks, uid
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.timeout(240)]
 PROBE = Path(__file__).resolve().parents[1] / "programs" / "mpi_probe.py"
 
 
-def _require_tools() -> None:
-    missing = [t for t in ("mpirun", "ssh") if shutil.which(t) is None]
-    if not (shutil.which("sshd") or Path("/usr/sbin/sshd").exists()):
-        missing.append("sshd")
-    if missing or not isolation_available():
-        why = f"missing {missing}" if missing else "per-node host names need root and unshare"
-        if os.environ.get("CI"):
-            pytest.fail(f"cannot run MPI through the emulator: {why}")
-        pytest.skip(why)
-
-
 def test_mpi4py_program_across_three_emulated_nodes(batch: Batch) -> None:
-    _require_tools()
+    require_mpi()
     client = batch.client
     pool_id = batch.pool(3)
     job_id = batch.job(pool_id)

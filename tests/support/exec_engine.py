@@ -22,6 +22,25 @@ from mpilaunch.emulator.store import Store
 PY = sys.executable
 
 
+def require_mpi() -> None:
+    """Skip (fail under CI) unless MPI can run through the emulator's process nodes: mpirun, ssh, sshd, root."""
+    import os
+    import shutil
+
+    import pytest
+
+    from mpilaunch.emulator.nodes.process import isolation_available
+
+    missing = [t for t in ("mpirun", "ssh") if shutil.which(t) is None]
+    if not (shutil.which("sshd") or Path("/usr/sbin/sshd").exists()):
+        missing.append("sshd")
+    if missing or not isolation_available():
+        why = f"missing {missing}" if missing else "per-node host names need root and unshare"
+        if os.environ.get("CI"):
+            pytest.fail(f"cannot run MPI through the emulator: {why}")
+        pytest.skip(why)
+
+
 def py(code: str) -> str:
     """A Batch command line running ``code`` with this Python (no shell; Batch splits it like shlex)."""
     return shlex.join([PY, "-c", code])

@@ -15,6 +15,8 @@ node that plays the VM (:mod:`.vm`). The engine owns everything else
 * :meth:`NodeProvider.kill_tag` — kill every process started on a node by commands run with a given ``tag``,
   including daemons they left behind (a coordination command starts sshd and exits). The engine uses one tag per
   task attempt and calls this when the attempt ends, so no process of a finished task survives.
+  :meth:`NodeProvider.kill_tags` does it for many (node, tag) pairs at once (one process-table scan for all the
+  nodes of an attempt on the process provider).
 * :meth:`NodeProvider.destroy_node` — kill everything on the node and release it (the engine removes ``root``).
 
 After an emulator restart the engine calls :meth:`NodeProvider.restore_node` for every node in its store (and
@@ -158,6 +160,19 @@ class NodeProvider(ABC):
     @abstractmethod
     def kill_tag(self, node: Node, tag: str) -> None:
         """Kill (SIGKILL) every process on ``node`` started with ``tag`` and their descendants; idempotent."""
+
+    def kill_tags(self, targets: Sequence[tuple[Node, str]]) -> None:
+        """:meth:`kill_tag` for every ``(node, tag)`` of ``targets`` (an attempt's nodes, or every node at a
+        restart). Providers that find processes by scanning override it to scan once for all of them; the default
+        calls :meth:`kill_tag` for each. Raises the first error after trying every target."""
+        first: MpilaunchError | None = None
+        for node, tag in targets:
+            try:
+                self.kill_tag(node, tag)
+            except MpilaunchError as exc:
+                first = first or exc
+        if first is not None:
+            raise first
 
     @abstractmethod
     def destroy_node(self, node: Node) -> None:

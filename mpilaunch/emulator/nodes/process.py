@@ -29,7 +29,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +180,13 @@ class ProcessProvider(NodeProvider):
     def kill_tag(self, node: Node, tag: str) -> None:
         self._kill_marked(lambda value: value == f"{node.id}/{tag}")
 
+    def kill_tags(self, targets: Sequence[tuple[Node, str]]) -> None:
+        """One sweep for all ``targets`` (each sweep scans the whole process table a few times: per node, an
+        attempt's teardown grew with nodes x processes)."""
+        values = {f"{node.id}/{tag}" for node, tag in targets}
+        if values:
+            self._kill_marked(values.__contains__)
+
     def destroy_node(self, node: Node) -> None:
         self._kill_marked(lambda value: value.startswith(f"{node.id}/"))
         self.login.forget(node)  # the node's disk is gone: its users too (a reboot, kill_node, keeps them)
@@ -212,6 +219,18 @@ class ProcessProvider(NodeProvider):
     def _kill_marked(match: Callable[[str], bool]) -> None:
         """SIGKILL every process whose tag matches and all their descendants (see :func:`kill_found`)."""
         kill_found(lambda: _marked(match))
+
+
+def kill_nodes(node_ids: Collection[str]) -> int:
+    """SIGKILL every process any command started on the nodes ``node_ids`` (of any emulator, running or not: e.g.
+    what a killed emulator left), with their descendants, in one sweep; returns how many were found first."""
+    ids = set(node_ids)
+    if not ids:
+        return 0
+    found = len(_marked(lambda value: value.split("/", 1)[0] in ids))
+    if found:
+        kill_found(lambda: _marked(lambda value: value.split("/", 1)[0] in ids))
+    return found
 
 
 def kill_found(find: Callable[[], list[psutil.Process]]) -> None:
