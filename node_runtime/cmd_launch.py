@@ -1,31 +1,14 @@
 """``node-runtime launch [--ppn N] [--threads-per-rank T] [--mpi F] [--fabric auto|ucx|tcp] [--allow-small-shm]
-[--timeout S] [--] COMMAND ARGS...``: the task's command line."""
+[--timeout S] [--hang-timeout DURATION] [--no-abort-on-exception] [--] COMMAND ARGS...``: the task's command
+line."""
 
 from __future__ import annotations
 
 import argparse
 
+from node_runtime.argtypes import positive_float, positive_int
 from node_runtime.contract import DEFAULT_FABRIC, FABRICS, FLAVORS
-
-
-def _ppn(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
-    return value
-
-
-def _timeout(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number > 0")
-    return value
+from node_runtime.durations import positive_duration
 
 
 class _Command(argparse.Action):
@@ -43,10 +26,11 @@ class _Command(argparse.Action):
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.usage = ("%(prog)s [-h] [--ppn N] [--threads-per-rank T] [--mpi F] [--fabric auto|ucx|tcp] "
-                    "[--allow-small-shm] [--timeout S] [--] COMMAND ARGS...")
-    parser.add_argument("--ppn", type=_ppn, metavar="N",
+                    "[--allow-small-shm] [--timeout S] [--hang-timeout DURATION] [--no-abort-on-exception] "
+                    "[--] COMMAND ARGS...")
+    parser.add_argument("--ppn", type=positive_int, metavar="N",
                         help="MPI processes per node (default: the node's physical cores / threads per rank).")
-    parser.add_argument("--threads-per-rank", dest="threads", type=_ppn, metavar="T",
+    parser.add_argument("--threads-per-rank", dest="threads", type=positive_int, metavar="T",
                         help="OpenMP threads per rank, for hybrid MPI+OpenMP: OMP_NUM_THREADS=T, each rank bound "
                              "to T cores (default: one core per rank, OMP_NUM_THREADS left as exported).")
     parser.add_argument("--fabric", choices=FABRICS, default=DEFAULT_FABRIC,
@@ -57,9 +41,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mpi", dest="flavor", choices=FLAVORS, metavar="F",
                         help="The MPI implementation of mpirun: %(choices)s (default: detected from "
                              "'mpirun --version').")
-    parser.add_argument("--timeout", type=_timeout, default=30.0, metavar="S",
+    parser.add_argument("--timeout", type=positive_float, default=30.0, metavar="S",
                         help="Seconds to wait for every node's coordination service to answer (default: "
                              "%(default)s).")
+    parser.add_argument("--hang-timeout", type=positive_duration, metavar="DURATION",
+                        help="End the job when no rank wrote output and no checkpoint was committed for DURATION "
+                             "(e.g. 90s, 30m, 2h): every rank's Python stack goes to hang-report.json, the "
+                             "summary to stderr, and launch exits 124 (default: no limit).")
+    parser.add_argument("--no-abort-on-exception", dest="abort_on_exception", action="store_false",
+                        help="Run a Python program as given: without it, `python3 app.py` runs as `python3 -m "
+                             "node_runtime.rankmain app.py` (as `python3 -m mpi4py`: an uncaught exception on any "
+                             "rank calls MPI_Abort, so the whole job ends at once instead of the other ranks "
+                             "waiting forever).")
     parser.add_argument("command", nargs=argparse.REMAINDER, action=_Command, metavar="COMMAND ARGS...",
                         help="The program and its arguments; from the program on, options are the program's.")
 
@@ -77,4 +70,5 @@ def run(args: argparse.Namespace) -> int:
     env = current_environment()
     return launching.launch(env, os.environ, args.command, ppn=args.ppn, threads=args.threads,
                             flavor=MpiFlavor(args.flavor) if args.flavor else None, fabric_request=args.fabric,
-                            allow_small_shm=args.allow_small_shm, timeout=args.timeout)
+                            allow_small_shm=args.allow_small_shm, timeout=args.timeout,
+                            hang_timeout=args.hang_timeout, abort_on_exception=args.abort_on_exception)

@@ -14,6 +14,7 @@ message (plus details) and its ``exit_code``; anything else is a bug and keeps i
     ├── ServiceError               exit 3  the coordination service could not be started, verified or reached
     ├── BatchError                 exit 4  the Batch service, the emulator or Blob storage answered with an error
     ├── TaskFailed                 exit 1  the task ran and did not succeed
+    │   └── HangDetected           exit 124  launch's hang watchdog: no output, no checkpoint for --hang-timeout
     └── CheckpointError            exit 5  a checkpoint store is unusable, or a checkpoint is corrupt
 
 Secrets never appear in messages: code that raises must not put keys, SAS signatures or the task secret in them.
@@ -102,6 +103,18 @@ class BatchError(MpilaunchError):
 
 class TaskFailed(MpilaunchError):
     """The task ran to completion and did not succeed."""
+
+
+HANG_EXIT_CODE = 124
+"""launch's exit code when its hang watchdog ended the job: GNU ``timeout``'s, which shells and CI already read as
+"killed for taking too long"; no other code of ours uses it."""
+
+
+class HangDetected(TaskFailed):
+    """No rank wrote output and no checkpoint was committed for ``launch --hang-timeout``: the watchdog wrote every
+    rank's stack to hang-report.json and ended the job; the message says where the ranks were."""
+
+    exit_code = HANG_EXIT_CODE
 
 
 class CheckpointError(MpilaunchError):

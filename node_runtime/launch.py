@@ -6,8 +6,13 @@ remote node (:mod:`node_runtime.masters`: its login is the wait for that node's 
 node then go through it, and it stops that node's service at the end, even if launch is killed); meanwhile find
 mpirun, detect its flavour, build its argv and start it: it starts up while the services are awaited, but cannot
 reach another node before the gate opens. Once every service answered, open the gate (else kill mpirun and what it
-started, before it reached any node, and name the silent hosts); stream its output, forward SIGTERM/SIGINT, stop
-every node's service, and write ``launch-report.json`` in the working directory.
+started, before it reached any node, and name the silent hosts); forward SIGTERM/SIGINT, stop every node's service,
+and write ``launch-report.json`` in the working directory.
+
+Every rank runs behind :mod:`node_runtime.ranktap` (a Python program through :mod:`node_runtime.rankmain`, so that
+an uncaught exception on any rank ends the job); mpirun's output goes through :mod:`node_runtime.output` (raw to our
+stdout/stderr, tagged to ``ranks.log``), watched by :mod:`node_runtime.failure`, whose first failure (which rank, on
+which node, how) goes into the report and, in one line, to stderr.
 """
 
 from __future__ import annotations
@@ -28,23 +33,34 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from node_runtime import fabric, proc, sshd
-from node_runtime.contract import DEFAULT_FABRIC, NODE_ADDRESS_VARIABLE, SECRET_VARIABLE, MpiFlavor
+from node_runtime import fabric, output, proc, ranktap, sshd, watchdog
+from node_runtime.contract import (
+    DEFAULT_FABRIC,
+    LAUNCH_REPORT_NAME,
+    NODE_ADDRESS_VARIABLE,
+    RANKS_LOG_NAME,
+    SECRET_VARIABLE,
+    MpiFlavor,
+)
 from node_runtime.coordinate import prepare, service
 from node_runtime.env import NodeEnvironment
-from node_runtime.errors import InvalidInput, MpilaunchError, ServiceError, TaskFailed
+from node_runtime.errors import CommandFailed, HangDetected, InvalidInput, MpilaunchError, ServiceError, TaskFailed
+from node_runtime.failure import Analyzer
 from node_runtime.keys import forget_secret, write_private_file
 from node_runtime.masters import Masters
 from node_runtime.mpirun import (
+    aborts_on_exception,
     build_mpirun_argv,
     detect_flavor,
     hostfile_text,
+    python_rank_command,
     spec_for_node,
     ssh_wrapper_script,
+    tap_command,
     with_runtime_environment,
 )
 
-REPORT_NAME = "launch-report.json"
+REPORT_NAME = LAUNCH_REPORT_NAME
 DEFAULT_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 POLL = 0.05
@@ -64,11 +80,22 @@ class Report:
     layout: dict[str, Any] = field(default_factory=dict)  # ranks per node, threads per rank, binding
     nodes: dict[str, Any] = field(default_factory=dict)  # every node's fabric detection
     argv: list[str] = field(default_factory=list)
+    rank_command: list[str] = field(default_factory=list)  # what runs on every rank (behind the tap)
+    abort_on_exception: bool | None = None  # a Python program: whether it runs through node_runtime.rankmain
+    ranks_log: str | None = None  # every rank's lines, tagged (contract.RANKS_LOG_NAME), once mpirun started
+    output_bytes: dict[str, int] = field(default_factory=dict)  # raw bytes the ranks (and MPI) wrote, per stream
+    first_failure: dict[str, Any] | None = None  # which rank failed first, where, how (node_runtime.failure)
     timings: dict[str, float] = field(default_factory=dict)
     unreachable: list[str] = field(default_factory=list)
     services_stopped: dict[str, bool] = field(default_factory=dict)
     exit_code: int | None = None
     error: str | None = None
+
+    def failed(self, error: MpilaunchError) -> None:
+        """launch ends with ``error`` (the watchdog's :class:`HangDetected` is the first failure too)."""
+        self.error, self.exit_code = error.message, error.exit_code
+        if isinstance(error, HangDetected):
+            self.first_failure = _failure_of("hang", error.message)
 
     def write(self, directory: Path, secret: str | None) -> Path:
         finished = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
@@ -86,10 +113,15 @@ class Report:
 
 def launch(env: NodeEnvironment, environ: Mapping[str, str], command: Sequence[str], *, ppn: int | None = None,
            threads: int | None = None, flavor: MpiFlavor | None = None, fabric_request: str = DEFAULT_FABRIC,
-           allow_small_shm: bool = False, timeout: float = DEFAULT_TIMEOUT) -> int:
+           allow_small_shm: bool = False, timeout: float = DEFAULT_TIMEOUT,
+           hang_timeout: float | None = None, abort_on_exception: bool = True) -> int:
     """Run ``command`` on every host of the task under mpirun (``ppn`` ranks per node, default: the node's physical
     cores / ``threads``; the fabric :func:`node_runtime.fabric.choose` picks for ``fabric_request``); returns
-    mpirun's exit code (128+N for signal N)."""
+    mpirun's exit code (128+N for signal N). With ``hang_timeout`` (seconds), :mod:`node_runtime.watchdog` ends a
+    job without output or checkpoint for that long (:class:`~node_runtime.errors.HangDetected`). A Python program
+    runs through :mod:`node_runtime.rankmain` (an uncaught exception on any rank ends the job) unless
+    ``abort_on_exception`` is False; every rank's output goes through :mod:`node_runtime.output` (raw to our
+    stdout/stderr, tagged to ranks.log) and the first failure into the report (:mod:`node_runtime.failure`)."""
     if not env.is_master:
         raise InvalidInput(f"launch runs on the primary node only: this node is {env.current_address}, the primary "
                            f"is {env.master_address} (AZ_BATCH_IS_CURRENT_NODE_MASTER=false)")
@@ -105,6 +137,7 @@ def launch(env: NodeEnvironment, environ: Mapping[str, str], command: Sequence[s
     # launch that still runs holds its gate)
     gate = _Gate(svc.files.directory / f"gate-{os.getpid()}.lock")
     child: subprocess.Popen[bytes] | None = None
+    ranks: _RankOutput | None = None
     with _forwarding_signals() as signals:
         try:
             with signals.deferring():  # a signal must not leave a half-started wait behind
@@ -117,10 +150,11 @@ def launch(env: NodeEnvironment, environ: Mapping[str, str], command: Sequence[s
                                             threads=threads, shared_machine=NODE_ADDRESS_VARIABLE in environ)
             argv, mpirun_env = _mpirun_command(env, environ, svc, flavor=chosen, placement=placement, choice=choice,
                                                command=command, mpirun=mpirun,
-                                               gate=gate.path if masters.hosts else None)
+                                               gate=gate.path if masters.hosts else None,
+                                               abort_on_exception=abort_on_exception, report=report)
             with signals.deferring():  # a signal must not come between the start and `child` knowing it
-                child = proc.spawn(argv, env=mpirun_env, cwd=env.working_dir, stdin=subprocess.DEVNULL)
-            report.argv = argv
+                child, ranks = _spawn(argv, mpirun_env, env, placement.ppn)
+            report.argv, report.ranks_log = argv, RANKS_LOG_NAME
             silent = _wait_for_services(svc, masters, child, started, timeout)
             report.unreachable = [h for h in env.hosts_primary_first if h in silent]
             report.timings["wait_services_s"] = round(time.monotonic() - started, 4)
@@ -140,18 +174,18 @@ def launch(env: NodeEnvironment, environ: Mapping[str, str], command: Sequence[s
                 # forwarded (a terminal's Ctrl-C then reaches mpirun twice, which Open MPI takes as one abort)
                 signals.targets.append(child)
                 gate.open()
-            code = child.wait()
+            with watchdog.watching(hang_timeout, env.working_dir, svc, child, list(masters.opened)):
+                code = child.wait()  # (HangDetected at the end of the block if the watchdog ended the job)
             report.timings["mpirun_s"] = round(time.monotonic() - through, 4)
             report.exit_code = 128 - code if code < 0 else code
             return report.exit_code
         except MpilaunchError as exc:
-            report.error, report.exit_code = exc.message, exc.exit_code
+            report.failed(exc)
             raise
         finally:
             signals.deferred = True  # from here on a signal is only noted: the clean-up must end
             _wind_up(report, svc, masters, gate, child)
-            report.timings["total_s"] = round(time.monotonic() - started, 4)
-            report.write(env.working_dir, env.task_secret)
+            _conclude(report, ranks, started, env)
 
 
 def _client_side(env: NodeEnvironment) -> sshd.Service:
@@ -224,15 +258,21 @@ def _detect(mpirun: str, given: MpiFlavor | None) -> MpiFlavor:
 
 def _mpirun_command(env: NodeEnvironment, environ: Mapping[str, str], svc: sshd.Service, *, flavor: MpiFlavor,
                     placement: fabric.Layout, choice: fabric.FabricChoice, command: Sequence[str], mpirun: str,
-                    gate: Path | None = None) -> tuple[list[str], dict[str, str]]:
+                    gate: Path | None = None, abort_on_exception: bool = True,
+                    report: Report | None = None) -> tuple[list[str], dict[str, str]]:
     """The mpirun argv and its environment (never the secret; TMPDIR node-local, like on the other nodes); with a
-    ``gate``, mpirun's ssh commands wait at it (:func:`node_runtime.mpirun.ssh_command`)."""
+    ``gate``, mpirun's ssh commands wait at it (:func:`node_runtime.mpirun.ssh_command`). Every rank runs behind
+    :mod:`node_runtime.ranktap`; a Python program through :mod:`node_runtime.rankmain` (see :func:`_rank_command`)."""
     if gate is not None and shutil.which("flock", path=environ.get("PATH")) is None:
         raise InvalidInput("flock not found on PATH: install util-linux on the task's image")
     mpirun_env = {k: v for k, v in environ.items() if k != SECRET_VARIABLE}
     mpirun_env["TMPDIR"] = str(svc.tmp_dir)
     svc.tmp_dir.mkdir(mode=0o700, exist_ok=True)
     program = command[0] if "/" in command[0] else shutil.which(command[0], path=environ.get("PATH")) or command[0]
+    rank_command = _rank_command([program, *command[1:]], mpirun_env, abort_on_exception, env.working_dir)
+    if report is not None:
+        report.rank_command = rank_command
+        report.abort_on_exception = aborts_on_exception(rank_command)
     hostfile = wrapper = None
     directory = svc.files.directory
     if flavor is not MpiFlavor.OPENMPI:
@@ -242,12 +282,103 @@ def _mpirun_command(env: NodeEnvironment, environ: Mapping[str, str], svc: sshd.
     if flavor is not MpiFlavor.OPENMPI or any(":" in h for h in env.hosts):
         hostfile = directory / "hostfile"
         write_private_file(hostfile, hostfile_text(flavor, env.hosts_primary_first, placement.ppn).encode())
-    spec = spec_for_node(env, mpirun_env, flavor=flavor, ppn=placement.ppn, command=[program, *command[1:]],
+    spec = spec_for_node(env, mpirun_env, flavor=flavor, ppn=placement.ppn, command=rank_command,
                          ssh_config=svc.client_config, as_root=os.geteuid() == 0, hostfile=hostfile,
                          ssh_wrapper=wrapper, gate=gate, mpirun=mpirun,
                          interface=None if flavor is MpiFlavor.OPENMPI else choice.interface, fabric=choice,
-                         threads=placement.threads, bind=placement.bind)
+                         threads=placement.threads, bind=placement.bind,
+                         tap=tap_command(sys.executable, Path(ranktap.__file__)))
     return build_mpirun_argv(spec), mpirun_env
+
+
+def _rank_command(command: list[str], environ: Mapping[str, str], abort_on_exception: bool,
+                  cwd: Path) -> list[str]:
+    """``command`` (its program resolved), or, for a Python program when ``abort_on_exception``, the same through
+    :mod:`node_runtime.rankmain` (:func:`node_runtime.mpirun.python_rank_command`) if that interpreter can import
+    it (the runtime's own can; another is asked, once, on this node, in the ranks' working directory ``cwd``);
+    else ``command`` and a warning."""
+    rewritten = python_rank_command(command) if abort_on_exception else None
+    if rewritten is None:
+        return command
+    if _imports_runtime(command[0], environ, cwd):
+        return rewritten
+    print(f"node-runtime: launch: warning: {command[0]} cannot import node_runtime (it is not the runtime's "
+          "Python): it runs as given, and an uncaught exception on one rank will not end the job (run the "
+          "runtime's python3, or add -m mpi4py)", file=sys.stderr, flush=True)
+    return command
+
+
+def _imports_runtime(python: str, environ: Mapping[str, str], cwd: Path) -> bool:
+    """Whether ``python`` can import :mod:`node_runtime.rankmain`: ours and those of our virtual environment's
+    ``bin`` can (by where they are, not what they point to: a venv's python3 is often a link to the system's, which
+    cannot); another is asked."""
+    where = Path(python).absolute()
+    if where == Path(sys.executable).absolute() or os.path.realpath(where.parent) == os.path.realpath(
+            Path(sys.prefix) / "bin"):
+        return True
+    try:
+        done = proc.run([python, "-c", "import node_runtime.rankmain"], timeout=60, check=False, env=environ,
+                        cwd=cwd if cwd.is_dir() else None)
+    except CommandFailed:  # it cannot even start here: mpirun will say so, rank by rank
+        return False
+    return done.returncode == 0
+
+
+@dataclass
+class _RankOutput:
+    pump: output.Pump
+    analyzer: Analyzer
+
+
+def _spawn(argv: list[str], environ: Mapping[str, str], env: NodeEnvironment,
+           ppn: int) -> tuple[subprocess.Popen[bytes], _RankOutput]:
+    """Start mpirun with its stdout and stderr on the output pump (which owns copies of the pipes' descriptors;
+    the originals are closed here), the first-failure analyzer watching. ranks.log is opened first: a working
+    directory that cannot take it fails the launch before mpirun runs."""
+    log = output.RanksLog(env.working_dir / RANKS_LOG_NAME)
+    try:
+        child = proc.spawn(argv, env=environ, cwd=env.working_dir, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE)
+    except BaseException:
+        log.close()
+        raise
+    assert child.stdout is not None and child.stderr is not None
+    fds = os.dup(child.stdout.fileno()), os.dup(child.stderr.fileno())
+    child.stdout.close()
+    child.stderr.close()
+    child.stdout = child.stderr = None
+    analyzer = Analyzer(env.hosts_primary_first, ppn)
+    return child, _RankOutput(output.Pump(*fds, env.working_dir, observer=analyzer, log=log).start(), analyzer)
+
+
+def _conclude(report: Report, ranks: _RankOutput | None, started: float, env: NodeEnvironment) -> None:
+    """The end of every launch: the ranks' output drained, the first failure found, the report written."""
+    _finish_output(report, ranks)
+    report.timings["total_s"] = round(time.monotonic() - started, 4)
+    report.write(env.working_dir, env.task_secret)
+
+
+def _finish_output(report: Report, ranks: _RankOutput | None) -> None:
+    """Drain mpirun's output, then record the first failure (unless the job succeeded) and say it in one line."""
+    if ranks is not None:
+        ranks.pump.finish()
+        report.output_bytes = dict(ranks.pump.bytes)
+    if report.first_failure is not None or report.exit_code in (None, 0):
+        return
+    seen = ranks is not None and ranks.analyzer.first() is not None
+    if report.error and not seen:  # launch's own failure (already said as the error)
+        report.first_failure = _failure_of("launch", report.error)
+        return
+    report.first_failure = ranks.analyzer.first_failure(report.exit_code) if ranks is not None else None
+    if report.first_failure is not None:
+        print(f"node-runtime: launch: first failure: {report.first_failure['summary']} (every rank's lines: "
+              f"{RANKS_LOG_NAME})", file=sys.stderr, flush=True)
+
+
+def _failure_of(how: str, summary: str | None) -> dict[str, Any]:
+    """A first failure that is launch's own (``launch``: it refused or could not start the job; ``hang``)."""
+    return {"rank": None, "node": None, "how": how, "exit_code": None, "signal": None, "signal_name": None,
+            "exception": None, "evidence": [], "detail": None, "summary": summary or how, "stderr_tail": []}
 
 
 def _wind_up(report: Report, svc: sshd.Service, masters: Masters, gate: _Gate,

@@ -90,6 +90,7 @@ class LaunchSpec:
     fabric: FabricChoice = PLAIN_TCP
     threads: int | None = None  # OpenMP threads per rank: sets OMP_NUM_THREADS (None: 1 core per rank, not set)
     bind: bool = False  # bind each rank to `threads` cores
+    tap: tuple[str, ...] = ()  # in front of the command on every rank: node_runtime.ranktap (see tap_command)
 
     def __post_init__(self) -> None:
         problems = [*_host_problems(self.hosts), *_spec_problems(self)]
@@ -168,9 +169,102 @@ def _spec_problems(spec: LaunchSpec) -> list[str]:
 
 
 def build_mpirun_argv(spec: LaunchSpec) -> list[str]:
-    """The ``mpirun`` argv for ``spec`` (its flavour's options, then the command)."""
+    """The ``mpirun`` argv for ``spec`` (its flavour's options, then the tap and the command)."""
     options = _openmpi_options(spec) if spec.flavor is MpiFlavor.OPENMPI else _hydra_options(spec)
-    return [spec.mpirun, *options, *spec.extra_args, *spec.command]
+    return [spec.mpirun, *options, *spec.extra_args, *spec.tap, *spec.command]
+
+
+def tap_command(python: str, tap_path: Path) -> tuple[str, ...]:
+    """What runs in front of every rank's command: :mod:`node_runtime.ranktap` (by its path, with ``python`` (the
+    runtime's) isolated and without ``site``: it needs the standard library only and starts fast)."""
+    return (python, "-I", "-S", str(tap_path))
+
+
+RANKMAIN = "node_runtime.rankmain"
+_PYTHON = re.compile(r"^python(\d+(\.\d+)*)?$")
+_PY_FLAGS = frozenset("bBdEiIOqsuvPRx")  # options without an argument (-S is not: see python_rank_command)
+_PY_ARGUMENT = frozenset("WX")  # options with one (-W error, -Xdev)
+_PY_LONG_ARGUMENT = frozenset({"--check-hash-based-pycs"})
+_ABORTING_MODULES = frozenset({RANKMAIN, "mpi4py", "mpi4py.run"})
+
+
+def is_python(program: str) -> bool:
+    """Whether ``program`` (a name or a path) names a Python interpreter: ``python``, ``python3``, ``python3.12``."""
+    return bool(_PYTHON.match(program.rsplit("/", 1)[-1]))
+
+
+def python_rank_command(argv: Sequence[str]) -> list[str] | None:
+    """``PYTHON [options] (FILE | -m MOD | -c CMD) ARGS...`` as ``PYTHON [options] -m node_runtime.rankmain (FILE |
+    -m MOD | -c CMD) ARGS...`` (the interpreter's own options stay in front: ``python3 -u -X dev app.py`` becomes
+    ``python3 -u -X dev -m node_runtime.rankmain app.py``), so that an uncaught exception on any rank ends the job
+    (``MPI_Abort``, as ``python -m mpi4py`` does). None, to run ``argv`` as it is: not a Python interpreter (``bash
+    run.sh``), no program to run (interactive, ``-`` for stdin), ``-h``/``-V``/``--version``, ``-S`` (no ``site``:
+    the runtime's package could not be imported), an unknown option, or already ``-m mpi4py`` / ``-m
+    node_runtime.rankmain``."""
+    split = _split_python(argv) if argv and is_python(argv[0]) else None
+    if split is None:
+        return None
+    options, program = split
+    if program[0] == "-m" and program[1] in _ABORTING_MODULES:
+        return None
+    return [argv[0], *options, "-m", RANKMAIN, *program]
+
+
+def aborts_on_exception(argv: Sequence[str]) -> bool | None:
+    """For a Python command line: whether an uncaught exception ends the MPI job (it runs ``-m mpi4py`` or
+    ``-m node_runtime.rankmain``); None for other programs."""
+    if not argv or not is_python(argv[0]):
+        return None
+    split = _split_python(argv)
+    return split is not None and split[1][0] == "-m" and split[1][1] in _ABORTING_MODULES
+
+
+def _split_python(argv: Sequence[str]) -> tuple[list[str], list[str]] | None:
+    """A Python command line's interpreter options (one word each) and its program part (``FILE ARGS``, ``-m MOD
+    ARGS`` or ``-c CMD ARGS``); None when :func:`python_rank_command` leaves it as it is."""
+    options: list[str] = []
+    i = 1
+    while i < len(argv):
+        word = argv[i]
+        if word == "--" or not word.startswith("-") or word == "-":
+            rest = list(argv[i + 1:] if word == "--" else argv[i:])
+            return (options, rest) if rest and not rest[0].startswith("-") else None
+        if word.startswith("--"):
+            if word.split("=", 1)[0] not in _PY_LONG_ARGUMENT:
+                return None  # --help, --version, --help-env...: nothing to run
+            taken = 1 if "=" in word else 2
+            options += argv[i:i + taken]
+            i += taken
+            continue
+        found = _short_options(word, argv[i + 1] if i + 1 < len(argv) else None)
+        if found is None:
+            return None
+        more, program, used = found
+        options += more
+        if program is not None:  # -c CMD / -m MOD
+            return options, [*program, *argv[i + used:]]
+        i += used
+    return None
+
+
+def _short_options(word: str, following: str | None) -> tuple[list[str], list[str] | None, int] | None:
+    """One word of short options (``-u``, ``-uB``, ``-Wignore``, ``-X dev``, ``-um mod``): the options as separate
+    words, ``[-c|-m, value]`` if it ends with one, and how many words it used; None for what we do not rewrite."""
+    options: list[str] = []
+    for j in range(1, len(word)):
+        letter = word[j]
+        if letter in _PY_FLAGS:
+            options.append(f"-{letter}")
+            continue
+        if letter in _PY_ARGUMENT or letter in "cm":
+            value, used = (word[j + 1:], 1) if j + 1 < len(word) else (following, 2)
+            if value is None:
+                return None
+            if letter in "cm":
+                return options, [f"-{letter}", value], used
+            return [*options, f"-{letter}", value], None, used
+        return None  # -S, -h, -V, -?, or unknown
+    return options, None, 1
 
 
 def _openmpi_options(spec: LaunchSpec) -> list[str]:
@@ -255,6 +349,7 @@ def spec_for_node(
     fabric: FabricChoice = PLAIN_TCP,
     threads: int | None = None,
     bind: bool = False,
+    tap: Sequence[str] = (),
 ) -> LaunchSpec:
     """The launch of ``command`` on every host of ``env`` (primary first) in its working directory, exporting
     :func:`ranks_environment` of ``environ``."""
@@ -262,4 +357,4 @@ def spec_for_node(
                       ssh_config=ssh_config, working_dir=env.working_dir,
                       environment_names=tuple(ranks_environment(environ, env.export_names)), hostfile=hostfile,
                       ssh_wrapper=ssh_wrapper, gate=gate, interface=interface, as_root=as_root, mpirun=mpirun,
-                      extra_args=tuple(extra_args), fabric=fabric, threads=threads, bind=bind)
+                      extra_args=tuple(extra_args), fabric=fabric, threads=threads, bind=bind, tap=tuple(tap))

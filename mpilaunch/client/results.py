@@ -2,13 +2,18 @@
 
 Instance 0 is the primary (from Get Task); instances 1..N-1 come from List Subtasks, every page. Requeues (a node
 lost, preempted, rebooted or removed: Batch runs the whole task again without using a retry) come from the task's
-execution info, what happened to nodes from the pool's List Nodes; :meth:`TaskResults.notes` puts both in words. The
-JSON document (``results_json``) follows ``results.schema.json`` next to this module; docs/client.md describes it.
+execution info, what happened to nodes from the pool's List Nodes; :meth:`TaskResults.notes` puts both in words. A
+failed task's first failure (which rank, on which node, how: :class:`FirstFailure`) comes from the primary's
+``launch-report.json``, read with the Batch file API (:func:`fetch_first_failure`). An instance of a terminated (or
+timed out) task is never a success: its outcome says ``terminated`` (``timed out``), whatever the instance's own record
+says (Azure ends the subtasks of a terminated task asynchronously, after the primary). The JSON document
+(``results_json``) follows ``results.schema.json`` next to this module; docs/client.md describes it.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -16,10 +21,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-SCHEMA_ID = "mpilaunch.results/1"
+from node_runtime.contract import LAUNCH_REPORT_NAME
+
+SCHEMA_ID = "mpilaunch.results/2"  # /2: first_failure, outcome (task and instances)
 SCHEMA_PATH = Path(__file__).with_name("results.schema.json")
 LOG_FILES = ("stdout.txt", "stderr.txt")
 ENDED_WITH_TASK = "TaskEnded"  # a subtask stopped because another instance failed: not a cause
+ENDED_WORDS = (("maxwallclocktime", "timed out"), ("timed out", "timed out"), ("user request", "terminated"),
+               ("terminated", "terminated"))
+"""How a ``TaskEnded`` failure's message reads as an outcome (first match; otherwise ``ended``)."""
 HEALTHY_STATES = ("idle", "running")
 NODE_WORDS = {"preempted": "was preempted", "unusable": "went down", "rebooting": "is rebooting",
               "reimaging": "is being reimaged", "leavingpool": "is leaving the pool",
@@ -41,6 +51,59 @@ class Failure:
 
     def __str__(self) -> str:
         return ": ".join(p for p in (self.code, self.message) if p) or (self.category or "failed")
+
+
+def ended_word(failure: Failure | None) -> str | None:
+    """``terminated``, ``timed out`` or ``ended`` for a ``TaskEnded`` failure (None for any other)."""
+    if failure is None or failure.code != ENDED_WITH_TASK:
+        return None
+    message = (failure.message or "").lower()
+    return next((word for key, word in ENDED_WORDS if key in message), "ended")
+
+
+@dataclass(frozen=True)
+class FirstFailure:
+    """Which rank failed first, on which node, how (``launch-report.json``'s ``first_failure``, written by the
+    primary's ``node-runtime launch``; ``how`` is one of node_runtime.failure.HOWS)."""
+
+    how: str
+    summary: str
+    rank: int | None = None
+    node: str | None = None
+    exit_code: int | None = None
+    signal: int | None = None
+    signal_name: str | None = None
+    exception: str | None = None
+    evidence: tuple[str, ...] = ()
+    stderr_tail: tuple[str, ...] = ()
+    """The failing rank's own last stderr lines (without MPI's messages)."""
+
+    @classmethod
+    def from_report(cls, doc: Any) -> FirstFailure | None:
+        """From a launch report (a dict); None if it has no usable ``first_failure``."""
+        ff = doc.get("first_failure") if isinstance(doc, dict) else None
+        if not isinstance(ff, dict) or not isinstance(ff.get("how"), str) or not isinstance(ff.get("summary"), str):
+            return None
+
+        def num(key: str) -> int | None:
+            value = ff.get(key)
+            return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+        def text(key: str) -> str | None:
+            value = ff.get(key)
+            return value if isinstance(value, str) else None
+
+        def lines(key: str) -> tuple[str, ...]:
+            value = ff.get(key)
+            return tuple(str(x) for x in value) if isinstance(value, list) else ()
+
+        return cls(ff["how"], ff["summary"], num("rank"), text("node"), num("exit_code"), num("signal"),
+                   text("signal_name"), text("exception"), lines("evidence"), lines("stderr_tail"))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"rank": self.rank, "node": self.node, "how": self.how, "summary": self.summary,
+                "exit_code": self.exit_code, "signal": self.signal, "signal_name": self.signal_name,
+                "exception": self.exception, "evidence": list(self.evidence), "stderr_tail": list(self.stderr_tail)}
 
 
 @dataclass(frozen=True)
@@ -68,10 +131,10 @@ class InstanceResult:
     def failed(self) -> bool:
         return self.result == "failure" or self.failure is not None or (self.exit_code or 0) != 0
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, outcome: str | None = None) -> dict[str, Any]:
         return {
             "instance": self.instance, "primary": self.instance == 0, "node": self.node, "state": self.state,
-            "exit_code": self.exit_code, "result": self.result,
+            "exit_code": self.exit_code, "result": self.result, "outcome": outcome,
             "start_time": self.start.isoformat() if self.start else None,
             "end_time": self.end.isoformat() if self.end else None,
             "duration_seconds": self.duration, "failure": _failure_json(self.failure),
@@ -160,6 +223,32 @@ class TaskResults:
     pool_nodes: frozenset[str] | None = None
     """Every node id of the pool when it was listed (``None``: not listed; nodes are listed only for a requeued or
     failed task)."""
+    first_failure: FirstFailure | None = None
+    """Which rank failed first (a failed task's launch-report.json; ``None``: not known)."""
+
+    @property
+    def ended(self) -> str | None:
+        """``terminated`` / ``timed out`` / ``ended``: the task was ended from outside (terminate, its wall clock, a
+        node taken with the terminate option); None otherwise."""
+        return ended_word(self.failure) if self.completed else None
+
+    @property
+    def outcome(self) -> str | None:
+        """``success``, ``failure``, ``terminated``, ``timed out`` or ``ended`` once completed (None before)."""
+        if not self.completed:
+            return None
+        return self.ended or ("success" if self.succeeded else "failure")
+
+    def instance_outcome(self, row: InstanceResult) -> str | None:
+        """An instance's outcome: as the task's when the task was ended from outside (unless the instance failed on
+        its own before), else ``success``/``failure`` once it completed (``ended`` when another instance's failure
+        ended it)."""
+        own = ended_word(row.failure)
+        if self.ended and (own is not None or not row.failed or row.state != "completed"):
+            return self.ended
+        if row.state != "completed":
+            return None
+        return own or ("failure" if row.failed else "success")
 
     @property
     def attempt(self) -> int:
@@ -225,6 +314,10 @@ class TaskResults:
             return head
         if self.succeeded:
             return f"{head}, success on {len(self.instances)} instance(s)"
+        if self.ended:
+            return f"{head}, {self.ended} ({self.failure})"
+        if self.first_failure is not None:
+            return f"{head}, failure: {self.first_failure.summary}"
         parts = [f"instance {r.instance} on {r.node or '?'}: "
                  + ("no exit code" if r.exit_code is None else f"exit code {r.exit_code}")
                  + (f" ({r.failure})" if r.failure else "") for r in self.causes()]
@@ -235,9 +328,10 @@ class TaskResults:
         where = {r.node: r.instance for r in reversed(self.instances) if r.node}
         return {
             "schema": SCHEMA_ID, "job_id": self.job_id, "task_id": self.task_id, "state": self.state,
-            "result": self.result, "exit_code": self.exit_code, "retry_count": self.retry_count,
-            "failure": _failure_json(self.failure),
-            "instances": [r.to_json() for r in self.instances],
+            "result": self.result, "outcome": self.outcome, "exit_code": self.exit_code,
+            "retry_count": self.retry_count, "failure": _failure_json(self.failure),
+            "first_failure": None if self.first_failure is None else self.first_failure.to_json(),
+            "instances": [r.to_json(self.instance_outcome(r)) for r in self.instances],
             "max_task_retry_count": self.max_retries, "requeue_count": self.requeue_count,
             "last_requeue_time": self.last_requeue_time.isoformat() if self.last_requeue_time else None,
             "attempt": self.attempt,
@@ -251,10 +345,10 @@ def lists_nodes(task: Any) -> bool:
     return ex is not None and bool(ex.requeue_count or _str(ex.result) == "failure")
 
 
-def build_results(job_id: str, task: Any, subtasks: Iterable[Any],
-                  nodes: Iterable[Any] | None = None) -> TaskResults:
+def build_results(job_id: str, task: Any, subtasks: Iterable[Any], nodes: Iterable[Any] | None = None,
+                  first_failure: FirstFailure | None = None) -> TaskResults:
     """Combine Get Task and List Subtasks answers (the emulator may also list the primary as subtask 0) and, if
-    given, the pool's List Nodes answer."""
+    given, the pool's List Nodes answer and the first failure of the primary's launch report."""
     rows = {0: primary_row(task)}
     for sub in subtasks:
         row = subtask_row(sub)
@@ -267,7 +361,30 @@ def build_results(job_id: str, task: Any, subtasks: Iterable[Any],
         _failure(ex.failure_info) if ex else None, ex.retry_count if ex else 0,
         tuple(rows[i] for i in sorted(rows)), (ex.requeue_count or 0) if ex else 0,
         ex.last_requeue_time if ex else None, task.constraints.max_task_retry_count if task.constraints else None,
-        node_events(listed), None if nodes is None else frozenset(n.id for n in listed))
+        node_events(listed), None if nodes is None else frozenset(n.id for n in listed), first_failure)
+
+
+def wants_launch_report(task: Any) -> bool:
+    """Whether ``task`` (a ``BatchTask``) failed after its primary ran: its launch report says which rank failed."""
+    ex = task.execution_info
+    return (_str(task.state) == "completed" and ex is not None and _str(ex.result) == "failure"
+            and task.node_info is not None and bool(task.node_info.task_root_directory))
+
+
+def fetch_first_failure(client: Any, task: Any) -> FirstFailure | None:
+    """The first failure in ``task``'s ``wd/launch-report.json`` on its primary node (download_node_file); None if
+    the node no longer has it, launch did not write one, or it names none."""
+    from azure.core.exceptions import HttpResponseError
+
+    node = task.node_info
+    if not (node and node.pool_id and node.node_id and node.task_root_directory):
+        return None
+    try:
+        data = b"".join(client.download_node_file(node.pool_id, node.node_id,
+                                                  node_file_path(node.task_root_directory, f"wd/{LAUNCH_REPORT_NAME}")))
+        return FirstFailure.from_report(json.loads(data))
+    except (HttpResponseError, ValueError):  # gone (404), not readable, not JSON
+        return None
 
 
 def results_json(results: TaskResults) -> str:
@@ -284,17 +401,22 @@ def render_table(results: TaskResults) -> Any:
 
     again = f"  attempt={results.attempt} (requeued {results.requeue_count}, " \
         f"{results.retries_used})" if results.attempt > 1 else ""
-    table = Table(title=f"{results.job_id}/{results.task_id}  state={results.state}  result={results.result or '-'}"
-                        f"{again}", title_justify="left")
+    first = results.first_failure
+    table = Table(title=f"{results.job_id}/{results.task_id}  state={results.state}  "
+                        f"result={results.outcome or results.result or '-'}{again}", title_justify="left",
+                  caption=f"first failure: {first.summary}" if first is not None and not results.ended else None,
+                  caption_justify="left")
     for col in ("instance", "node", "state", "exit code", "result", "start", "end", "duration", "failure"):
         table.add_column(col, justify="right" if col in ("instance", "exit code", "duration") else "left",
                          no_wrap=col != "failure", min_width=30 if col == "failure" else None)
     for r in results.instances:
-        style = "red" if r.failed else None
+        outcome = results.instance_outcome(r)
+        style = "red" if r.failed or outcome not in (None, "success") else None
         table.add_row(
             f"{r.instance}{' (primary)' if r.instance == 0 else ''}", r.node or "-", r.state or "-",
-            "-" if r.exit_code is None else str(r.exit_code), r.result or "-", _time(r.start), _time(r.end),
-            "-" if r.duration is None else f"{r.duration:.1f}s", str(r.failure) if r.failure else "", style=style)
+            "-" if r.exit_code is None else str(r.exit_code), outcome or r.result or "-", _time(r.start),
+            _time(r.end), "-" if r.duration is None else f"{r.duration:.1f}s", str(r.failure) if r.failure else "",
+            style=style)
     return table
 
 
@@ -303,8 +425,26 @@ def node_file_path(task_root: str, name: str) -> str:
     return task_root.replace("\\", "/").strip("/") + "/" + name
 
 
+_MPI_LINE = re.compile(r"^(\[[^\]\s]+:\d+\] |node-runtime: (launch|coordinate): |=+$|\s*$)")
+"""Lines that are not the program's: Open MPI's ``[host:pid] ...``, launch's own, Hydra's ``=====`` frames, blanks."""
+
+
+def program_lines(lines: Sequence[str]) -> list[str]:
+    """``lines`` of a stderr.txt without MPI's messages (Open MPI's help blocks between ``-----`` lines, its
+    ``[host:pid]`` lines, Hydra's ``=====`` frame, launch's own lines, blank lines)."""
+    out, in_block = [], False
+    for line in lines:
+        if line.startswith("-" * 20):
+            in_block = not in_block
+            continue
+        if not in_block and not _MPI_LINE.match(line) and not line.startswith("=   "):
+            out.append(line)
+    return out
+
+
 def stderr_tail(client: Any, row: InstanceResult, lines: int = 5) -> list[str]:
-    """The last ``lines`` lines of an instance's stderr.txt ([] if its node no longer has it)."""
+    """The last ``lines`` lines of the program in an instance's stderr.txt (:func:`program_lines`; [] if its node no
+    longer has it)."""
     from azure.core.exceptions import ResourceNotFoundError
 
     if not (row.node and row.pool and row.task_root):
@@ -313,7 +453,7 @@ def stderr_tail(client: Any, row: InstanceResult, lines: int = 5) -> list[str]:
         data = b"".join(client.download_node_file(row.pool, row.node, node_file_path(row.task_root, "stderr.txt")))
     except ResourceNotFoundError:
         return []
-    return data.decode(errors="replace").rstrip().splitlines()[-lines:]
+    return program_lines(data.decode(errors="replace").splitlines())[-lines:]
 
 
 def download_logs(client: Any, results: TaskResults, dest: Path, *, workers: int = 16) -> list[Path]:

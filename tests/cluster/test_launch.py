@@ -59,7 +59,10 @@ def test_ranks_run_on_distinct_nodes_and_collectives_agree(netns_cluster: Cluste
         for log in (node.task_dir / ".mpilaunch").glob("*.log"):
             assert secret not in log.read_text()
     assert data["hosts"] == cluster.addresses and data["exit_code"] == 0 and data["flavor"] == "openmpi"
-    assert data["argv"][0].endswith("mpirun") and data["argv"][-3:] == [*PROBE, "--env"]
+    # every rank behind the tap; a Python program through rankmain (an uncaught exception ends the job)
+    assert data["rank_command"] == [PROBE[0], "-m", "node_runtime.rankmain", *PROBE[1:], "--env"]
+    assert data["argv"][0].endswith("mpirun") and data["argv"][-len(data["rank_command"]):] == data["rank_command"]
+    assert data["abort_on_exception"] is True and data["first_failure"] is None and data["ranks_log"] == "ranks.log"
     assert set(data["timings"]) >= {"wait_services_s", "mpirun_s", "stop_services_s", "total_s"}
     # The launch stopped every node's service.
     assert data["services_stopped"] == dict.fromkeys(cluster.addresses, True)

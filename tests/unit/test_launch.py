@@ -10,6 +10,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from node_runtime import proc
+from node_runtime import proc, ranktap
 from node_runtime.contract import MpiFlavor
 from node_runtime.coordinate import prepare
 from node_runtime.env import NodeEnvironment
@@ -104,6 +105,7 @@ def hydra_node(tmp_path: Path) -> tuple[NodeEnvironment, dict[str, str]]:
 @pytest.mark.parametrize("flavor", [MpiFlavor.MPICH, MpiFlavor.INTELMPI])
 def test_hydra_flavors_get_an_ssh_wrapper_and_a_hostfile(tmp_path: Path, flavor: MpiFlavor) -> None:
     env, environ = hydra_node(tmp_path)
+    env.working_dir.mkdir(parents=True)
     svc = prepare(env)
     try:
         argv, mpirun_env = _mpirun_command(env, environ, svc, flavor=flavor, placement=layout(2, None, None),
@@ -117,7 +119,10 @@ def test_hydra_flavors_get_an_ssh_wrapper_and_a_hostfile(tmp_path: Path, flavor:
     assert f"flock -s -o {svc.files.directory / 'gate.lock'} ssh -F {svc.client_config}" in wrapper.read_text()
     assert hostfile.read_text() == "10.0.0.4:2\n10.0.0.5:2\n"  # the primary first: rank 0 runs there
     assert str(wrapper) in argv and str(hostfile) in argv
-    assert argv[-2:] == [shutil.which("python3", path="/usr/bin:/bin"), "app.py"]  # resolved on PATH
+    tap = [sys.executable, "-I", "-S", str(Path(ranktap.__file__))]
+    python3 = shutil.which("python3", path="/usr/bin:/bin")  # resolved on PATH
+    # the tap in front of every rank; the system's python3 cannot import node_runtime: the program runs as given
+    assert argv[-len(tap) - 2:] == [*tap, python3, "app.py"]
     assert "MPILAUNCH_TASK_SECRET" not in mpirun_env and mpirun_env["TMPDIR"] == str(svc.tmp_dir)
 
 
@@ -163,3 +168,50 @@ def test_control_sockets_only_where_any_host_name_fits_a_unix_socket_path(tmp_di
         assert f"ControlPath {tmp_dir}/cm-%h" in config and "ControlMaster no" in config
     else:
         assert path is None and "Control" not in config
+
+
+def test_a_python_program_runs_through_rankmain_when_its_python_can_import_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from node_runtime.launch import _rank_command
+
+    environ = {"PATH": os.environ["PATH"]}
+    ours = [sys.executable, "-u", "app.py", "--steps", "3"]
+    assert _rank_command(ours, environ, True, tmp_path) == [sys.executable, "-u", "-m", "node_runtime.rankmain",
+                                                             "app.py", "--steps", "3"]
+    assert _rank_command(ours, environ, False, tmp_path) == ours  # --no-abort-on-exception
+    assert _rank_command(["/bin/sh", "run.sh"], environ, True, tmp_path) == ["/bin/sh", "run.sh"]
+    # a Python that cannot import node_runtime (asked in the ranks' working directory): as given, and said so
+    other = tmp_path / "bin" / "python3"
+    other.parent.mkdir()
+    other.write_text("#!/bin/sh\nexit 1\n")
+    other.chmod(0o755)
+    assert _rank_command([str(other), "app.py"], environ, True, tmp_path) == [str(other), "app.py"]
+    assert "cannot import node_runtime" in capsys.readouterr().err
+    # the interpreter our venv's python links to, elsewhere: the same binary, but without our packages
+    base = tmp_path / "base" / "python3"
+    base.parent.mkdir()
+    base.symlink_to(os.path.realpath(sys.executable))
+    if sys.prefix != sys.base_prefix:
+        assert _rank_command([str(base), "app.py"], environ, True, tmp_path) == [str(base), "app.py"]
+
+
+def test_the_report_names_a_hang_and_launchs_own_failure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from node_runtime.errors import HangDetected, ServiceError
+    from node_runtime.launch import _finish_output
+
+    hung = Report(hosts=["10.0.0.4"], command=["python3", "app.py"])
+    hung.failed(HangDetected("hang: 2 of 3 ranks wait in Barrier at app.py:9"))
+    assert hung.exit_code == 124 and hung.first_failure is not None
+    assert (hung.first_failure["how"], hung.first_failure["summary"]) == (
+        "hang", "hang: 2 of 3 ranks wait in Barrier at app.py:9")
+    refused = Report(hosts=["10.0.0.4"], command=["python3", "app.py"])
+    refused.failed(ServiceError("the coordination service did not answer"))
+    _finish_output(refused, None)
+    assert refused.first_failure is not None and refused.first_failure["how"] == "launch"
+    assert "first failure" not in capsys.readouterr().err  # launch's own error is said once, as the error
+    data = json.loads(refused.write(tmp_path, None).read_text())
+    assert data["first_failure"]["summary"] == "the coordination service did not answer"
+    fine = Report(hosts=["10.0.0.4"], command=["x"])
+    fine.exit_code = 0
+    _finish_output(fine, None)
+    assert fine.first_failure is None

@@ -25,14 +25,19 @@ from node_runtime.env import NodeEnvironment
 from node_runtime.errors import InvalidInput
 from node_runtime.fabric import FabricChoice
 from node_runtime.mpirun import (
+    RANKMAIN,
     LaunchSpec,
     MpiFlavor,
+    aborts_on_exception,
     build_mpirun_argv,
     detect_flavor,
     hostfile_text,
+    is_python,
+    python_rank_command,
     ranks_environment,
     spec_for_node,
     ssh_wrapper_script,
+    tap_command,
 )
 
 GOLDEN = Path(__file__).parents[1] / "golden" / "mpirun"
@@ -51,6 +56,7 @@ SSH_CONFIG = Path(f"{TASK}/.mpilaunch/ssh_config")
 WRAPPER = Path(f"{TASK}/.mpilaunch/ssh")
 GATE = Path(f"{TASK}/.mpilaunch/gate.lock")
 COMMAND = ("/opt/venv/bin/python", "app.py", "--steps", "10")
+TAP = ("/opt/venv/bin/python", "-I", "-S", "/opt/venv/lib/python3.12/site-packages/node_runtime/ranktap.py")
 
 
 def node() -> NodeEnvironment:
@@ -82,7 +88,8 @@ for _flavor, _wrapper in ((MpiFlavor.OPENMPI, None), (MpiFlavor.MPICH, WRAPPER),
 
 @pytest.mark.parametrize("name", sorted(GOLDEN_SPECS))
 def test_golden_command_lines(name: str) -> None:
-    spec = spec_for_node(node(), ENVIRON, command=COMMAND, ssh_config=SSH_CONFIG,
+    """As launch builds them: every rank behind the tap (node_runtime.ranktap), the program after it."""
+    spec = spec_for_node(node(), ENVIRON, command=COMMAND, ssh_config=SSH_CONFIG, tap=TAP,
                          **GOLDEN_SPECS[name])  # type: ignore[arg-type]
     text = "\n".join(build_mpirun_argv(spec)) + "\n"
     path = GOLDEN / f"{name}.txt"
@@ -294,3 +301,50 @@ def test_the_runtime_venv_comes_first_on_the_ranks_path() -> None:
     assert out["HOME"] == "/h" and environ["PATH"].startswith("/usr/bin")  # a copy
     assert with_runtime_environment(environ, "/usr", "/usr") == environ  # no venv: unchanged
     assert with_runtime_environment({}, "/v", "/usr")["PATH"] == "/v/bin"
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["python3", "app.py", "-x"], ["python3", "-m", RANKMAIN, "app.py", "-x"]),
+    (["/opt/venv/bin/python3.12", "app.py"], ["/opt/venv/bin/python3.12", "-m", RANKMAIN, "app.py"]),
+    (["python", "-u", "-X", "dev", "app.py", "--steps", "3"],
+     ["python", "-u", "-X", "dev", "-m", RANKMAIN, "app.py", "--steps", "3"]),
+    (["python", "-uB", "-Wignore", "-c", "print(1)", "a"],
+     ["python", "-u", "-B", "-W", "ignore", "-m", RANKMAIN, "-c", "print(1)", "a"]),
+    (["python3", "-um", "pkg.main", "--flag"], ["python3", "-u", "-m", RANKMAIN, "-m", "pkg.main", "--flag"]),
+    (["python3", "-Xdev", "-mpkg"], ["python3", "-X", "dev", "-m", RANKMAIN, "-m", "pkg"]),
+    (["python3", "-I", "-O", "app.py"], ["python3", "-I", "-O", "-m", RANKMAIN, "app.py"]),
+    (["python3", "--", "app.py"], ["python3", "-m", RANKMAIN, "app.py"]),
+    (["python3", "--check-hash-based-pycs", "always", "a.py"],
+     ["python3", "--check-hash-based-pycs", "always", "-m", RANKMAIN, "a.py"]),
+    # left as they are
+    (["python3", "-m", "mpi4py", "app.py"], None),  # aborts already
+    (["python3", "-m", RANKMAIN, "app.py"], None),
+    (["python3", "-S", "app.py"], None),  # no site: node_runtime could not be imported
+    (["python3"], None), (["python3", "-"], None), (["python3", "-i"], None),  # nothing to run / stdin
+    (["python3", "--version"], None), (["python3", "-V"], None), (["python3", "-h"], None),
+    (["python3", "-c"], None), (["python3", "-Z", "a.py"], None),  # incomplete, unknown
+    (["bash", "run.sh"], None), (["./app"], None), (["pythonw", "a.py"], None), (["ipython", "a.py"], None),
+    ([], None),
+])
+def test_python_programs_run_through_rankmain(argv: list[str], expected: list[str] | None) -> None:
+    assert python_rank_command(argv) == expected
+    assert is_python(argv[0]) if expected else True
+
+
+def test_the_tap_comes_between_mpirun_and_the_program() -> None:
+    for flavor, wrapper in ((MpiFlavor.OPENMPI, None), (MpiFlavor.MPICH, WRAPPER), (MpiFlavor.INTELMPI, WRAPPER)):
+        spec = spec_for_node(node(), ENVIRON, flavor=flavor, ppn=2, command=COMMAND, ssh_config=SSH_CONFIG,
+                             as_root=True, ssh_wrapper=wrapper, tap=TAP)
+        argv = build_mpirun_argv(spec)
+        assert tuple(argv[-len(TAP) - len(COMMAND):]) == TAP + COMMAND
+        assert "--tag-output" not in argv and "-prepend-rank" not in argv  # the tap tags, losslessly
+    assert tap_command("/v/bin/python3", Path("/v/lib/node_runtime/ranktap.py")) == (
+        "/v/bin/python3", "-I", "-S", "/v/lib/node_runtime/ranktap.py")
+
+
+def test_which_python_command_lines_end_the_job_on_an_exception() -> None:
+    assert aborts_on_exception(["python3", "-m", RANKMAIN, "app.py"]) is True
+    assert aborts_on_exception(["python3", "-u", "-m", "mpi4py", "app.py"]) is True
+    assert aborts_on_exception(["python3", "app.py"]) is False
+    assert aborts_on_exception(["python3", "-m", "pkg"]) is False
+    assert aborts_on_exception(["bash", "run.sh"]) is None

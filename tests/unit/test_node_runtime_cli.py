@@ -48,13 +48,15 @@ def test_launch_command_is_everything_from_the_program_on(launched: list[dict[st
                                                            command: list[str], ppn: int | None) -> None:
     assert main(["launch", *argv]) == 7
     assert launched == [{"command": command, "ppn": ppn, "threads": None, "flavor": None, "fabric_request": "auto",
-                         "allow_small_shm": False, "timeout": 30.0}]
+                         "allow_small_shm": False, "timeout": 30.0, "hang_timeout": None, "abort_on_exception": True}]
 
 
 def test_launch_options(launched: list[dict[str, Any]]) -> None:
-    assert main(["launch", "--mpi", "mpich", "--timeout", "1.5", "--ppn", "4", "prog"]) == 7
+    assert main(["launch", "--mpi", "mpich", "--timeout", "1.5", "--ppn", "4", "--hang-timeout", "2m",
+                 "--no-abort-on-exception", "prog"]) == 7
     assert launched == [{"command": ["prog"], "ppn": 4, "threads": None, "flavor": MpiFlavor.MPICH,
-                         "fabric_request": "auto", "allow_small_shm": False, "timeout": 1.5}]
+                         "fabric_request": "auto", "allow_small_shm": False, "timeout": 1.5, "hang_timeout": 120,
+                         "abort_on_exception": False}]
 
 
 @pytest.mark.parametrize(("argv", "named"), [
@@ -67,6 +69,9 @@ def test_launch_options(launched: list[dict[str, Any]]) -> None:
     (["launch", "--timeout", "-1", "prog"], "argument --timeout: '-1'"),
     (["launch", "--timeout", "nan", "prog"], "argument --timeout: 'nan'"),
     (["launch", "--mpi", "lam", "prog"], "argument --mpi: invalid choice: 'lam'"),
+    (["launch", "--hang-timeout", "5x", "prog"], "argument --hang-timeout: invalid duration '5x'"),
+    (["launch", "--hang-timeout", "0s", "prog"], "argument --hang-timeout: invalid duration '0s': must be at least"),
+    (["stacks", "--timeout", "soon"], "argument --timeout: invalid duration 'soon'"),
     (["launch", "--pp", "2", "prog"], "unrecognized arguments: --pp"),
     (["launch", "-x", "prog"], "unrecognized arguments: -x"),
     (["coordinate", "--sshd"], "argument --sshd"),
@@ -129,7 +134,8 @@ def test_help_describes_every_command() -> None:
     text = subprocess.run([NODE_RUNTIME, "launch", "--help"], capture_output=True, text=True, timeout=60,
                           check=True).stdout
     assert "[--ppn N] [--threads-per-rank T] [--mpi F] [--fabric auto|ucx|tcp]" in text
-    assert "[--timeout S] [--] COMMAND ARGS..." in text
+    assert "[--timeout S] [--hang-timeout DURATION] [--no-abort-on-exception]" in text
+    assert "[--] COMMAND ARGS..." in text
     assert "launch-report.json" in text and "(default: the node's physical" in text and "(default: 30.0)" in text
 
 
