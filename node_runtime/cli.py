@@ -11,11 +11,11 @@ import os
 import sys
 from collections.abc import Sequence
 
-from node_runtime import __version__, cmd_coordinate, cmd_doctor, cmd_env, cmd_launch
+from node_runtime import __version__, cmd_coordinate, cmd_doctor, cmd_env, cmd_launch, cmd_stacks
 from node_runtime.errors import MpilaunchError, failed, interrupted
 
 PROG = "node-runtime"
-COMMANDS = (cmd_env, cmd_coordinate, cmd_launch, cmd_doctor)
+COMMANDS = (cmd_env, cmd_coordinate, cmd_launch, cmd_stacks, cmd_doctor)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,6 +14,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from mpilaunch.client.checkpoint import parse_location
+from node_runtime import durations
 from node_runtime.contract import DEFAULT_FABRIC, DEFAULT_SSH_PORT, FABRICS, FLAVORS
 from node_runtime.errors import InvalidInput, InvalidRequest
 
@@ -125,6 +126,8 @@ class TaskSpec:
     env: tuple[tuple[str, str], ...] = ()
     container: ContainerSpec | None = None
     wall_time: timedelta | None = None
+    hang_timeout: timedelta | None = None  # launch --hang-timeout: no output and no checkpoint for this long ends it
+    abort_on_exception: bool = True  # a Python program runs through node_runtime.rankmain (launch's default)
     retries: int = 0
     elevated: bool = False
     display_name: str | None = None
@@ -156,8 +159,7 @@ class TaskSpec:
                             f"{MAX_DISPLAY_NAME}")
         if self.retries < -1:
             problems.append(f"retries must be -1 (unlimited) or >= 0, got {self.retries}")
-        if self.wall_time is not None and self.wall_time <= timedelta(0):
-            problems.append(f"wall time must be positive, got {self.wall_time}")
+        problems += _time_problems(self.wall_time, self.hang_timeout)
         if not 1 <= self.ssh_port <= 65535:
             problems.append(f"ssh port must be in 1..65535, got {self.ssh_port}")
         problems += _checkpoint_problems(self.checkpoint_url)
@@ -176,6 +178,15 @@ def _placement_problems(threads_per_rank: int | None, fabric: str) -> list[str]:
         problems.append(f"threads per rank must be >= 1, got {threads_per_rank}")
     if fabric not in FABRICS:
         problems.append(f"unknown fabric {fabric!r}: expected one of {', '.join(FABRICS)}")
+    return problems
+
+
+def _time_problems(wall_time: timedelta | None, hang_timeout: timedelta | None) -> list[str]:
+    problems = []
+    if wall_time is not None and wall_time <= timedelta(0):
+        problems.append(f"wall time must be positive, got {wall_time}")
+    if hang_timeout is not None and hang_timeout < timedelta(seconds=1):
+        problems.append(f"hang timeout must be at least 1s, got {hang_timeout}")
     return problems
 
 
@@ -224,20 +235,7 @@ def parse_env(items: tuple[str, ...] | list[str]) -> tuple[tuple[str, str], ...]
     return tuple(out)
 
 
-_DURATION_RE = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
-
-
 def parse_duration(text: str) -> timedelta:
-    """Parse ``90s``, ``45m``, ``2h30m``, ``1d``, or ``HH:MM:SS``."""
-    text = text.strip()
-    if ":" in text:
-        parts = text.split(":")
-        if len(parts) == 3 and all(p.isdigit() for p in parts):
-            h, m, s = (int(p) for p in parts)
-            return timedelta(hours=h, minutes=m, seconds=s)
-    else:
-        match = _DURATION_RE.match(text)
-        if text and match and any(match.groups()):
-            d, h, m, s = (int(g or 0) for g in match.groups())
-            return timedelta(days=d, hours=h, minutes=m, seconds=s)
-    raise InvalidInput(f"invalid duration {text!r}: expected e.g. 90s, 45m, 2h30m, 1d or HH:MM:SS")
+    """Parse ``90s``, ``45m``, ``2h30m``, ``1d``, or ``HH:MM:SS`` (:func:`node_runtime.durations.parse_duration`:
+    the nodes read ``--hang-timeout`` with it)."""
+    return timedelta(seconds=durations.parse_duration(text))

@@ -2,8 +2,9 @@
 
 The task is a multi-instance task: every instance downloads the common resource files into its task directory and
 runs ``node-runtime coordinate`` (start and verify sshd, then exit); the primary then runs
-``node-runtime launch [--ppn N] [--threads-per-rank T] [--mpi F] [--fabric F] -- ARGV``. Batch runs no shell, so
-the command line is quoted with :func:`shlex.join` and the node splits it back into exactly the user's argv.
+``node-runtime launch [--ppn N] [--threads-per-rank T] [--mpi F] [--fabric F] [--hang-timeout D]
+[--no-abort-on-exception] -- ARGV``. Batch runs no shell, so the command line is quoted with :func:`shlex.join` and
+the node splits it back into exactly the user's argv.
 """
 
 from __future__ import annotations
@@ -140,7 +141,9 @@ def build_task(
         id=spec.task_id,
         display_name=spec.display_name,
         command_line=launch_command_line(spec.argv, ppn=spec.ppn, mpi=spec.mpi, fabric=spec.fabric,
-                                         threads_per_rank=spec.threads_per_rank),
+                                         threads_per_rank=spec.threads_per_rank,
+                                         hang_timeout=spec.hang_timeout.total_seconds() if spec.hang_timeout
+                                         else None, abort_on_exception=spec.abort_on_exception),
         multi_instance_settings=bm.MultiInstanceSettings(
             number_of_instances=spec.nodes,
             coordination_command_line=COORDINATION_COMMAND_LINE,

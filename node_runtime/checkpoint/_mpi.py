@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import sys
@@ -9,7 +10,11 @@ import time
 import traceback
 from typing import Any, NoReturn
 
+from node_runtime.contract import HEARTBEAT_NAME
 from node_runtime.errors import MpilaunchError
+
+BEAT_INTERVAL = 0.5  # seconds: a rank touches the heartbeat at most this often
+_last_beat = -BEAT_INTERVAL
 
 
 def world(comm: Any = None) -> Any:
@@ -44,3 +49,18 @@ def abort(comm: Any, error: BaseException, context: str) -> NoReturn:
     sys.stderr.flush()
     comm.Abort(code)
     os._exit(code)  # Abort does not return; this only satisfies the type checker and odd MPI builds
+
+
+def beat() -> None:
+    """Progress for launch's hang watchdog (``--hang-timeout``): touch the heartbeat file in this node's task
+    working directory if it exists (the watchdog creates it on the primary only; elsewhere this is one failed
+    ``utime``), at most every :data:`BEAT_INTERVAL` seconds. Called on every commit and on rank 0's dispatching."""
+    global _last_beat  # noqa: PLW0603 (one timestamp per process)
+    now = time.monotonic()
+    if now - _last_beat < BEAT_INTERVAL:
+        return
+    _last_beat = now
+    directory = os.environ.get("AZ_BATCH_TASK_WORKING_DIR")
+    if directory:
+        with contextlib.suppress(OSError):
+            os.utime(os.path.join(directory, HEARTBEAT_NAME))  # noqa: PTH118 (the cheapest form: one syscall)

@@ -16,7 +16,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from node_runtime.checkpoint._mpi import new_run_id, say, world
+from node_runtime.checkpoint._mpi import beat, new_run_id, say, world
 from node_runtime.checkpoint.stores import Store, open_store, seal, sha256, unseal
 from node_runtime.errors import CheckpointError, InvalidInput
 
@@ -106,6 +106,8 @@ class StepCheckpoints:
             if not failed:
                 self._cleanup(step, self._run)
         error = comm.bcast(error, root=0)
+        if not error:
+            beat()  # for launch's hang watchdog: a checkpoint was committed
         self._looked = False  # the newest checkpoint may have changed: restore()/latest() look again
         if error:
             raise CheckpointError(f"checkpoint of step {step} was not saved (earlier ones are intact)", details=error)

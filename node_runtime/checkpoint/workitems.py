@@ -19,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
-from node_runtime.checkpoint._mpi import abort, new_run_id, say, world
+from node_runtime.checkpoint._mpi import abort, beat, new_run_id, say, world
 from node_runtime.checkpoint.stores import Store, open_store, seal, unseal
 from node_runtime.errors import CheckpointError, InvalidInput
 
@@ -106,6 +106,12 @@ def write_snapshot(store: Store, name: str, run: str, results: dict[Any, Any], m
             store.delete(obj)
 
 
+def _put(store: Store, name: str, data: bytes) -> None:
+    """A commit: the object, then a heartbeat for launch's hang watchdog."""
+    store.put(name, data)
+    beat()
+
+
 class _Batcher:
     """Commits this rank's results so that at most ``limit`` finished results are ever uncommitted.
 
@@ -141,9 +147,9 @@ class _Batcher:
         self.pending = []
         self.last = time.monotonic()
         if self.pool is None:
-            self.store.put(name, data)
+            _put(self.store, name, data)
         else:
-            self.inflight = self.pool.submit(self.store.put, name, data)
+            self.inflight = self.pool.submit(_put, self.store, name, data)
 
     def _wait(self) -> None:
         inflight, self.inflight = self.inflight, None
@@ -219,6 +225,7 @@ class _Runner:
                 comm.recv(source=source, tag=TAG_REQUEST)
                 chunk = _chunk(queue, size)
                 comm.send(chunk, dest=source, tag=TAG_CHUNK)
+                beat()  # a worker finished its chunk: progress, wherever it runs
                 stopped += not chunk
             if queue:
                 self.do(queue.popleft())
