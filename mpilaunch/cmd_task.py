@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from mpilaunch.client import cliopts
+
+if TYPE_CHECKING:
+    from mpilaunch.client.api import Launcher, TaskRef
 
 
 @click.command()
@@ -59,18 +62,30 @@ def results(**opts: Any) -> int:
 @cliopts.connection_options
 @click.option("--instance", type=int, default=0, show_default=True, help="Which instance (0 = primary).")
 @click.option("--stderr", "show_stderr", is_flag=True, help="Show stderr instead of stdout.")
+@click.option("-f", "--follow", is_flag=True, help="Follow the task's output while it runs and end when it "
+              "completes (exit status = result): every rank's lines tagged [rank] and the launch's messages.")
+@click.option("--raw", is_flag=True, help="With -f: the instance's raw stdout.txt and stderr.txt instead.")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
+              help="With -f: seconds between reads.")
 def logs(**opts: Any) -> int:
-    """Print one instance's stdout (or --stderr) as its node has it now."""
+    """Print one instance's stdout (or --stderr) as its node has it now, or follow the task's output (-f)."""
     from mpilaunch.client.results import node_file_path
     from node_runtime.errors import InvalidInput
 
+    if opts["raw"] and not opts["follow"]:
+        raise click.UsageError("--raw goes with -f (without -f, logs shows the raw file)")
+    if opts["follow"] and opts["output"] == "json":
+        raise click.UsageError("-f streams lines as text: --output json does not apply")
     launch = cliopts.launcher(opts)
-    res = launch.results(cliopts.ref(opts))
-    rows = {r.instance: r for r in res.instances}
-    row = rows.get(opts["instance"])
+    task = cliopts.ref(opts)
+    if opts["follow"]:
+        return _follow(launch, task, opts)
+    res = launch.results(task)
+    row = next((r for r in res.instances if r.instance == opts["instance"]), None)
     if row is None or not (row.node and row.pool and row.task_root):
-        raise InvalidInput(f"instance {opts['instance']} of {res.job_id}/{res.task_id} has no node yet "
-                           f"(instances known: {sorted(rows)})")
+        _check_instance(launch, task, opts["instance"])
+        raise InvalidInput(f"instance {opts['instance']} of {task} has no node yet "
+                           f"(instances known: {sorted(r.instance for r in res.instances)})")
     name = "stderr.txt" if opts["show_stderr"] else "stdout.txt"
     with launch.errors():
         data = b"".join(launch.batch.download_node_file(row.pool, row.node, node_file_path(row.task_root, name)))
@@ -81,6 +96,26 @@ def logs(**opts: Any) -> int:
     else:
         click.echo(text, nl=False)
     return 0
+
+
+def _check_instance(launch: Launcher, task: TaskRef, instance: int) -> None:
+    """Raise :class:`InvalidInput` if the task has no instance ``instance``."""
+    from node_runtime.errors import InvalidInput
+
+    count = launch.instance_count(task)
+    if not 0 <= instance < count:
+        raise InvalidInput(f"no such instance: {instance} (task {task} has {count} instance(s): 0-{count - 1}, "
+                           "0 = the primary)")
+
+
+def _follow(launch: Launcher, task: TaskRef, opts: dict[str, Any]) -> int:
+    """``logs -f``: stdout lines on stdout, stderr lines on stderr, until the task completes."""
+    _check_instance(launch, task, opts["instance"])
+    streams = ("stderr.txt",) if opts["show_stderr"] else ("stdout.txt", "stderr.txt")
+    results = launch.follow(task, lambda line, is_err: click.echo(line, err=is_err),
+                            raw=opts["raw"] or opts["show_stderr"], instance=opts["instance"], streams=streams,
+                            interval=opts["interval"])
+    return cliopts.exit_for(results)
 
 
 @click.command()

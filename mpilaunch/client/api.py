@@ -25,12 +25,22 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mpilaunch.client import config as cfg
-from mpilaunch.client.results import NODE_FIELDS, TaskResults, build_results, lists_nodes
+from mpilaunch.client.results import (
+    NODE_FIELDS,
+    TaskResults,
+    build_results,
+    fetch_first_failure,
+    lists_nodes,
+    wants_launch_report,
+)
 from mpilaunch.client.spec import TaskSpec
 from node_runtime.errors import BatchError, InvalidInput, MpilaunchError
+
+if TYPE_CHECKING:
+    from mpilaunch.client.pools import PoolSpec
 
 
 @dataclass(frozen=True)
@@ -211,6 +221,36 @@ class Launcher:
             self.batch.create_task(spec.job_id, task)
         return TaskRef(spec.job_id, spec.task_id)
 
+    def submit_auto_pool(self, spec: TaskSpec, pool: PoolSpec, *, progress: bool = False,
+                         warn: Callable[[str], None] | None = None, runtime_wheel: Path | None = None) -> TaskRef:
+        """Pre-flight against the pool ``pool`` describes, upload, create job ``spec.job_id`` with that pool of its
+        own (Batch deletes it when the job completes), add the task, then let the job complete with the task."""
+        from azure.batch import models as bm
+        from azure.core.exceptions import ResourceExistsError
+
+        from mpilaunch.client import pools
+        from mpilaunch.client.preflight import check_pool
+
+        spec.validate()
+        for warning in check_pool(pools.as_pool(pool), spec) + self.checkpoint_warnings(spec):
+            if warn:
+                warn(warning)
+        runtime = self.stage_runtime(runtime_wheel) if pool.install_runtime else []
+        task = self.build(spec, progress=progress)
+        with self.errors():
+            try:
+                self.batch.create_job(pools.auto_pool_job(spec.job_id, pool, runtime))
+            except ResourceExistsError:
+                raise InvalidInput(f"job {spec.job_id!r} exists: --auto-pool needs a job of its own (its pool is "
+                                   "deleted with it); give another --job or leave it out") from None
+            try:
+                self.batch.create_task(spec.job_id, task)
+            except BaseException:
+                self.batch.begin_delete_job(spec.job_id)  # the job's pool goes with it
+                raise
+            self.batch.update_job(spec.job_id, bm.BatchJobUpdateOptions(all_tasks_complete_mode="terminatejob"))
+        return TaskRef(spec.job_id, spec.task_id)
+
     def results(self, ref: TaskRef) -> TaskResults:
         """The task and every subtask (all pages of List Subtasks); for a requeued or failed task also its pool's
         nodes (what happened to them)."""
@@ -223,17 +263,22 @@ class Launcher:
             if task.node_info is not None and lists_nodes(task):
                 with contextlib.suppress(ResourceNotFoundError):  # the pool is gone: nothing to say about nodes
                     nodes = list(self.batch.list_nodes(task.node_info.pool_id, select=list(NODE_FIELDS)))
-        return build_results(ref.job_id, task, subtasks, nodes)
+            # a failed task: which rank failed first, from the primary's launch-report.json (one small file)
+            first = fetch_first_failure(self.batch, task) if wants_launch_report(task) else None
+        return build_results(ref.job_id, task, subtasks, nodes, first)
 
     def wait(self, ref: TaskRef, *, timeout: float | None = None, interval: float = 1.0,
-             max_interval: float = 15.0, on_update: Callable[[TaskResults], None] | None = None) -> TaskResults:
+             max_interval: float = 15.0, on_update: Callable[[TaskResults], None] | None = None,
+             on_tick: Callable[[], None] | None = None) -> TaskResults:
         """Poll until the task completes; ``on_update`` sees every poll. Raises on ``timeout`` (task keeps running).
 
         Polls every ``interval`` seconds at first, backing off (x1.5) to ``max_interval`` while nothing changes, so a
-        long task does not spend the account's request quota; any state change polls quickly again.
+        long task does not spend the account's request quota; any state change polls quickly again. ``on_tick`` is
+        called every ``interval`` seconds while waiting, whatever the polls' pace (live output keeps its own).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         delay, last = interval, None
+        ticker = _Ticker(on_tick, interval)
         while True:
             res = self.results(ref)
             if on_update:
@@ -245,7 +290,35 @@ class Launcher:
             seen = (res.state, tuple(r.state for r in res.instances), res.retry_count, res.requeue_count)
             delay = interval if seen != last else min(delay * 1.5, max(interval, max_interval))
             last = seen
-            time.sleep(delay if deadline is None else max(0.0, min(delay, deadline - time.monotonic())))
+            ticker.sleep(delay if deadline is None else max(0.0, min(delay, deadline - time.monotonic())))
+
+    def follow(self, ref: TaskRef, emit: Callable[[str, bool], None], *, raw: bool = False, instance: int = 0,
+               streams: tuple[str, ...] = ("stdout.txt", "stderr.txt"), timeout: float | None = None,
+               interval: float = 1.0, on_update: Callable[[TaskResults], None] | None = None) -> TaskResults:
+        """:meth:`wait`, showing the task's output as it comes: ``emit(line, from_stderr)`` gets every whole line of
+        the rank view (the primary's rank-tagged lines and its launch messages) or, ``raw`` (always for instances
+        other than the primary), of the instance's ``streams``. Every ``interval`` seconds, one size request per
+        followed file and a ranged download of what is new (:mod:`mpilaunch.client.follow`)."""
+        from mpilaunch.client.follow import Follower, NodeFiles
+
+        follower = Follower(NodeFiles(self.batch), emit, raw=raw, instance=instance, streams=streams)
+
+        def update(results: TaskResults) -> None:
+            follower.update(results)
+            if on_update:
+                on_update(results)
+
+        with self.errors():
+            results = self.wait(ref, timeout=timeout, interval=interval, on_update=update, on_tick=follower.poll)
+            follower.finish(results)
+        return results
+
+    def instance_count(self, ref: TaskRef) -> int:
+        """How many instances the task has (its ``multiInstanceSettings.numberOfInstances``; 1 for other tasks)."""
+        with self.errors():
+            task = self.batch.get_task(ref.job_id, ref.task_id, select=["multiInstanceSettings"])
+        settings = task.multi_instance_settings
+        return int(settings.number_of_instances or 1) if settings else 1
 
     def terminate(self, ref: TaskRef) -> None:
         with self.errors():
@@ -275,3 +348,26 @@ class Launcher:
                 target.write_bytes(self.store.download(name))
                 written.append(target)
         return written
+
+
+class _Ticker:
+    """Sleeps for :meth:`Launcher.wait`, calling ``on_tick`` every ``every`` seconds meanwhile (on its own beat,
+    whatever the sleeps between polls), or just sleeps without one."""
+
+    def __init__(self, on_tick: Callable[[], None] | None, every: float) -> None:
+        self.on_tick, self.every = on_tick, max(every, 0.05)
+        self.due = time.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        if self.on_tick is None:
+            time.sleep(seconds)
+            return
+        end = time.monotonic() + seconds
+        while True:
+            now = time.monotonic()
+            if now >= self.due:
+                self.on_tick()
+                self.due = now + self.every
+            if now >= end:
+                return
+            time.sleep(min(end, self.due) - now)

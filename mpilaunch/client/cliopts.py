@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 F = TypeVar("F", bound=Callable[..., Any])
 DEFAULT_JOB = "mpilaunch"
+TAIL_LINES = 8  # stderr lines shown when a task failed
 
 
 def stack(*decorators: Callable[[F], F]) -> Callable[[F], F]:
@@ -108,16 +109,29 @@ def show_results(results: TaskResults, output: str) -> None:
 
 
 def explain_failure(launch: Launcher, results: TaskResults) -> None:
-    """On stderr, the tail of each failing instance's stderr.txt (the usual answer to "why")."""
+    """On stderr, why a failed task failed: the first failing rank's own last stderr lines (from the primary's launch
+    report: the program's lines, not MPI's), else the last program lines of each failing instance's stderr.txt (MPI's
+    and launch's messages left out); each ends with the exact command that shows the rest. Nothing for a task that
+    succeeded or that someone terminated."""
     from mpilaunch.client.results import stderr_tail
 
-    if not results.completed or results.succeeded:
+    if not results.completed or results.succeeded or results.ended == "terminated":
+        return
+    local = " --local" if getattr(launch.settings, "local", False) else ""
+    rest = f"mpilaunch logs --job {results.job_id} {results.task_id} --stderr{local}"
+    first = results.first_failure
+    if first is not None and first.stderr_tail:
+        who = f"rank {first.rank}" if first.rank is not None else "the failing rank"
+        note(f"{who} stderr (last lines):" + "".join(f"\n  | {line}" for line in first.stderr_tail[-TAIL_LINES:])
+             + f"\n  the rest: {rest}")
         return
     for row in results.causes():
         with launch.errors():
-            tail = stderr_tail(launch.batch, row)
+            tail = stderr_tail(launch.batch, row, TAIL_LINES)
         if tail:
-            note(f"instance {row.instance} stderr (last lines):" + "".join(f"\n  | {line}" for line in tail))
+            instance = f" --instance {row.instance}" if row.instance else ""
+            note(f"instance {row.instance} stderr (last lines):" + "".join(f"\n  | {line}" for line in tail)
+                 + f"\n  the rest: {rest}{instance}")
 
 
 def exit_for(results: TaskResults) -> int:
@@ -134,16 +148,21 @@ def exit_for(results: TaskResults) -> int:
 
 
 def wait_and_report(launch: Launcher, task: TaskRef, opts: dict[str, Any]) -> int:
-    """Wait with live progress, handle Ctrl-C, print results, fetch logs; the exit status follows the result."""
+    """Wait with live progress and live output (unless ``no_output``), handle Ctrl-C, print results, fetch logs; the
+    exit status follows the result."""
     from pathlib import Path
 
     from mpilaunch.client.progress import Progress
 
     progress = Progress(enabled=sys.stderr.isatty())
+    timeout, interval = opts.get("timeout"), opts.get("interval") or 1.0
     try:
         with progress:
-            results = launch.wait(task, timeout=opts.get("timeout"), interval=opts.get("interval") or 1.0,
-                                  on_update=progress.update)
+            if opts.get("no_output"):
+                results = launch.wait(task, timeout=timeout, interval=interval, on_update=progress.update)
+            else:
+                results = launch.follow(task, progress.output, raw=bool(opts.get("raw_output")), timeout=timeout,
+                                        interval=interval, on_update=progress.update)
     except KeyboardInterrupt:
         if opts.get("terminate_on_interrupt"):
             launch.terminate(task)
@@ -163,9 +182,13 @@ def wait_and_report(launch: Launcher, task: TaskRef, opts: dict[str, Any]) -> in
 
 wait_options = stack(
     click.option("--timeout", type=float, help="Give up waiting after this many seconds (the task keeps running)."),
-    click.option("--interval", type=float, default=1.0, show_default=True,
-                 help="Seconds between polls at first (backs off to 15 s while nothing changes)."),
+    click.option("--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
+                 help="Seconds between reads of the live output, and between the task's state polls at first "
+                      "(those back off to 15 s while nothing changes)."),
     click.option("--terminate-on-interrupt", is_flag=True, help="On Ctrl-C, terminate the task instead of leaving "
                                                                "it running."),
     click.option("--logs", type=click.Path(file_okay=False), help="Download every instance's stdout/stderr here."),
+    click.option("--no-output", is_flag=True, help="Do not show the task's output while it runs (progress only)."),
+    click.option("--raw-output", is_flag=True, help="Show the primary's raw stdout/stderr while the task runs, "
+                                                     "instead of every rank's lines tagged [rank]."),
 )

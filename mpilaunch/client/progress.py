@@ -1,5 +1,5 @@
-"""Live progress of a waiting task on stderr: a rich live line on a terminal, state changes otherwise, and a line
-for each requeue saying which node caused it."""
+"""Live progress of a waiting task on stderr: a rich live line on a terminal, state changes otherwise, a line for
+each requeue saying which node caused it, and the task's live output above the live line."""
 
 from __future__ import annotations
 
@@ -70,3 +70,13 @@ class Progress:
             self._live.console.print(message, markup=False, highlight=False)
         else:
             click.echo(message, err=True)
+
+    def output(self, line: str, is_err: bool = False) -> None:
+        """A line of the task's live output (``is_err``: from a stderr stream; both go to stderr here), as the
+        program wrote it (its colours kept on a terminal)."""
+        if self._live is not None:
+            from rich.text import Text
+
+            self._live.console.print(Text.from_ansi(line), highlight=False, soft_wrap=True)
+        else:
+            click.echo(line, err=True)

@@ -3,13 +3,21 @@
 Files are read from the host directories the engine records in the store: a task's ``_taskDir`` (else its node's
 root + ``nodeInfo.taskRootDirectory``) and a node's ``_root`` (else ``_node.root``). The file path arrives
 percent-encoded as one URL segment (``wd%2Fout.txt``); paths may not leave the directory.
+
+Files change under these handlers (tasks write them, other requests delete them): a file or directory that goes
+away while a request handles it answers 404 ``FileNotFound``, a path the file system refuses (too long, a NUL byte,
+a symlink loop) 400, never 500.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
+import re
 import shutil
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -24,6 +32,8 @@ from mpilaunch.emulator.wire import Context, FileBody, Handler, Request, Respons
 from mpilaunch.emulator.wire_errors import WireError, bad_query, invalid_value, not_found
 
 OCTET = "application/octet-stream"
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+"""One byte range, as the spec's ``ocp-range`` (``bytes=startRange-endRange``) and HTTP's ``Range`` write it."""
 
 
 def node_root(node: Doc) -> Path | None:
@@ -53,16 +63,35 @@ def node_dir(ctx: Context, pool_id: str, node_id: str) -> tuple[Path | None, str
     return node_root(node), f"pools/{quote(pool_id, safe='')}/nodes/{quote(node_id, safe='')}/files"
 
 
-def _entry(base: Path, path: Path, req: Request, prefix: str) -> dict[str, Any]:
+def _entry(base: Path, path: Path, req: Request, prefix: str) -> dict[str, Any] | None:
+    """The listing entry of ``path``; ``None`` if it went away since the directory was read, or is a symlink to
+    nothing (also a loop)."""
     name = path.relative_to(base).as_posix()
-    st = path.stat()
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    is_dir = stat.S_ISDIR(st.st_mode)
     entry: dict[str, Any] = {"name": name, "url": f"{req.base_url}/{prefix}/{quote(name, safe='/')}",
-                             "isDirectory": path.is_dir()}
-    if not path.is_dir():
+                             "isDirectory": is_dir}
+    if not is_dir:
         entry["properties"] = {"creationTime": _iso(st.st_ctime), "lastModified": _iso(st.st_mtime),
                                "contentLength": str(st.st_size), "contentType": OCTET,
                                "fileMode": f"0o{stat.S_IMODE(st.st_mode) | stat.S_IFMT(st.st_mode):o}"}
     return entry
+
+
+def _walk(base: Path, recursive: bool) -> list[Path]:
+    """``base``'s entries (all levels if ``recursive``; symlinked directories are not entered), sorted; directories
+    that vanish during the walk are skipped."""
+    if not recursive:
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            return sorted(base.iterdir())
+        return []
+    paths: list[Path] = []
+    for top, dirs, files in os.walk(base):
+        paths.extend(Path(top, name) for name in dirs + files)
+    return sorted(paths)
 
 
 def _listing(req: Request, base: Path | None, prefix: str) -> Response:
@@ -71,10 +100,10 @@ def _listing(req: Request, base: Path | None, prefix: str) -> Response:
         raise bad_query("recursive", recursive, "must be true or false")
     limit, start = odata.max_results(req.query), odata.skiptoken(req.query)
     pred = odata.parse_filter(req.query.get("$filter"))
-    paths: list[Path] = []
-    if base is not None and base.is_dir():
-        paths = sorted(base.rglob("*") if recursive == "true" else base.iterdir())
-    entries = [e for e in (_entry(base, p, req, prefix) for p in paths if p.exists()) if pred(e)] if base else []
+    entries: list[dict[str, Any]] = []
+    if base is not None:
+        found = (_entry(base, p, req, prefix) for p in _walk(base, recursive == "true"))
+        entries = [e for e in found if e is not None and pred(e)]
     body: dict[str, Any] = {"odata.metadata": f"{req.base_url}/$metadata#files",
                             "value": entries[start:start + limit]}
     if start + limit < len(entries):
@@ -84,34 +113,48 @@ def _listing(req: Request, base: Path | None, prefix: str) -> Response:
     return Response(200, body)
 
 
+@contextlib.contextmanager
+def _fs_errors(rel: str) -> Iterator[None]:
+    """File system errors of a request about ``rel`` as Batch errors: gone (also concurrently) 404, a path the file
+    system cannot take 400."""
+    try:
+        yield
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        raise not_found("File", rel) from exc
+    except ValueError as exc:  # a NUL byte
+        raise invalid_value("filePath", rel, "is not a valid file path") from exc
+    except (RuntimeError, OSError) as exc:  # RuntimeError: a symlink loop (pathlib before Python 3.13)
+        if isinstance(exc, OSError) and exc.errno not in (errno.ENAMETOOLONG, errno.ELOOP):
+            raise
+        raise invalid_value("filePath", rel, "is not a valid file path (too long or a symlink loop)") from exc
+
+
 def _resolve(base: Path | None, rel: str) -> Path:
     if base is None:
         raise not_found("File", rel)
     parts = Path(rel.replace("\\", "/")).parts
-    if not rel or rel.startswith("/") or ".." in parts:
-        raise invalid_value("filePath", rel, "must be a relative path inside the directory")
+    if not parts or rel.startswith("/") or ".." in parts:
+        raise invalid_value("filePath", rel, "must be a relative path to a file or directory inside the directory")
     path = base.joinpath(*parts)
     try:
         path.resolve().relative_to(base.resolve())
     except ValueError as exc:
         raise invalid_value("filePath", rel, "must stay inside the directory") from exc
-    if not path.exists():
-        raise not_found("File", rel)
     return path
 
 
-def _file_headers(path: Path, req: Request, prefix: str, rel: str) -> dict[str, str]:
-    st = path.stat()
+def _file_headers(st: os.stat_result, req: Request, prefix: str, rel: str) -> dict[str, str]:
     tag = hash((st.st_ino, st.st_mtime_ns, st.st_size)) % 16**13
+    is_dir = stat.S_ISDIR(st.st_mode)
     return {"ocp-creation-time": http_date(_iso(st.st_ctime)), "Last-Modified": http_date(_iso(st.st_mtime)),
             "ETag": f"0x8D{tag:013X}",
-            "ocp-batch-file-isdirectory": "true" if path.is_dir() else "false",
+            "ocp-batch-file-isdirectory": "true" if is_dir else "false",
             "ocp-batch-file-url": f"{req.base_url}/{prefix}/{quote(rel, safe='')}",
             "ocp-batch-file-mode": f"{stat.S_IMODE(st.st_mode) | stat.S_IFMT(st.st_mode):o}",
-            "Content-Length": "0" if path.is_dir() else str(st.st_size)}
+            "Content-Length": "0" if is_dir else str(st.st_size)}
 
 
-def _not_modified(req: Request, path: Path) -> bool:
+def _not_modified(req: Request, st: os.stat_result) -> bool:
     raw = req.headers.get("if-modified-since")
     if not raw:
         return False
@@ -119,35 +162,40 @@ def _not_modified(req: Request, path: Path) -> bool:
         since = parsedate_to_datetime(raw)
     except (TypeError, ValueError, IndexError) as exc:
         raise invalid_value("If-Modified-Since", raw, "must be an RFC 1123 date") from exc
-    return int(path.stat().st_mtime) <= since.timestamp()
+    return int(st.st_mtime) <= since.timestamp()
 
 
 def _get(req: Request, base: Path | None, prefix: str, rel: str, head: bool) -> Response:
+    """Get Node/Task File (``head``: its properties). ``ocp-range`` (else HTTP's ``Range``) picks a byte range of a
+    file: the answer is still 200 (the spec and the SDK know no 206) with ``Content-Length`` = the range's length;
+    HEAD always gives the whole file's length."""
     path = _resolve(base, rel)
-    headers = _file_headers(path, req, prefix, rel)
-    if _not_modified(req, path):
+    st = path.stat()
+    headers = _file_headers(st, req, prefix, rel)
+    if _not_modified(req, st):
         return Response(304, None, headers, content_type=OCTET)
-    if head or path.is_dir():
+    if head or stat.S_ISDIR(st.st_mode):
         return Response(200, FileBody(path, 0, 0) if not head else None, headers, content_type=OCTET)
-    size = path.stat().st_size
-    start, end = 0, size
-    rng = req.headers.get("ocp-range")
-    if rng:
-        start, end = _parse_range(rng, size)
+    start, end = 0, st.st_size
+    header = "ocp-range" if req.headers.get("ocp-range") else "range"
+    if req.headers.get(header):
+        start, end = _parse_range(header, req.headers[header], st.st_size)
     headers["Content-Length"] = str(end - start)
     return Response(200, FileBody(path, start, end - start), headers, content_type=OCTET)
 
 
-def _parse_range(raw: str, size: int) -> tuple[int, int]:
-    unit, _, spec = raw.partition("=")
-    first, _, last = spec.partition("-")
-    if unit.strip() != "bytes" or not (first.isdigit() or last.isdigit()):
+def _parse_range(header: str, raw: str, size: int) -> tuple[int, int]:
+    """``bytes=first-last`` (``last`` capped at the end), ``bytes=first-`` or ``bytes=-suffix`` of a ``size``-byte
+    file as ``[start, end)``; 400 if malformed, 416 if no byte of the file is in it."""
+    match = _RANGE.fullmatch(raw.replace(" ", ""))
+    if match is None or not any(match.groups()):
         raise WireError(400, "InvalidHeaderValue", "The value for one of the HTTP headers is not in the correct "
-                        "format.", HeaderName="ocp-range", HeaderValue=raw)
+                        "format.", HeaderName=header, HeaderValue=raw)
+    first, last = match.groups()
     if not first:
-        return max(size - int(last), 0), size
-    start = int(first)
-    end = min(int(last) + 1, size) if last.isdigit() else size
+        start, end = max(size - int(last), 0), size
+    else:
+        start, end = int(first), min(int(last) + 1, size) if last else size
     if start >= size or end <= start:
         raise WireError(416, "InvalidRange", "The specified byte range is invalid for the given resource.",
                         RangeHeader=raw, ContentLength=str(size))
@@ -155,12 +203,15 @@ def _parse_range(raw: str, size: int) -> tuple[int, int]:
 
 
 def _delete(req: Request, base: Path | None, rel: str) -> Response:
+    recursive = req.query.get("recursive", "false").lower()
+    if recursive not in ("true", "false"):
+        raise bad_query("recursive", recursive, "must be true or false")
     path = _resolve(base, rel)
-    if path.is_dir():
-        if req.query.get("recursive", "false").lower() != "true" and any(path.iterdir()):
+    if stat.S_ISDIR(path.lstat().st_mode):
+        if recursive != "true" and any(path.iterdir()):
             raise WireError(409, "OperationInvalidForCurrentState", "The directory is not empty: delete it with "
                             "recursive=true.")
-        shutil.rmtree(path)
+        shutil.rmtree(path)  # a concurrent delete makes it raise FileNotFoundError: 404, as if it came first
     else:
         path.unlink()
     return Response(200, None, {})
@@ -177,10 +228,14 @@ def _file_handlers(locate: _Locate) -> tuple[Handler, Handler, Handler]:
         return _listing(req, *locate(ctx, ids[0], ids[1]))
 
     def get_file(ctx: Context, req: Request, ids: list[str]) -> Response:
-        return _get(req, *locate(ctx, ids[0], ids[1]), ids[2], head=req.method == "HEAD")
+        base, prefix = locate(ctx, ids[0], ids[1])
+        with _fs_errors(ids[2]):
+            return _get(req, base, prefix, ids[2], head=req.method == "HEAD")
 
     def delete_file(ctx: Context, req: Request, ids: list[str]) -> Response:
-        return _delete(req, locate(ctx, ids[0], ids[1])[0], ids[2])
+        base = locate(ctx, ids[0], ids[1])[0]
+        with _fs_errors(ids[2]):
+            return _delete(req, base, ids[2])
 
     return list_files, get_file, delete_file
 

@@ -76,7 +76,7 @@ def test_run_hello_on_three_nodes(local_services: LocalState, capsys: pytest.Cap
     code, out, err = cli_run(capsys, "logs", "--local", task, "--output", "json")
     assert code == 0 and json.loads(out)["text"] == primary_log and json.loads(out)["file"] == "stdout.txt"
     code, out, err = cli_run(capsys, "logs", "--local", task, "--instance", "7")
-    assert code == 2 and "instance 7" in err and "[0, 1, 2]" in err
+    assert code == 2 and "no such instance: 7" in err and "3 instance(s): 0-2" in err
 
     launcher = Launcher.local()
     env = {e.name: e.value for e in launcher.batch.get_task("mpilaunch", task).environment_settings}
