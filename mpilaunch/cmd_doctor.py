@@ -8,7 +8,6 @@ and the report comes back with Batch's node-file API from the primary's working 
 
 from __future__ import annotations
 
-import os
 import secrets
 import shlex
 import sys
@@ -48,17 +47,10 @@ def node_argv(opts: dict[str, Any]) -> list[str]:
 
 def spec_for(opts: dict[str, Any]) -> Any:
     """The validated :class:`TaskSpec` of the doctor task (its ``argv`` is the primary's command)."""
-    from mpilaunch.client.spec import ContainerSpec, Registry, TaskSpec
+    from mpilaunch.client.spec import TaskSpec
+    from mpilaunch.cmd_submit import container_from
 
-    container = None
-    if opts["image"]:
-        registry = None
-        if opts["registry"]:
-            registry = Registry(opts["registry"], opts["registry_user"],
-                                os.environ.get("MPILAUNCH_REGISTRY_PASSWORD"), opts["registry_identity"])
-        container = ContainerSpec(opts["image"], registry=registry, run_options=opts["container_run_options"])
-    elif opts["registry"] or opts["container_run_options"]:
-        raise click.UsageError("--registry and --container-run-options need --image")
+    container = container_from(opts)
     return TaskSpec(job_id=opts["job"], task_id=opts["task_id"] or new_task_id(), nodes=opts["nodes"],
                     argv=tuple(node_argv(opts)), container=container, wall_time=WALL_TIME, retries=0,
                     display_name="mpilaunch doctor", ssh_port=opts["ssh_port"], upload_logs=False).validate()

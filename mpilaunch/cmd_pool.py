@@ -36,6 +36,9 @@ def pool() -> None:
 @click.option("--install-runtime", is_flag=True,
               help="Add a StartTask installing Open MPI, sshd and this client's own version of the node runtime "
                    "(a wheel staged in Blob storage). With --local: VM-like nodes that really install it.")
+@click.option("--ssh-from", multiple=True, metavar="PREFIX",
+              help="Let this address prefix (CIDR, IP or service tag) reach the nodes by SSH, for `mpilaunch ssh` "
+                   "(an inbound NAT pool for port 22; everyone else is denied). Repeatable.")
 @click.option("--runtime-wheel", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="The runtime wheel to install [default: built from this client's source tree].")
 @cliopts.connection_options
@@ -45,7 +48,8 @@ def create(**opts: Any) -> int:
 
     spec = PoolSpec(opts["pool_id"], opts["nodes"], opts["spot"], opts["vm_size"], opts["image"],
                     opts["node_agent"], tuple(opts["container_image"]), opts["start_task"], opts["install_runtime"],
-                    emulator_nodes=KIND_VM if opts["local"] and opts["install_runtime"] else None).validate()
+                    emulator_nodes=KIND_VM if opts["local"] and opts["install_runtime"] else None,
+                    ssh_from=tuple(opts["ssh_from"])).validate()
     launch = cliopts.launcher(opts)
     runtime = launch.stage_runtime(opts["runtime_wheel"]) if spec.install_runtime else []
     with launch.errors():

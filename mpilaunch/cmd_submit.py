@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from mpilaunch.client import cliopts
+from mpilaunch.client.pools import DEFAULT_VM_SIZE, PoolSpec
 from mpilaunch.client.spec import (
     BindMount,
     ContainerSpec,
@@ -22,6 +23,7 @@ from mpilaunch.client.spec import (
     parse_env,
 )
 from node_runtime.contract import DEFAULT_FABRIC, DEFAULT_SSH_PORT, FABRICS, FLAVORS
+from node_runtime.errors import InvalidInput
 
 # mpilaunch's options end at the program's first word (or at `--`): nothing after it is ever read as ours, and an
 # unknown option before it is an error (exit 2, with click's "did you mean"), not the start of the program
@@ -38,6 +40,11 @@ task_options = cliopts.stack(
     click.option("--fabric", type=click.Choice(FABRICS), default=DEFAULT_FABRIC, show_default=True,
                  help="auto: UCX over InfiniBand when every node has it, else TCP; ucx; tcp (docs/fabric.md)."),
     click.option("--pool", help="Pool id [MPILAUNCH_POOL]; --local uses pool 'local'."),
+    click.option("--auto-pool", is_flag=True,
+                 help="Give the task a pool of its own, created with its job and deleted by Batch when the task "
+                      "ends, success or failure (the job is the task id unless --job is given)."),
+    click.option("--vm-size", help=f"VM size of the --auto-pool [default: {DEFAULT_VM_SIZE}]."),
+    click.option("--spot", type=click.IntRange(min=0), help="How many of the --auto-pool's nodes are Spot nodes."),
     click.option("--job", default=cliopts.DEFAULT_JOB, show_default=True, envvar="MPILAUNCH_JOB",
                  help="Job id (created on the pool if missing)."),
     click.option("--task-id", help="Task id (default: mpi-<UTC time>-<random>)."),
@@ -58,6 +65,14 @@ task_options = cliopts.stack(
     click.option("--registry-identity", help="ARM id of the pool's managed identity for the registry."),
     click.option("--container-run-options", default="", help="Extra `docker create` options."),
     click.option("--wall-time", help="Maximum wall time per attempt, e.g. 30m, 2h, 01:30:00."),
+    click.option("--hang-timeout", metavar="DURATION",
+                 help="End the task when no rank wrote output and no checkpoint was committed for DURATION, e.g. "
+                      "10m: every rank's Python stack goes to hang-report.json, the task fails with exit code 124 "
+                      "(docs/node-runtime.md, \"Hang watchdog\")."),
+    click.option("--no-abort-on-exception", is_flag=True,
+                 help="Run a Python program as given. Without it, `python3 app.py` runs as `python3 -m mpi4py "
+                      "app.py` does: an uncaught exception on any rank calls MPI_Abort and ends the whole job at "
+                      "once (instead of the other ranks waiting forever)."),
     click.option("--retries", type=int, default=0, show_default=True, help="Task retries (-1: unlimited)."),
     click.option("--elevated", is_flag=True, help="Run as the pool's admin auto-user."),
     click.option("--display-name", help="Task display name."),
@@ -75,35 +90,67 @@ def new_task_id() -> str:
     return f"mpi-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
 
 
+def container_from(opts: dict[str, Any]) -> ContainerSpec | None:
+    """The container of ``--image`` and its options (those a command lacks count as not given), or None."""
+    bind_mounts, mounts = opts.get("bind_mount", ()), opts.get("mounts", ())
+    if not opts["image"]:
+        if bind_mounts or opts["registry"] or mounts or opts["container_run_options"]:
+            raise click.UsageError("--bind-mount, --mount, --registry and --container-run-options need --image")
+        return None
+    registry = None
+    if opts["registry"]:
+        registry = Registry(opts["registry"], opts["registry_user"],
+                            os.environ.get("MPILAUNCH_REGISTRY_PASSWORD"), opts["registry_identity"])
+    return ContainerSpec(opts["image"], tuple(BindMount.parse(b) for b in bind_mounts), registry,
+                         opts["container_run_options"], tuple(HostMount.parse(m) for m in mounts))
+
+
 def spec_from(opts: dict[str, Any]) -> TaskSpec:
     """The validated :class:`TaskSpec` for the command's options."""
-    container = None
-    if opts["image"]:
-        registry = None
-        if opts["registry"]:
-            registry = Registry(opts["registry"], opts["registry_user"],
-                                os.environ.get("MPILAUNCH_REGISTRY_PASSWORD"), opts["registry_identity"])
-        container = ContainerSpec(opts["image"], tuple(BindMount.parse(b) for b in opts["bind_mount"]), registry,
-                                  opts["container_run_options"], tuple(HostMount.parse(m) for m in opts["mounts"]))
-    elif opts["bind_mount"] or opts["registry"] or opts["mounts"]:
-        raise click.UsageError("--bind-mount, --mount and --registry need --image")
+    container = container_from(opts)
     return TaskSpec(
         job_id=opts["job"], task_id=opts["task_id"] or new_task_id(), nodes=opts["nodes"], argv=tuple(opts["argv"]),
         ppn=opts["ppn"], mpi=opts["mpi"], fabric=opts["fabric"], threads_per_rank=opts["threads_per_rank"],
         inputs=tuple(opts["inputs"]), primary_inputs=tuple(opts["primary_inputs"]),
         outputs=tuple(opts["collect"]), env=parse_env(opts["env"]), container=container,
         wall_time=parse_duration(opts["wall_time"]) if opts["wall_time"] else None, retries=opts["retries"],
+        hang_timeout=parse_duration(opts["hang_timeout"]) if opts["hang_timeout"] else None,
+        abort_on_exception=not opts["no_abort_on_exception"],
         elevated=opts["elevated"], display_name=opts["display_name"], ssh_port=opts["ssh_port"],
         checkpoint_url=opts["checkpoint"], upload_logs=not opts["no_logs"],
     ).validate()
 
 
-def _submit(opts: dict[str, Any]) -> tuple[Any, Any]:
+def _specs(opts: dict[str, Any]) -> tuple[TaskSpec, PoolSpec | None]:
+    """The task's spec and, with ``--auto-pool``, the spec of its own pool (its job is then the task id unless
+    ``--job`` is given: the job lives and dies with the pool)."""
+    if not opts["auto_pool"]:
+        if opts["vm_size"] or opts["spot"]:
+            raise click.UsageError("--vm-size and --spot need --auto-pool (a pool of its own for the task)")
+        return spec_from(opts), None
+    if opts["pool"]:
+        raise click.UsageError("--auto-pool creates the task's pool: leave out --pool")
+    opts["task_id"] = opts["task_id"] or new_task_id()
+    if click.get_current_context().get_parameter_source("job") is click.core.ParameterSource.DEFAULT:
+        opts["job"] = opts["task_id"]
     spec = spec_from(opts)
-    launch = cliopts.launcher(opts, local_nodes=spec.nodes)
-    task = launch.submit(spec, pool=opts["pool"], progress=sys.stderr.isatty(),
-                         warn=lambda w: cliopts.note(f"warning: {w}"))
-    return launch, task
+    spot = opts["spot"] or 0
+    if spot > spec.nodes:
+        raise InvalidInput(f"--spot {spot} is more than the task's {spec.nodes} node(s)")
+    pool = PoolSpec(spec.job_id, spec.nodes - spot, spot, opts["vm_size"] or DEFAULT_VM_SIZE,
+                    container_images=(spec.container.image,) if spec.container else (),
+                    install_runtime=not opts["local"] and spec.container is None).validate()
+    return spec, pool
+
+
+def _submit(opts: dict[str, Any]) -> tuple[Any, Any]:
+    spec, pool = _specs(opts)
+    warn = lambda w: cliopts.note(f"warning: {w}")  # noqa: E731
+    if pool is None:
+        launch = cliopts.launcher(opts, local_nodes=spec.nodes)
+        return launch, launch.submit(spec, pool=opts["pool"], progress=sys.stderr.isatty(), warn=warn)
+    launch = cliopts.launcher(opts, local_nodes=1 if opts["local"] else None)  # local: start the services if needed
+    return launch, launch.submit_auto_pool(spec, pool, progress=sys.stderr.isatty(), warn=warn)
 
 
 @click.command(context_settings=PROGRAM_FIRST, short_help="Submit a program as a multi-instance task and return.")
@@ -127,17 +174,17 @@ def _dry_run(opts: dict[str, Any]) -> int:
     from mpilaunch.client.dryrun import dry_run
     from node_runtime.errors import MpilaunchError
 
-    spec = spec_from(opts)
+    spec, auto_pool = _specs(opts)
     try:  # what is configured, read offline; a missing configuration only leaves placeholders
         launch = cliopts.launcher(opts)
         container, pool = launch.store.container.url, opts["pool"] or launch.settings.pool
     except MpilaunchError:
         container, pool = None, opts["pool"] or ("local" if opts["local"] else None)
-    doc = dry_run(spec, container_url=container, pool=pool)
+    doc = dry_run(spec, container_url=container, pool=pool, auto_pool=auto_pool)
     if opts["output"] == "json":
         cliopts.emit_json(doc)
         return 0
-    cliopts.emit_json(doc["task"])
+    cliopts.emit_json({k: doc[k] for k in ("add_job", "task")} if "add_job" in doc else doc["task"])
     cliopts.note(f"dry run: nothing was sent. The task would go to {doc['pool']}, after these checks:"
                  + "".join(f"\n  - {check}" for check in doc["pool_checks"]))
     return 0

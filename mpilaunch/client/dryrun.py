@@ -11,9 +11,11 @@ import dataclasses
 import json
 from typing import Any
 
-from mpilaunch.client import storage, taskbuild
+from mpilaunch.client import pools, storage, taskbuild
+from mpilaunch.client.pools import PoolSpec
+from mpilaunch.client.runtime import INSTALL_SCRIPT
 from mpilaunch.client.spec import TaskSpec
-from node_runtime.contract import CHECKPOINT_VARIABLE
+from node_runtime.contract import CHECKPOINT_VARIABLE, RUNTIME_VERSION
 
 HIDDEN = "<hidden>"
 
@@ -30,9 +32,11 @@ def pool_checks(spec: TaskSpec, pool: str) -> list[str]:
     return checks
 
 
-def dry_run(spec: TaskSpec, *, container_url: str | None, pool: str | None) -> dict[str, Any]:
+def dry_run(spec: TaskSpec, *, container_url: str | None, pool: str | None,
+            auto_pool: PoolSpec | None = None) -> dict[str, Any]:
     """``{"task": <Add Task JSON>, "pool": ..., "pool_checks": [...], "job": ...}`` for ``spec``, offline
-    (``container_url``: the configured Blob container's, if known)."""
+    (``container_url``: the configured Blob container's, if known); with ``auto_pool``, also ``"add_job"``: the Add
+    Job JSON of the task's own job and pool."""
     spec = spec.validate()
     container = container_url or "https://<storage account>.blob.core.windows.net/<container>"
     staged = {kind: [taskbuild.StagedFile(f"{container}/{f.blob_name}?<read SAS>", f.rel,
@@ -50,6 +54,12 @@ def dry_run(spec: TaskSpec, *, container_url: str | None, pool: str | None) -> d
     for setting in body.get("environmentSettings", []):
         if setting["name"] == CHECKPOINT_VARIABLE and "?" in setting["value"]:  # a SAS the user gave
             setting["value"] = setting["value"].split("?")[0] + f"?{HIDDEN}"
+    if auto_pool is not None:
+        runtime = [taskbuild.StagedFile(f"{container}/inputs/<md5>/{name}?<read SAS>", name)
+                   for name in (f"mpilaunch-{RUNTIME_VERSION}-py3-none-any.whl", INSTALL_SCRIPT.name)]
+        job = pools.auto_pool_job(spec.job_id, auto_pool, runtime if auto_pool.install_runtime else ())
+        return {"job": spec.job_id, "pool": f"job {spec.job_id}'s own (autoPoolSpecification; deleted with the job)",
+                "pool_checks": pool_checks(spec, "(the job's auto pool)"), "add_job": job.as_dict(), "task": body}
     chosen = pool or "<--pool or MPILAUNCH_POOL>"
     return {"job": spec.job_id, "pool": f"job {spec.job_id}'s pool if the job exists, else {chosen}",
             "pool_checks": pool_checks(spec, chosen), "task": body}

@@ -7,6 +7,7 @@ on them and whether ``--install-runtime`` can serve them.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -71,6 +72,9 @@ class PoolSpec:
     emulator_nodes: str | None = None
     """Pool metadata :data:`~mpilaunch.emulator.defaults.KIND_METADATA` for the local emulator (``vm``: VM-like
     nodes, bare OS containers), or none; Azure gives metadata no meaning (``BatchPool.metadata``)."""
+    ssh_from: tuple[str, ...] = ()
+    """Source address prefixes (CIDR, an IP or a service tag) allowed to reach the nodes' SSH port through an
+    inbound NAT pool (``mpilaunch ssh``); none: no NAT pool, so no SSH from outside the pool's network."""
 
     @property
     def image_reference(self) -> tuple[str, str, str]:
@@ -114,6 +118,13 @@ class PoolSpec:
                 f"image {name!r} has Python {'.'.join(map(str, image.python))}, but the node runtime needs "
                 f">= {'.'.join(map(str, MIN_PYTHON))}: use {DEFAULT_IMAGE.name} or {UBUNTU_2204.name}")
         self.node_agent_sku  # noqa: B018 - raises for an unknown image without --node-agent
+        bad = [p for p in self.ssh_from if not _SOURCE_PREFIX.fullmatch(p)]
+        if bad:
+            raise InvalidInput(f"--ssh-from {bad[0]!r} is not an address prefix (an IP, a CIDR such as "
+                               "203.0.113.0/24, or a service tag such as Internet)")
+        if len(self.ssh_from) > MAX_SSH_RULES:
+            raise InvalidInput(f"--ssh-from is given {len(self.ssh_from)} times: a pool takes at most "
+                               f"{MAX_SSH_RULES} (Batch allows 25 rules, one is the final deny)")
         return self
 
 
@@ -139,6 +150,7 @@ def build_pool(spec: PoolSpec, runtime_files: Sequence[StagedFile] = ()) -> Any:
         metadata = [bm.BatchMetadataItem(name=KIND_METADATA, value=spec.emulator_nodes)]
     return bm.BatchPoolCreateOptions(
         id=spec.id,
+        network_configuration=ssh_network(spec.ssh_from, spec.nodes + spec.low_priority_nodes),
         vm_size=spec.vm_size,
         virtual_machine_configuration=bm.VirtualMachineConfiguration(
             image_reference=bm.BatchVmImageReference(publisher=publisher, offer=offer, sku=sku, version="latest"),
@@ -152,6 +164,28 @@ def build_pool(spec: PoolSpec, runtime_files: Sequence[StagedFile] = ()) -> Any:
         start_task=start_task,
         metadata=metadata,
     )
+
+
+SSH_FRONTEND_START = 40000  # frontend ports; Batch reserves 50000-55000
+MAX_SSH_RULES = 24
+_SOURCE_PREFIX = re.compile(r"[0-9A-Za-z.:/*_-]{1,80}")
+
+
+def ssh_network(sources: Sequence[str], nodes: int) -> Any:
+    """A network configuration whose inbound NAT pool maps each node's port 22 to a frontend port (a range of at
+    least 40 and of one per node), allowing ``sources`` and denying everyone else; ``None`` without sources.
+    Batch no longer maps SSH by default (docs/azure.md [ENDPOINTS])."""
+    from azure.batch import models as bm
+
+    if not sources:
+        return None
+    rules = [bm.NetworkSecurityGroupRule(priority=150 + i, access="allow", source_address_prefix=source)
+             for i, source in enumerate(sources)]
+    rules.append(bm.NetworkSecurityGroupRule(priority=4095, access="deny", source_address_prefix="*"))
+    end = SSH_FRONTEND_START + max(40, nodes) - 1
+    return bm.NetworkConfiguration(endpoint_configuration=bm.BatchPoolEndpointConfiguration(inbound_nat_pools=[
+        bm.BatchInboundNatPool(name="ssh", protocol="tcp", backend_port=22, frontend_port_range_start=
+                               SSH_FRONTEND_START, frontend_port_range_end=end, network_security_group_rules=rules)]))
 
 
 def _admin() -> Any:
@@ -196,3 +230,31 @@ def ensure_pool(client: Any, spec: PoolSpec, runtime_files: Sequence[StagedFile]
         ), polling_interval=1).result()
         return "resized"
     return "exists"
+
+
+AUTO_POOL_PREFIX = "mpilaunch"  # Batch appends a unique id to it (autoPoolIdPrefix: up to 20 characters)
+
+
+def auto_pool_job(job_id: str, spec: PoolSpec, runtime_files: Sequence[StagedFile] = ()) -> Any:
+    """A ``BatchJobCreateOptions`` whose job gets a pool of its own (``autoPoolSpecification``, lifetime ``job``,
+    not kept alive): Batch creates the pool with the job and deletes it when the job completes. The job starts with
+    ``onAllTasksComplete: noaction``; set it to ``terminatejob`` once the task is added (Batch's advice: a job with
+    no task yet counts as having all its tasks complete)."""
+    from azure.batch import models as bm
+
+    pool = build_pool(spec, runtime_files).as_dict()
+    pool.pop("id")
+    return bm.BatchJobCreateOptions(
+        id=job_id, all_tasks_complete_mode="noaction",
+        pool_info=bm.BatchPoolInfo(auto_pool_specification=bm.BatchAutoPoolSpecification(
+            auto_pool_id_prefix=AUTO_POOL_PREFIX, pool_lifetime_option="job", keep_alive=False,
+            pool=bm.BatchPoolSpecification(pool))))
+
+
+def as_pool(spec: PoolSpec) -> Any:
+    """The ``BatchPool`` that ``spec`` will give, with all its nodes (to run the pre-flight checks before the pool
+    exists)."""
+    from azure.batch import models as bm
+
+    return bm.BatchPool({**build_pool(spec).as_dict(), "currentDedicatedNodes": spec.nodes,
+                         "currentLowPriorityNodes": spec.low_priority_nodes})

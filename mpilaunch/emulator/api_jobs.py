@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mpilaunch.emulator import validation
+from mpilaunch.emulator import api_pools, validation
 from mpilaunch.emulator.store import Doc, now_iso, transition
 from mpilaunch.emulator.wire import (
     Context,
@@ -32,16 +32,34 @@ def get_job(ctx: Context, job_id: str) -> Doc:
 
 
 def add(ctx: Context, req: Request, _ids: list[str]) -> Response:
+    """Add Job; with an ``autoPoolSpecification``, its pool is created with it ("If auto Pool creation fails, the
+    Batch service moves the Job to a completed state, and the Pool creation error is set in the Job's scheduling
+    error property", ``BatchPoolInfo``)."""
     body = validation.job(body_object(req))
+    now = now_iso()
     doc: dict[str, Any] = {
         "priority": 0, "allowTaskPreemption": False, "maxParallelTasks": -1, "usesTaskDependencies": False,
         "onAllTasksComplete": "noaction", "onTaskFailure": "noaction",
         **body,
         "url": f"{req.base_url}/jobs/{body['id']}", "state": "active",
         "constraints": {"maxWallClockTime": FOREVER, "maxTaskRetryCount": 0, **(body.get("constraints") or {})},
-        "executionInfo": {"startTime": now_iso(), "poolId": body["poolInfo"]["poolId"]},
+        "executionInfo": {"startTime": now, "poolId": body["poolInfo"].get("poolId")},
     }
-    return insert_new(ctx, req, "job", (), doc)
+    auto = body["poolInfo"].get("autoPoolSpecification")
+    pool = None
+    if auto is not None:
+        try:
+            pool = api_pools.auto_pool(ctx, req.base_url, auto)
+            doc["executionInfo"]["poolId"] = pool["id"]
+        except WireError as exc:
+            doc["state"], doc["executionInfo"]["endTime"] = "completed", now
+            doc["executionInfo"]["schedulingError"] = {"category": "usererror", "code": exc.code,
+                                                       "message": f"The auto pool could not be created: {exc.message}"}
+    with ctx.store.transaction():
+        response = insert_new(ctx, req, "job", (), doc)
+        if pool is not None:
+            ctx.store.insert("pool", (), pool)
+    return response
 
 
 def get(ctx: Context, req: Request, ids: list[str]) -> Response:

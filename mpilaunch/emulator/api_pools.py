@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+import uuid
 
 from mpilaunch.emulator import validation
 from mpilaunch.emulator.nodes.base import NodeError
@@ -35,7 +35,19 @@ def get_pool(ctx: Context, pool_id: str) -> Doc:
 
 
 def add(ctx: Context, req: Request, _ids: list[str]) -> Response:
-    body = validation.pool(body_object(req))
+    return insert_new(ctx, req, "pool", (), new_pool(ctx, req.base_url, validation.pool(body_object(req))))
+
+
+def auto_pool(ctx: Context, base_url: str, spec: Doc) -> Doc:
+    """The pool doc of a job's ``autoPoolSpecification``: its ``pool`` under an id Batch makes unique, after the
+    prefix (the emulator's form: ``PREFIX_<uuid4>``); raises :class:`WireError` if the pool could not be created."""
+    prefix = spec.get("autoPoolIdPrefix")
+    pool_id = f"{prefix}_{uuid.uuid4()}" if prefix else str(uuid.uuid4())
+    return new_pool(ctx, base_url, validation.pool({**spec["pool"], "id": pool_id}))
+
+
+def new_pool(ctx: Context, base_url: str, body: Doc) -> Doc:
+    """The stored doc of a new pool from its validated ``body`` (the engine checks that it can provide its nodes)."""
     if ctx.engine is not None:
         try:
             ctx.engine.check_pool(body)
@@ -46,8 +58,8 @@ def add(ctx: Context, req: Request, _ids: list[str]) -> Response:
             raise invalid_value("virtualMachineConfiguration.containerConfiguration", config, str(exc)) from exc
     now = now_iso()
     target = body.get("targetDedicatedNodes") or 0
-    doc: dict[str, Any] = {
-        **body, "url": f"{req.base_url}/pools/{body['id']}", "state": "active",
+    return {
+        **body, "url": f"{base_url}/pools/{body['id']}", "state": "active",
         "allocationState": "resizing" if target else "steady", "allocationStateTransitionTime": now,
         "resizeTimeout": body.get("resizeTimeout", "PT15M"),
         "currentDedicatedNodes": 0, "currentLowPriorityNodes": 0,
@@ -56,7 +68,6 @@ def add(ctx: Context, req: Request, _ids: list[str]) -> Response:
         "taskSlotsPerNode": body.get("taskSlotsPerNode") or 1,
         "taskSchedulingPolicy": body.get("taskSchedulingPolicy") or {"nodeFillType": "spread"},
     }
-    return insert_new(ctx, req, "pool", (), doc)
 
 
 def get(ctx: Context, req: Request, ids: list[str]) -> Response:

@@ -254,14 +254,33 @@ def job(raw: Any) -> dict[str, Any]:
     check_display_name(body)
     check_priority(body.get("priority"))
     check_constraints(body.get("constraints"))
-    check_pool_info(body["poolInfo"])
+    check_pool_info(body["poolInfo"], creating=True)
     return body
 
 
-def check_pool_info(info: dict[str, Any]) -> None:
-    """A job's ``poolInfo`` (add, patch) names a pool: auto pools are not emulated."""
-    if info.get("autoPoolSpecification") is not None:
-        raise invalid_value("poolInfo.autoPoolSpecification", "{...}", "auto pools are not supported by the "
-                            "emulator: create a pool and set poolInfo.poolId")
-    if not info.get("poolId"):
-        raise missing("poolInfo.poolId")
+MAX_AUTO_POOL_PREFIX = 20  # BatchAutoPoolSpecification.autoPoolIdPrefix: "up to 20 characters long"
+
+
+def check_pool_info(info: dict[str, Any], *, creating: bool = False) -> None:
+    """A job's ``poolInfo`` names a pool or, when the job is created, specifies an auto pool: "either the Pool ID
+    or the auto Pool specification, but not both" (``BatchPoolInfo``)."""
+    auto = info.get("autoPoolSpecification")
+    if auto is not None and info.get("poolId"):
+        raise invalid_value("poolInfo", "{poolId, autoPoolSpecification}", "give either poolId or "
+                            "autoPoolSpecification, not both")
+    if auto is None:
+        if not info.get("poolId"):
+            raise missing("poolInfo.poolId")
+        return
+    if not creating:
+        raise invalid_value("poolInfo.autoPoolSpecification", "{...}", "the emulator changes no auto pool "
+                            "specification of an existing job")
+    if auto.get("poolLifetimeOption") != "job":
+        raise invalid_value("poolInfo.autoPoolSpecification.poolLifetimeOption", auto.get("poolLifetimeOption"),
+                            "a job's auto pool lives as long as the job (job); the emulator has no job schedules")
+    prefix = auto.get("autoPoolIdPrefix") or ""
+    if len(prefix) > MAX_AUTO_POOL_PREFIX or (prefix and not _ID.fullmatch(prefix)):
+        raise invalid_value("poolInfo.autoPoolSpecification.autoPoolIdPrefix", prefix,
+                            f"up to {MAX_AUTO_POOL_PREFIX} letters, digits, hyphens and underscores")
+    if not isinstance(auto.get("pool"), dict):
+        raise missing("poolInfo.autoPoolSpecification.pool")

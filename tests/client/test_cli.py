@@ -47,7 +47,7 @@ def test_bad_spec_is_refused_before_any_network_call(capsys: pytest.CaptureFixtu
     (["--wall-time", "soon"], "invalid duration 'soon'"),
     (["--env", "NOEQUALS"], "'NOEQUALS'"),
     (["--image", "img", "--bind-mount", "nowhere"], "'nowhere'"),
-    (["--bind-mount", "Shared"], "--bind-mount, --mount and --registry need --image"),
+    (["--bind-mount", "Shared"], "--bind-mount, --mount, --registry and --container-run-options need --image"),
 ])
 def test_bad_options_name_the_value(args: list[str], fragment: str, capsys: pytest.CaptureFixture[str]) -> None:
     code = run_cli(cli, "mpilaunch", ["submit", "--endpoint", "http://127.0.0.1:9", *args, "--", "true"])

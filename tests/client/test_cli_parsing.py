@@ -105,3 +105,17 @@ def test_shell_completion_completes_commands_and_options() -> None:
 
     assert "plain,pool" in complete("mpilaunch po") and "plain,--nodes" in complete("mpilaunch run --no")
     assert "plain,resize" in complete("mpilaunch pool re")
+
+
+def test_dry_run_of_an_auto_pool_shows_the_job_and_its_pool(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = mpl(capsys, "submit", *OFFLINE, "--dry-run", "--auto-pool", "--spot", "1", "-n", "3",
+                         "--task-id", "t1", "--output", "json", "python3", "x.py")
+    assert code == 0, err
+    doc = json.loads(out)
+    job = doc["add_job"]
+    assert job["id"] == "t1" and doc["task"]["id"] == "t1" and job["onAllTasksComplete"] == "noaction"
+    auto = job["poolInfo"]["autoPoolSpecification"]
+    assert (auto["poolLifetimeOption"], auto["keepAlive"]) == ("job", False)
+    pool = auto["pool"]
+    assert (pool["targetDedicatedNodes"], pool["targetLowPriorityNodes"], pool["taskSlotsPerNode"]) == (2, 1, 1)
+    assert pool["enableInterNodeCommunication"] and "install-runtime.sh" in pool["startTask"]["commandLine"]

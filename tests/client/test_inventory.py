@@ -89,7 +89,7 @@ def test_pool_delete_asks_and_refuses_while_tasks_run(local_services: LocalState
     code, _, err = mpl(capsys, "terminate", "--local", busy)
     assert code == 0, err
 
-    code, _, err = mpl(capsys, "pool", "create", "spare", "--local", "-n", "1")
+    code, _, err = mpl(capsys, "pool", "create", "spare", "--local", "-n", "1", "--ssh-from", "127.0.0.0/8")
     assert code == 0, err
     code, _, err = mpl(capsys, "pool", "delete", "spare", "--local")
     assert code == 2 and "--yes" in err

@@ -74,6 +74,20 @@ RUNTIME = [StagedFile("https://acct/c/inputs/1/install-runtime.sh?sig=r", "insta
                       "mpilaunch-0.1.0-py3-none-any.whl")]
 
 
+def test_ssh_from_opens_port_22_to_those_prefixes_only() -> None:
+    assert "networkConfiguration" not in build_pool(PoolSpec("p", nodes=2)).as_dict()
+    body = build_pool(PoolSpec("p", nodes=60, ssh_from=("203.0.113.0/24", "Internet"))).as_dict()
+    [nat] = body["networkConfiguration"]["endpointConfiguration"]["inboundNATPools"]
+    assert (nat["backendPort"], nat["protocol"], nat["frontendPortRangeStart"], nat["frontendPortRangeEnd"]) == (
+        22, "tcp", 40000, 40059)
+    assert [(r["priority"], r["access"], r["sourceAddressPrefix"]) for r in nat["networkSecurityGroupRules"]] == [
+        (150, "allow", "203.0.113.0/24"), (151, "allow", "Internet"), (4095, "deny", "*")]
+    assert build_pool(PoolSpec("p", nodes=2, ssh_from=("10.0.0.1",))).as_dict()["networkConfiguration"][
+        "endpointConfiguration"]["inboundNATPools"][0]["frontendPortRangeEnd"] == 40039  # at least 40 ports
+    with pytest.raises(InvalidInput, match=re.escape("'10.0.0.0/8; rm' is not an address prefix")):
+        build_pool(PoolSpec("p", nodes=2, ssh_from=("10.0.0.0/8; rm",)))
+
+
 def test_build_pool_is_mpi_ready() -> None:
     body = build_pool(PoolSpec("mpi", nodes=2, low_priority_nodes=1, container_images=("img:1",))).as_dict()
     assert body["enableInterNodeCommunication"] is True and body["taskSlotsPerNode"] == 1

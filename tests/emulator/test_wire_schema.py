@@ -136,9 +136,13 @@ def test_spec_request_examples_are_accepted(wire_emulator, example):
         body = {**params["job"], "id": f"{params['job']['id']}-{tag}"}
         resp = wire_emulator.raw("POST", "/jobs", json_body=body)
         expected = "/jobs"
-        if "autoPoolSpecification" in body["poolInfo"]:  # deviation, on purpose: no auto pools
-            assert resp.status_code == 400
-            assert resp.json()["values"][0]["value"] == "poolInfo.autoPoolSpecification"
+        if "autoPoolSpecification" in body["poolInfo"]:  # the job's own pool is created with it
+            assert resp.status_code == 201, resp.text
+            made = wire_emulator.raw("GET", f"/jobs/{body['id']}").json()
+            pool_id = made["executionInfo"]["poolId"]
+            prefix = body["poolInfo"]["autoPoolSpecification"].get("autoPoolIdPrefix")
+            assert pool_id.startswith(f"{prefix}_" if prefix else "")
+            assert wire_emulator.raw("GET", f"/pools/{pool_id}").status_code == 200
             return
     elif "pool" in params:
         body = {**params["pool"], "id": f"{params['pool']['id']}-{tag}"}
