@@ -5,7 +5,7 @@ Measures, as medians over interleaved repetitions:
   launch-report.json: same hosts, same options, same program, same environment, services already up);
 - ``node-runtime coordinate`` per node, from nothing (service stopped) and again on a live service;
 - ``node-runtime --help``.
-Targets: launch/mpirun <= 1.10, coordinate <= 150 ms, --help < 100 ms. Results replace this benchmark's section of
+Targets: launch/mpirun <= 1.10, coordinate <= 250 ms, --help < 100 ms. Results replace this benchmark's section of
 docs/benchmarks.md (``--no-write`` to only print them).
 
 Usage: sudo .venv/bin/python benchmarks/launch_overhead.py [--repeat N] [--no-write]
@@ -36,7 +36,7 @@ from tests.support.netns import VENV_BIN, NetnsCluster  # noqa: E402
 
 PROBE = [str(VENV_BIN / "python"), str(REPO / "tests" / "programs" / "mpi_probe.py")]
 BEGIN, END = "<!-- launch_overhead:begin -->", "<!-- launch_overhead:end -->"
-TARGETS = {"ratio": 1.10, "coordinate_ms": 150.0, "help_ms": 100.0}
+TARGETS = {"ratio": 1.10, "coordinate_ms": 250.0, "help_ms": 100.0}
 
 
 def timed(run: Callable[[], subprocess.CompletedProcess[str]], cpus: list[float] | None = None) -> float:
@@ -145,10 +145,11 @@ def markdown(r: dict[str, float | int | str]) -> str:
         row(f"for scale: `python -c pass` (CPU {float(r['python_cpu_ms']):.0f} ms)", float(r["python_ms"]), "", True),
         "",
         "Where the time goes (measured with strace, cProfile, `-X importtime` and A/B runs on this machine):",
-        "- `coordinate` verifies its service with an in-process ssh handshake and login",
-        "  (`node_runtime/sshprobe.py`) on a socket with TCP_NODELAY + TCP_QUICKACK: ~30 ms on loopback, ~15 ms of it",
-        "  sshd re-executing itself for the connection before its banner, where `ssh ... true` took ~130-150 ms (its",
-        "  handshake waits on ~40 ms TCP delayed ACKs). What remains is process start-up: the interpreter (see",
+        "- `coordinate` verifies its service with a login of OpenSSH's `ssh` (`sshd.verify`, no remote command):",
+        "  ~100-140 ms on loopback, most of it waiting on ~40 ms TCP delayed ACKs during the handshake, ~15 ms sshd",
+        "  re-executing itself for the connection. Our own in-process SSH client did it in ~30 ms (TCP_NODELAY +",
+        "  TCP_QUICKACK) and was replaced: protocol code belongs to a maintained implementation (issue 14).",
+        "  What remains is process start-up: the interpreter (see",
         "  `python -c pass`), cryptography and the stdlib, the key derivation and sshd's own start (~12 ms until it",
         "  listens). On 2 cores shared with other jobs every process start stretches with the load average: compare",
         "  the CPU time with the wall time.",

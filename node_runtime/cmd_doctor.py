@@ -5,25 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
-    return value
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number > 0")
-    return value
+from node_runtime.argtypes import positive_float, positive_int
 
 
 def _size(text: str) -> int:
@@ -38,16 +20,16 @@ def _size(text: str) -> int:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     # No default here is node_runtime.doctor's constant: importing it costs every node-runtime command ~50 ms.
-    parser.add_argument("--ppn", type=_positive_int, metavar="N",
+    parser.add_argument("--ppn", type=positive_int, metavar="N",
                         help="Ranks per node /dev/shm must hold (default: as launch picks: the node's physical "
                              "cores / threads per rank).")
-    parser.add_argument("--threads-per-rank", dest="threads", type=_positive_int, metavar="T",
+    parser.add_argument("--threads-per-rank", dest="threads", type=positive_int, metavar="T",
                         help="OpenMP threads per rank (for the default --ppn).")
-    parser.add_argument("--max-clock-skew", type=_positive, metavar="S",
+    parser.add_argument("--max-clock-skew", type=positive_float, metavar="S",
                         help="Seconds a node's clock may differ from the primary's (default: 1).")
     parser.add_argument("--min-free-disk", type=_size, metavar="SIZE",
                         help="Free space the task directory must have, e.g. 500M, 2G (default: 1G).")
-    parser.add_argument("--timeout", type=_positive, metavar="S",
+    parser.add_argument("--timeout", type=positive_float, metavar="S",
                         help="Seconds to wait for every node's coordination service, and again for every node's "
                              "answers (default: 30).")
     parser.add_argument("--report", metavar="NAME",

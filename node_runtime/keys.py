@@ -171,27 +171,6 @@ def _same_private_key(path: Path, keys: TaskKeys) -> bool:
     return private_ok and current_public == public
 
 
-def load_probe_keys(files: KeyFiles, address: str, port: int) -> tuple[Any, Any]:
-    """What a client needs to log in to ``address``:``port`` as the task: the Ed25519 host key that
-    ``known_hosts`` pins for it and the user's private key (both as written on disk, as ``ssh`` reads them)."""
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-    from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
-
-    wanted = host_pattern(address, port)
-    try:
-        lines = files.known_hosts.read_text().splitlines()
-        user_key = load_ssh_private_key(files.user_key.read_bytes(), None)
-    except (OSError, ValueError) as exc:
-        raise ServiceError(f"cannot read the task's client keys in {files.private}: {exc}") from exc
-    for line in lines:
-        fields = line.split()
-        if len(fields) >= 3 and wanted in fields[0].split(",") and fields[1] == "ssh-ed25519":
-            host_key = load_ssh_public_key(f"{fields[1]} {fields[2]}".encode())
-            if isinstance(host_key, Ed25519PublicKey) and isinstance(user_key, Ed25519PrivateKey):
-                return host_key, user_key
-    raise ServiceError(f"{files.known_hosts} pins no ssh-ed25519 host key for {wanted}")
-
-
 def ensure_private_dir(directory: Path) -> None:
     """Create ``directory`` as 0700; refuse one owned by someone else, or a symlink (it would let them swap or read
     our keys)."""

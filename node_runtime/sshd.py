@@ -18,6 +18,7 @@ import hashlib
 import os
 import pwd
 import re
+import selectors
 import shutil
 import signal
 import subprocess
@@ -33,8 +34,8 @@ from node_runtime.fabric import NODE_FILE
 from node_runtime.keys import SERVICE_DIR_NAME, KeyFiles, ensure_private_dir, private_base, write_private_file
 
 SSHD_SEARCH_PATH = ("/usr/sbin", "/usr/local/sbin", "/sbin")
-START_TIMEOUT = 10.0
-VERIFY_TIMEOUT = 10.0
+START_TIMEOUT = 30.0  # upper bounds (a start takes milliseconds), generous for a node loaded by a big task's ranks
+VERIFY_TIMEOUT = 30.0
 PRIVSEP_DIR = Path("/run/sshd")  # compiled into Debian's sshd; needed only when sshd runs as root
 KEY_DIR_SUFFIX = "-keys"
 """A service's key dir is named like its TMPDIR, plus this."""
@@ -104,6 +105,19 @@ def batch_session_environment(environ: Mapping[str, str]) -> tuple[tuple[str, st
 def clean_environ() -> dict[str, str]:
     """This process's environment without the task secret: what our sshd and ssh children get."""
     return {k: v for k, v in os.environ.items() if k != SECRET_VARIABLE}
+
+
+LOCAL_SHELL = "/bin/sh"
+"""The shell ssh runs ``LocalCommand`` with (``$SHELL``): never the user's, which may read start-up files."""
+_SHELL_STARTUP_VARIABLES = ("BASH_ENV", "ENV")
+
+
+def ssh_environ() -> dict[str, str]:
+    """Our ssh clients' environment: :func:`clean_environ` with ``SHELL`` = :data:`LOCAL_SHELL` and without the
+    variables that name start-up files for non-interactive shells."""
+    env = {k: v for k, v in clean_environ().items() if k not in _SHELL_STARTUP_VARIABLES}
+    env["SHELL"] = LOCAL_SHELL
+    return env
 
 
 def current_user() -> str:
@@ -279,6 +293,8 @@ def start(service: Service, sshd: Path) -> tuple[int, bool]:
     except ServiceError:
         if not any(_terminate(pid) for pid in leftover_pids(service)):
             raise
+    for directory in (service.tmp_dir, service.files.private):  # they name the dead sshd: no sweep may take them
+        tmpdirs.claim(directory)
     return _start_once(service, sshd), True
 
 
@@ -344,19 +360,52 @@ def _diagnose(service: Service) -> str:
     return "see its log"
 
 
-def verify(service: Service, timeout: float = VERIFY_TIMEOUT) -> None:
-    """Complete a real ssh handshake with this node's own service, in process (:mod:`node_runtime.sshprobe`): its
-    host key must be the one the derived known_hosts pins, and it must accept the task's user key (a signed login)."""
-    from node_runtime.keys import load_probe_keys
-    from node_runtime.sshprobe import probe
+VERIFIED = "mpilaunch-verified"
 
-    host_key, user_key = load_probe_keys(service.files, service.address, service.port)
+
+def verify(service: Service, timeout: float = VERIFY_TIMEOUT) -> None:
+    """Log in to this node's own service with OpenSSH's ``ssh`` and the task's client config: the host key must be
+    the one the derived known_hosts pins and the task's user key must be accepted. No remote command runs (``-N``):
+    ``LocalCommand``, which ssh runs only once logged in, says so, and the connection is then closed."""
+    ssh = shutil.which("ssh")
+    if ssh is None:
+        raise ServiceError("ssh not found on PATH: install an ssh client (Debian: openssh-client) on the task's image")
+    argv = [ssh, "-F", str(service.client_config), "-N", "-o", f"ConnectTimeout={max(1, round(timeout))}",
+            "-o", "ControlMaster=no", "-o", "ControlPath=none", "-o", "PermitLocalCommand=yes",
+            "-o", f"LocalCommand=echo {VERIFIED}", "-p", str(service.port), service.address]
+    child = proc.spawn(argv, env=ssh_environ(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        probe(service.address, service.port, host_key=host_key, user_key=user_key, user=service.user,
-              timeout=timeout)
-    except ServiceError as exc:
-        raise ServiceError(f"the coordination service on {service.listen} failed its check: {exc.message}",
-                           details=_log_tail(service, 4)) from exc
+        said = _first_line(child, time.monotonic() + timeout)
+    finally:
+        child.kill()
+        _, err = child.communicate()
+    if said != VERIFIED:
+        raise ServiceError(f"the coordination service on {service.listen} failed its check: "
+                           f"{_login_failure(err.decode(errors='replace'), service, timeout, said is None)}",
+                           details=_log_tail(service, 4))
+
+
+def _first_line(child: subprocess.Popen[bytes], deadline: float) -> str | None:
+    """``child``'s first stdout line; ``""`` if it ended without one, None if none came before ``deadline``."""
+    assert child.stdout is not None
+    with selectors.DefaultSelector() as selector:
+        selector.register(child.stdout, selectors.EVENT_READ)
+        while (left := deadline - time.monotonic()) > 0:
+            if selector.select(left):
+                return child.stdout.readline().decode(errors="replace").strip()
+    return None
+
+
+def _login_failure(stderr: str, service: Service, timeout: float, timed_out: bool) -> str:
+    """ssh's reason for a failed login, in our words (its own last line kept)."""
+    last = (stderr.strip().splitlines() or ["no message"])[-1]
+    if timed_out:
+        return f"no login within {timeout:g}s ({last})"
+    if "Host key verification failed" in stderr or "HOST IDENTIFICATION HAS CHANGED" in stderr:
+        return f"its host key is not the task's host key ({last})"
+    if "Permission denied" in stderr:
+        return f"it does not accept the task's user key for {service.user} ({last})"
+    return last
 
 
 def ensure(service: Service, sshd: Path) -> str:

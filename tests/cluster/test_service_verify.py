@@ -1,4 +1,4 @@
-"""The in-process SSH probe against a real sshd (our coordination service on a loopback address)."""
+"""``sshd.verify``: OpenSSH's ``ssh`` logs in to our coordination sshd (on a loopback address) with the task's keys."""
 
 from __future__ import annotations
 
@@ -11,11 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from node_runtime import keys, sshd
 from node_runtime.errors import ServiceError
-from node_runtime.sshprobe import probe
 
 
 def free_port(address: str) -> int:
@@ -34,6 +32,7 @@ def service(tmp_path: Path) -> Iterator[sshd.Service]:
     svc = sshd.service_for(tmp_path / "task", address, free_port(address))
     keys.write_key_files(svc.files, keys.derive_keys(secrets.token_urlsafe(32)), [address], svc.port)
     sshd.write_sshd_config(svc)
+    sshd.write_client_config(svc)
     sshd.start(svc, Path(binary))
     try:
         yield svc
@@ -41,39 +40,34 @@ def service(tmp_path: Path) -> Iterator[sshd.Service]:
         sshd.stop(svc)
 
 
-def test_a_login_with_the_task_keys_succeeds(service: sshd.Service) -> None:
-    host_key, user_key = keys.load_probe_keys(service.files, service.address, service.port)
+def test_a_login_with_the_task_keys_succeeds_and_runs_no_remote_command(service: sshd.Service,
+                                                                         tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".bashrc").write_text(f"echo noise; touch {home}/sourced\n")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("SHELL", "/bin/bash")
+    monkeypatch.setenv("BASH_ENV", str(home / ".bashrc"))
     started = time.monotonic()
-    probe(service.address, service.port, host_key=host_key, user_key=user_key, user=service.user, timeout=10)
+    sshd.verify(service)  # what coordinate runs
     assert time.monotonic() - started < 5
     assert "Accepted publickey for " + service.user in service.log.read_text()
-    sshd.verify(service)  # what coordinate runs
+    assert not (home / "sourced").exists()  # neither side ran a shell start-up file
 
 
 def test_a_wrong_host_key_fails(service: sshd.Service) -> None:
-    _, user_key = keys.load_probe_keys(service.files, service.address, service.port)
-    other = Ed25519PrivateKey.generate().public_key()
-    with pytest.raises(ServiceError, match="host key is not the task's host key"):
-        probe(service.address, service.port, host_key=other, user_key=user_key, user=service.user)
+    other = keys.derive_keys(secrets.token_urlsafe(32))  # known_hosts pins another task's host key
+    service.files.known_hosts.write_text(keys.known_hosts_text(other, [service.address], service.port))
+    with pytest.raises(ServiceError, match=f"{service.listen} failed its check: its host key is not the task's"):
+        sshd.verify(service)
     assert "Accepted publickey" not in service.log.read_text()
-
-
-def test_an_unauthorized_user_key_fails(service: sshd.Service) -> None:
-    host_key, _ = keys.load_probe_keys(service.files, service.address, service.port)
-    with pytest.raises(ServiceError, match="does not accept the task's user key"):
-        probe(service.address, service.port, host_key=host_key, user_key=Ed25519PrivateKey.generate(),
-              user=service.user)
-
-
-def test_an_authorized_key_for_another_user_fails(service: sshd.Service) -> None:
-    host_key, user_key = keys.load_probe_keys(service.files, service.address, service.port)
-    with pytest.raises(ServiceError, match="does not accept the task's user key for nobody"):
-        probe(service.address, service.port, host_key=host_key, user_key=user_key, user="nobody")
 
 
 def test_verify_fails_when_authorized_keys_do_not_hold_the_task_key(service: sshd.Service) -> None:
     service.files.authorized_keys.write_text(keys.derive_keys(secrets.token_urlsafe(32)).user_public + "\n")
-    with pytest.raises(ServiceError, match=f"{service.listen} failed its check: .*does not accept"):
+    with pytest.raises(ServiceError, match=f"{service.listen} failed its check: it does not accept the task's "
+                                           f"user key for {service.user}"):
         sshd.verify(service)
 
 
@@ -93,28 +87,28 @@ def serve_once(answer: bytes | None) -> tuple[int, threading.Thread]:
     return port, thread
 
 
-def some_keys() -> dict[str, object]:
-    key = Ed25519PrivateKey.generate()
-    return {"host_key": key.public_key(), "user_key": key, "user": "root"}
+def a_service_at(tmp_path: Path, port: int) -> sshd.Service:
+    svc = sshd.service_for(tmp_path / "task", "127.0.0.1", port)
+    keys.write_key_files(svc.files, keys.derive_keys(secrets.token_urlsafe(32)), ["127.0.0.1"], port)
+    sshd.write_client_config(svc)
+    return svc
 
 
-@pytest.mark.parametrize("answer", [b"HTTP/1.1 400 Bad Request\r\n\r\n" * 20, b"SSH-1.5-old\r\n",
-                                    b"SSH-2.0-x\r\n" + b"\xff" * 64])
-def test_a_peer_that_is_not_an_ssh_server_fails(answer: bytes) -> None:
+@pytest.mark.parametrize("answer", [b"HTTP/1.1 400 Bad Request\r\n\r\n" * 20, b"SSH-1.5-old\r\n"])
+def test_a_peer_that_is_not_an_ssh_server_fails(answer: bytes, tmp_path: Path) -> None:
     port, _ = serve_once(answer)
-    with pytest.raises(ServiceError, match=r"not an SSH server|unsupported SSH version|closed the connection"):
-        probe("127.0.0.1", port, timeout=5, **some_keys())  # type: ignore[arg-type]
+    with pytest.raises(ServiceError, match="failed its check"):
+        sshd.verify(a_service_at(tmp_path, port), timeout=5)
 
 
-def test_a_silent_peer_times_out() -> None:
+def test_a_silent_peer_times_out(tmp_path: Path) -> None:
     port, _ = serve_once(None)
     started = time.monotonic()
-    with pytest.raises(ServiceError, match="timed out"):
-        probe("127.0.0.1", port, timeout=0.5, **some_keys())  # type: ignore[arg-type]
-    assert time.monotonic() - started < 2
+    with pytest.raises(ServiceError, match="no login within 1s"):
+        sshd.verify(a_service_at(tmp_path, port), timeout=1)
+    assert time.monotonic() - started < 3
 
 
-def test_nothing_listening_fails() -> None:
-    with pytest.raises(ServiceError, match="cannot connect"):
-        probe("127.0.0.1", free_port("127.0.0.1"), timeout=2, **some_keys())  # type: ignore[arg-type]
-
+def test_nothing_listening_fails(tmp_path: Path) -> None:
+    with pytest.raises(ServiceError, match="Connection refused"):
+        sshd.verify(a_service_at(tmp_path, free_port("127.0.0.1")), timeout=2)
