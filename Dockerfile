@@ -47,6 +47,9 @@ print(*p["dependencies"], *p["optional-dependencies"]["checkpoint"], sep="\n")' 
     && rm /tmp/requirements.txt
 COPY README.md /tmp/src/
 COPY node_runtime /tmp/src/node_runtime
+# the programs' name for the checkpoint API (mpilaunch.checkpoint), the errors, and the entry point that tells a
+# node install how to get the client: the client itself is not in the image
+COPY mpilaunch/__init__.py mpilaunch/checkpoint.py mpilaunch/errors.py mpilaunch/entry.py /tmp/src/mpilaunch/
 RUN pip install --quiet --no-deps --no-build-isolation /tmp/src \
     && pip uninstall --quiet --yes setuptools \
     && rm -rf /tmp/src \

@@ -83,7 +83,7 @@ def measure() -> dict[str, Any]:
                 hashlib.sha256(again.read_bytes()).digest()
             results["wheel_kb"] = wheel.stat().st_size / 1e3
             launcher = Launcher.local()
-            store = storage.BlobStore(replace(launcher.settings.storage, container=f"bench{uuid.uuid4().hex[:8]}"))
+            store = storage.StagingStore(replace(launcher.settings.storage, container=f"bench{uuid.uuid4().hex[:8]}"))
             files = storage.walk_inputs([wheel, runtime.INSTALL_SCRIPT])
             start = time.perf_counter()
             first = store.upload(files)

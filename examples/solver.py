@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from node_runtime.checkpoint import StepCheckpoints, Store
+from mpilaunch.checkpoint import StepCheckpoints, Store
 
 
 def initial_slice(cells: int, rank: int, size: int) -> tuple[int, list[float]]:

@@ -17,7 +17,7 @@ import json
 import math
 from pathlib import Path
 
-from node_runtime.checkpoint import run_items
+from mpilaunch.checkpoint import run_items
 
 Point = tuple[float, float, int]  # (damping, drive amplitude, integration steps)
 

@@ -78,9 +78,9 @@ task_options = cliopts.stack(
     click.option("--display-name", help="Task display name."),
     click.option("--ssh-port", type=int, default=DEFAULT_SSH_PORT, show_default=True, help="Coordination (sshd) port."),
     click.option("--checkpoint", "--checkpoint-url", "checkpoint", metavar="LOCATION",
-                 help="Checkpoint location for node_runtime.checkpoint (MPILAUNCH_CHECKPOINT_URL): /abs/dir, "
+                 help="Checkpoint location for mpilaunch.checkpoint (MPILAUNCH_CHECKPOINT_URL): /abs/dir, "
                       "file:///dir, a Blob container[/prefix] URL (the client adds a least-privilege SAS) or "
-                      "blob:PREFIX (the storage container, under checkpoints/PREFIX)."),
+                      "blob:PREFIX (PREFIX in the container <--container>-checkpoints)."),
     click.option("--no-logs", is_flag=True, help="Do not upload ../std*.txt to Blob storage."),
     cliopts.connection_options,
 )

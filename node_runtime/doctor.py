@@ -190,7 +190,7 @@ def version_findings(nodes: Sequence[NodeState]) -> dict[str, Finding]:
 
 
 def short_mpi(mpirun: str | None) -> str | None:
-    """``Open MPI 4.1.4`` from ``mpirun (Open MPI) 4.1.4``; other flavours' lines as they are."""
+    """``Open MPI 4.1.4`` from ``mpirun (Open MPI) 4.1.4``; other flavors' lines as they are."""
     if not mpirun:
         return None
     match = re.match(r"mpirun \((.+?)\) (\S+)", mpirun)
@@ -707,9 +707,9 @@ def run_doctor(environ: Mapping[str, str], *, ppn: int | None = None, threads: i
 
     started = time.monotonic()
     env = current_environment(environ)
-    if not env.is_master:
+    if not env.is_primary:
         raise InvalidInput(f"doctor runs on the primary node only: this node is {env.current_address}, the primary "
-                           f"is {env.master_address}")
+                           f"is {env.primary_address}")
     svc = service(env)
     if svc.files.user_key.is_file() and svc.files.known_hosts.is_file():
         sshd.write_client_config(svc)

@@ -172,7 +172,7 @@ VARIABLES: tuple[Variable, ...] = (
              "The same addresses, semicolon-separated; if set it must hold the same set."),
     Variable("AZ_BATCH_MASTER_NODE", "", parse_endpoint, True,
              "Primary node as ip:port or [ipv6]:port; the ip must be in AZ_BATCH_HOST_LIST, the port is Batch's."),
-    Variable("AZ_BATCH_IS_CURRENT_NODE_MASTER", "is_master", parse_bool, True,
+    Variable("AZ_BATCH_IS_CURRENT_NODE_MASTER", "is_primary", parse_bool, True,
              "true on the primary (subtask 0), else false."),
     Variable("CCP_NODES", "", parse_ccp_nodes, False,
              "'n ip cores ip cores…'; if set, n and the ips must match AZ_BATCH_HOST_LIST."),
@@ -224,9 +224,9 @@ class NodeEnvironment:
     """Everything a node of an mpilaunch multi-instance task learns from its environment."""
 
     hosts: tuple[str, ...]
-    master_address: str
-    master_port: int
-    is_master: bool
+    primary_address: str
+    primary_port: int
+    is_primary: bool
     current_address: str
     node_count: int
     cores: tuple[int, ...] | None
@@ -250,7 +250,7 @@ class NodeEnvironment:
     @property
     def hosts_primary_first(self) -> tuple[str, ...]:
         """The host list with the primary moved to the front (MPI rank 0 runs there)."""
-        return (self.master_address, *(h for h in self.hosts if h != self.master_address))
+        return (self.primary_address, *(h for h in self.hosts if h != self.primary_address))
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str], *, local_addresses: Iterable[str]) -> NodeEnvironment:
@@ -269,7 +269,7 @@ class NodeEnvironment:
             secret = environ.get(SECRET_VARIABLE, "")  # scrubbed wherever it shows up (if long enough to matter)
             raise InvalidEnvironment([p.replace(secret, "<hidden>") if len(secret) >= 8 else p for p in problems])
         direct = {var.field: raw[var.name] for var in VARIABLES if var.field}
-        return cls(**direct, master_address=master[0], master_port=master[1], current_address=current,
+        return cls(**direct, primary_address=master[0], primary_port=master[1], current_address=current,
                    node_count=len(hosts), cores=cores)
 
     @classmethod
@@ -343,19 +343,19 @@ def _check_hosts(raw: dict[str, Any], environ: Mapping[str, str]) -> list[str]:
 def _current_address(raw: dict[str, Any], environ: Mapping[str, str], local: set[str], problems: list[str]) -> str:
     """Which host-list address is this node's; appends a problem (and returns "") when that cannot be told."""
     hosts, master, override = raw["AZ_BATCH_HOST_LIST"], raw["AZ_BATCH_MASTER_NODE"], raw[NODE_ADDRESS_VARIABLE]
-    is_master, local_text = raw["AZ_BATCH_IS_CURRENT_NODE_MASTER"], ", ".join(sorted(local)) or "none"
+    is_primary, local_text = raw["AZ_BATCH_IS_CURRENT_NODE_MASTER"], ", ".join(sorted(local)) or "none"
     if _BAD in (hosts, override):
         return ""
     if override is not None:
         if override not in hosts:
             problems.append(f"{_show(environ, NODE_ADDRESS_VARIABLE)}: not in {_show(environ, 'AZ_BATCH_HOST_LIST')}")
-        elif _BAD not in (master, is_master) and is_master != (override == master[0]):
+        elif _BAD not in (master, is_primary) and is_primary != (override == master[0]):
             problems.append(f"{_show(environ, NODE_ADDRESS_VARIABLE)} contradicts "
                             f"{_show(environ, 'AZ_BATCH_IS_CURRENT_NODE_MASTER')} (the primary is {master[0]})")
         return str(override)
-    if _BAD in (master, is_master) or master[0] not in hosts:
+    if _BAD in (master, is_primary) or master[0] not in hosts:
         return ""
-    if is_master:
+    if is_primary:
         if master[0] not in local:
             problems.append(f"{_show(environ, 'AZ_BATCH_MASTER_NODE')}: this node is the primary but {master[0]} "
                             f"is not one of its addresses ({local_text}); set {NODE_ADDRESS_VARIABLE}")

@@ -57,7 +57,7 @@ class NodeFabric:
     """What one node offers MPI."""
 
     rdma: tuple[RdmaPort, ...]
-    mpi: str | None  # the flavour of mpirun on PATH (None: no mpirun)
+    mpi: str | None  # the flavor of mpirun on PATH (None: no mpirun)
     ucx: bool  # that MPI can use UCX (Open MPI: its pml ucx and osc ucx components; Intel MPI: OFI's mlx)
     shm_bytes: int  # size of /dev/shm
     physical_cores: int  # the cores this node lets us run on (hardware threads of one core count once)
@@ -84,6 +84,19 @@ class NodeFabric:
 
 
 # --- detection -------------------------------------------------------------------------------------------------
+
+def detect_flavor(version_text: str) -> MpiFlavor:
+    """The flavor that printed ``version_text`` (the output of ``mpirun --version``)."""
+    if "Open MPI" in version_text or "OpenRTE" in version_text:
+        return MpiFlavor.OPENMPI
+    if "Intel(R) MPI" in version_text or "Intel MPI" in version_text:
+        return MpiFlavor.INTELMPI
+    if "HYDRA" in version_text or "MPICH" in version_text:
+        return MpiFlavor.MPICH
+    first = next((line.strip() for line in version_text.splitlines() if line.strip()), "")
+    raise InvalidInput(f"cannot tell the MPI implementation from 'mpirun --version' output {first!r}; "
+                       f"choose one with --mpi ({', '.join(f.value for f in MpiFlavor)})")
+
 
 def rdma_ports(root: Path = Path("/")) -> tuple[RdmaPort, ...]:
     """Every port of every RDMA device in sysfs (none without ``/sys/class/infiniband``)."""
@@ -132,14 +145,12 @@ def interface_of(address: str) -> str | None:
 
 
 def mpi_support(environ: Mapping[str, str], cache_dir: Path | None) -> tuple[str | None, bool]:
-    """(flavour of mpirun on PATH, whether it can use UCX). Open MPI's answer (``ompi_info --parsable`` lists pml
+    """(flavor of mpirun on PATH, whether it can use UCX). Open MPI's answer (``ompi_info --parsable`` lists pml
     ucx and osc ucx) is cached in ``cache_dir``, keyed by the binary's path, size and mtime."""
     path = environ.get("PATH")
     mpirun = shutil.which("mpirun", path=path)
     if mpirun is None:
         return None, False
-    from node_runtime.mpirun import detect_flavor
-
     try:
         version = proc.run([mpirun, "--version"], timeout=30, check=False, env=environ)
         flavor = detect_flavor((version.stdout + version.stderr).decode(errors="replace"))

@@ -4,7 +4,7 @@ The run, in order: refuse unless this node is the primary; close the gate (a loc
 take, shared, before it connects: :func:`node_runtime.mpirun.ssh_command`) and open a control master to every
 remote node (:mod:`node_runtime.masters`: its login is the wait for that node's service, mpirun's sessions to that
 node then go through it, and it stops that node's service at the end, even if launch is killed); meanwhile find
-mpirun, detect its flavour, build its argv and start it: it starts up while the services are awaited, but cannot
+mpirun, detect its flavor, build its argv and start it: it starts up while the services are awaited, but cannot
 reach another node before the gate opens. Once every service answered, open the gate (else kill mpirun and what it
 started, before it reached any node, and name the silent hosts); forward SIGTERM/SIGINT, stop every node's service,
 and write ``launch-report.json`` in the working directory.
@@ -51,7 +51,6 @@ from node_runtime.masters import Masters
 from node_runtime.mpirun import (
     aborts_on_exception,
     build_mpirun_argv,
-    detect_flavor,
     hostfile_text,
     python_rank_command,
     spec_for_node,
@@ -122,9 +121,9 @@ def launch(env: NodeEnvironment, environ: Mapping[str, str], command: Sequence[s
     runs through :mod:`node_runtime.rankmain` (an uncaught exception on any rank ends the job) unless
     ``abort_on_exception`` is False; every rank's output goes through :mod:`node_runtime.output` (raw to our
     stdout/stderr, tagged to ranks.log) and the first failure into the report (:mod:`node_runtime.failure`)."""
-    if not env.is_master:
+    if not env.is_primary:
         raise InvalidInput(f"launch runs on the primary node only: this node is {env.current_address}, the primary "
-                           f"is {env.master_address} (AZ_BATCH_IS_CURRENT_NODE_MASTER=false)")
+                           f"is {env.primary_address} (AZ_BATCH_IS_CURRENT_NODE_MASTER=false)")
     if not command:
         raise InvalidInput("launch needs a command: node-runtime launch [options] -- COMMAND ARGS...")
     started = time.monotonic()
@@ -141,7 +140,7 @@ def launch(env: NodeEnvironment, environ: Mapping[str, str], command: Sequence[s
     with _forwarding_signals() as signals:
         try:
             with signals.deferring():  # a signal must not leave a half-started wait behind
-                gate.close()
+                gate.hold()
                 masters.start()
             mpirun = _mpirun_path()
             chosen = _detect(mpirun, flavor)
@@ -253,7 +252,7 @@ def _detect(mpirun: str, given: MpiFlavor | None) -> MpiFlavor:
     if given is not None:
         return given
     done = proc.run([mpirun, "--version"], timeout=30, check=False, env=sshd.clean_environ())
-    return detect_flavor((done.stdout + done.stderr).decode(errors="replace"))
+    return fabric.detect_flavor((done.stdout + done.stderr).decode(errors="replace"))
 
 
 def _mpirun_command(env: NodeEnvironment, environ: Mapping[str, str], svc: sshd.Service, *, flavor: MpiFlavor,
@@ -423,15 +422,16 @@ def _wait_for_services(svc: sshd.Service, masters: Masters, child: subprocess.Po
 
 
 class _Gate:
-    """A lock file: mpirun's ssh commands wait for a shared lock on it, which they get once it is not closed (held
-    exclusively by us) any more."""
+    """A lock file: mpirun's ssh commands wait for a shared lock on it, which they get once we no longer hold it
+    exclusively (:meth:`hold`, then :meth:`open`)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.is_open = False
         self._fd: int | None = None
 
-    def close(self) -> None:
+    def hold(self) -> None:
+        """Take the lock exclusively: whatever waits at the gate (mpirun's ssh commands) waits until :meth:`open`."""
         self._fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600)  # not inherited by children (PEP 446)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -440,6 +440,7 @@ class _Gate:
                                "is still running?)") from exc
 
     def open(self) -> None:
+        """Let go of the exclusive lock: the waiting ssh commands get their shared locks and go on."""
         assert self._fd is not None
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         self.is_open = True

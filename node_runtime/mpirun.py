@@ -1,10 +1,11 @@
 """Pure builders of the ``mpirun`` command line for Open MPI, MPICH and Intel MPI (no I/O here).
 
-The launch module runs ``mpirun --version`` and gives the text to :func:`detect_flavor`, builds a :class:`LaunchSpec`
-(see :func:`spec_for_node`), runs :func:`build_mpirun_argv` with the environment :func:`ranks_environment` returns,
-and writes :func:`hostfile_text` / :func:`ssh_wrapper_script` where the spec says. ``MPILAUNCH_TASK_SECRET`` can never
-be exported: :func:`ranks_environment` drops it and :class:`LaunchSpec` refuses it. MPICH and Intel MPI pass the whole
-environment by default, so their command lines name the variables to pass (``-genvlist``; ``-genvnone`` if none).
+The launch module tells the flavor from ``mpirun --version`` (:func:`~node_runtime.fabric.detect_flavor`), builds a
+:class:`LaunchSpec` (see :func:`spec_for_node`), runs :func:`build_mpirun_argv` with the environment
+:func:`ranks_environment` returns, and writes :func:`hostfile_text` / :func:`ssh_wrapper_script` where the spec says.
+``MPILAUNCH_TASK_SECRET`` can never be exported: :func:`ranks_environment` drops it and :class:`LaunchSpec` refuses it.
+MPICH and Intel MPI pass the whole environment by default, so their command lines name the variables to pass
+(``-genvlist``; ``-genvnone`` if none).
 """
 
 from __future__ import annotations
@@ -29,19 +30,6 @@ THREADS_VARIABLE = "OMP_NUM_THREADS"  # set to --threads-per-rank when given (in
 #: Never exported either: every rank has its own node's Batch variables (its node's sshd sets them for the session
 #: that starts it, see node_runtime.sshd.batch_session_environment); the primary's would be wrong elsewhere.
 NODE_OWN_PREFIX = "AZ_BATCH_"
-
-
-def detect_flavor(version_text: str) -> MpiFlavor:
-    """The flavour that printed ``version_text`` (the output of ``mpirun --version``)."""
-    if "Open MPI" in version_text or "OpenRTE" in version_text:
-        return MpiFlavor.OPENMPI
-    if "Intel(R) MPI" in version_text or "Intel MPI" in version_text:
-        return MpiFlavor.INTELMPI
-    if "HYDRA" in version_text or "MPICH" in version_text:
-        return MpiFlavor.MPICH
-    first = next((line.strip() for line in version_text.splitlines() if line.strip()), "")
-    raise InvalidInput(f"cannot tell the MPI implementation from 'mpirun --version' output {first!r}; "
-                       f"choose one with --mpi ({', '.join(f.value for f in MpiFlavor)})")
 
 
 def ranks_environment(environ: Mapping[str, str], export_names: Iterable[str] = ()) -> dict[str, str]:
@@ -169,7 +157,7 @@ def _spec_problems(spec: LaunchSpec) -> list[str]:
 
 
 def build_mpirun_argv(spec: LaunchSpec) -> list[str]:
-    """The ``mpirun`` argv for ``spec`` (its flavour's options, then the tap and the command)."""
+    """The ``mpirun`` argv for ``spec`` (its flavor's options, then the tap and the command)."""
     options = _openmpi_options(spec) if spec.flavor is MpiFlavor.OPENMPI else _hydra_options(spec)
     return [spec.mpirun, *options, *spec.extra_args, *spec.tap, *spec.command]
 

@@ -87,16 +87,16 @@ class Launcher:
 
     @classmethod
     def from_environment(cls, flags: dict[str, str | None] | None = None, profile: str | None = None) -> Launcher:
-        return cls(cfg.resolve(flags or {}, profile=profile))
+        return cls(cfg.resolve_settings(flags or {}, profile=profile))
 
     @classmethod
     def local(cls, nodes: int | None = None) -> Launcher:
         """The local emulator + Azurite; with ``nodes``, start them if needed and grow pool ``local`` to it."""
-        if nodes is not None:
-            from mpilaunch.client import local
+        from mpilaunch.client import local
 
+        if nodes is not None:
             local.up(nodes)
-        return cls(cfg.local_settings())
+        return cls(local.settings())
 
     def errors(self) -> contextlib.AbstractContextManager[None]:
         return batch_errors(self.settings.batch.endpoint)
@@ -110,9 +110,9 @@ class Launcher:
             if self.settings.storage is None:
                 raise InvalidInput("no storage account configured: set AZURE_STORAGE_CONNECTION_STRING or "
                                    "AZURE_STORAGE_ACCOUNT (inputs and outputs go through Blob storage)")
-            from mpilaunch.client.storage import BlobStore
+            from mpilaunch.client.storage import StagingStore
 
-            self._store = BlobStore(self.settings.storage, self.credential)
+            self._store = StagingStore(self.settings.storage, self.credential)
         return self._store
 
     def pool_for(self, spec: TaskSpec, pool: str | None = None) -> str:
@@ -171,14 +171,14 @@ class Launcher:
         reimaged later download them again; user delegation SAS last 7 days at most)."""
         import tempfile
 
-        from mpilaunch.client import runtime, storage, taskbuild
+        from mpilaunch.client import runtime, storage
 
         with tempfile.TemporaryDirectory(prefix="mpilaunch-runtime-") as tmp:
             files = storage.walk_inputs([runtime.runtime_wheel(wheel, Path(tmp)), runtime.INSTALL_SCRIPT])
             with self.storage_errors():
                 self.store.upload(files)
                 expiry = storage.runtime_sas_expiry()
-                return [taskbuild.StagedFile(self.store.blob_sas_url(f.blob_name, "r", expiry), f.rel)
+                return [storage.StagedFile(self.store.blob_sas_url(f.blob_name, "r", expiry), f.rel)
                         for f in files]
 
     def with_checkpoint_sas(self, spec: TaskSpec) -> TaskSpec:
@@ -188,7 +188,7 @@ class Launcher:
         from mpilaunch.client import checkpoint, storage
 
         expiry = storage.sas_expiry(spec.wall_time, spec.retries)
-        url = checkpoint.resolve(spec.checkpoint_url, self.settings.storage, expiry, self.credential)
+        url = checkpoint.usable_url(spec.checkpoint_url, self.settings.storage, expiry, self.credential)
         return dataclasses.replace(spec, checkpoint_url=url)
 
     def checkpoint_warnings(self, spec: TaskSpec) -> list[str]:

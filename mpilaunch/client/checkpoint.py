@@ -26,7 +26,7 @@ from node_runtime.errors import CheckpointError, InvalidInput
 
 if TYPE_CHECKING:
     from mpilaunch.client.config import StorageConfig
-    from mpilaunch.client.storage import BlobStore
+    from mpilaunch.client.storage import StagingStore
 
 # What node_runtime.checkpoint.store_blob does: download + get properties (r), create-only upload (c), delete of old
 # batches and checkpoints (d), list (l). No 'w': a SAS without it cannot overwrite an object.
@@ -183,14 +183,14 @@ def sas_warnings(location: CheckpointLocation, needed_until: datetime) -> list[s
     return warnings
 
 
-def store_for(location: CheckpointLocation, storage: StorageConfig | None, credential: Any = None) -> BlobStore:
-    """The :class:`BlobStore` able to create ``location``'s container and sign for it.
+def store_for(location: CheckpointLocation, storage: StorageConfig | None, credential: Any = None) -> StagingStore:
+    """The :class:`StagingStore` able to create ``location``'s container and sign for it.
 
     The configured account's key (or connection string) signs when the URL is on that account; any other account
     gets an Entra ID user-delegation SAS (``credential``, default ``DefaultAzureCredential``).
     """
     from mpilaunch.client.config import StorageConfig
-    from mpilaunch.client.storage import BlobStore
+    from mpilaunch.client.storage import StagingStore
 
     if location.kind == "configured":
         if storage is None:
@@ -201,13 +201,13 @@ def store_for(location: CheckpointLocation, storage: StorageConfig | None, crede
             raise InvalidInput(f"checkpoint location {location.shown!r}: container {container!r} (the configured "
                                f"container {storage.container!r} + {CONTAINER_SUFFIX!r}) is not a valid container "
                                "name; use a shorter --container or give a full blob URL")
-        return BlobStore(dataclasses.replace(storage, container=container), credential)
+        return StagingStore(dataclasses.replace(storage, container=container), credential)
     assert location.account_url and location.container
     if storage is not None:
-        same = BlobStore(dataclasses.replace(storage, container=location.container), credential)
+        same = StagingStore(dataclasses.replace(storage, container=location.container), credential)
         if same.service.url.rstrip("/").lower() == location.account_url.lower():
             return same
-    return BlobStore(StorageConfig(endpoint=location.account_url, container=location.container), credential)
+    return StagingStore(StorageConfig(endpoint=location.account_url, container=location.container), credential)
 
 
 def checkpoint_container(container: str) -> str:
@@ -215,7 +215,7 @@ def checkpoint_container(container: str) -> str:
     return container + CONTAINER_SUFFIX
 
 
-def signed_url(location: CheckpointLocation, store: BlobStore, expiry: datetime) -> str:
+def signed_url(location: CheckpointLocation, store: StagingStore, expiry: datetime) -> str:
     """Create the container if missing; the location's URL with a :data:`PERMISSION` container SAS until ``expiry``."""
     from azure.core.exceptions import AzureError
 
@@ -231,7 +231,7 @@ def signed_url(location: CheckpointLocation, store: BlobStore, expiry: datetime)
     return f"{base}/{location.prefix}?{sas}" if location.prefix else f"{base}?{sas}"
 
 
-def resolve(text: str, storage: StorageConfig | None, expiry: datetime, credential: Any = None) -> str:
+def usable_url(text: str, storage: StorageConfig | None, expiry: datetime, credential: Any = None) -> str:
     """The value of ``MPILAUNCH_CHECKPOINT_URL`` for ``--checkpoint text``: as given, or signed (see module doc)."""
     location = parse_location(text)
     if not location.needs_sas:

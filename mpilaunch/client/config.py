@@ -1,4 +1,4 @@
-"""Where to find Batch and Storage: flags > environment > profile file, or the local emulator + Azurite.
+"""Where to find Batch and Storage: flags > environment > profile file (the local emulator's: :func:`.local.settings`).
 
 Environment variables (the names Azure tools use)::
 
@@ -127,7 +127,7 @@ def load_profile(name: str | None, environ: Mapping[str, str]) -> dict[str, str]
     return {k: str(v) for k, v in profile.items()}
 
 
-def resolve(flags: Mapping[str, str | None], environ: Mapping[str, str] | None = None,
+def resolve_settings(flags: Mapping[str, str | None], environ: Mapping[str, str] | None = None,
             profile: str | None = None) -> Settings:
     """Merge flags (keys of :data:`PROFILE_KEYS`) > environment > profile into :class:`Settings`."""
     environ = os.environ if environ is None else environ
@@ -144,13 +144,3 @@ def resolve(flags: Mapping[str, str | None], environ: Mapping[str, str] | None =
                                 values["storage_key"], values["storage_endpoint"],
                                 values["container"] or DEFAULT_CONTAINER)
     return Settings(batch, storage, values["pool"])
-
-
-def local_settings(pool: str | None = None) -> Settings:
-    """Settings for the emulator and Azurite started by ``mpilaunch local up`` (see :mod:`.local`)."""
-    from mpilaunch.client.local import LOCAL_POOL, read_state
-
-    state = read_state()
-    return Settings(BatchConfig(state.batch_endpoint, state.batch_account, state.batch_key),
-                    StorageConfig(connection_string=state.storage_connection_string),
-                    pool or LOCAL_POOL, local=True)

@@ -39,7 +39,7 @@ def dry_run(spec: TaskSpec, *, container_url: str | None, pool: str | None,
     Job JSON of the task's own job and pool."""
     spec = spec.validate()
     container = container_url or "https://<storage account>.blob.core.windows.net/<container>"
-    staged = {kind: [taskbuild.StagedFile(f"{container}/{f.blob_name}?<read SAS>", f.rel,
+    staged = {kind: [storage.StagedFile(f"{container}/{f.blob_name}?<read SAS>", f.rel,
                                           "0755" if f.executable else None) for f in storage.walk_inputs(paths)]
               for kind, paths in (("common", spec.inputs), ("primary", spec.primary_inputs))}
     outputs = taskbuild.OutputTarget(f"{container}?<create+write SAS>", f"outputs/{spec.job_id}/{spec.task_id}")
@@ -55,7 +55,7 @@ def dry_run(spec: TaskSpec, *, container_url: str | None, pool: str | None,
         if setting["name"] == CHECKPOINT_VARIABLE and "?" in setting["value"]:  # a SAS the user gave
             setting["value"] = setting["value"].split("?")[0] + f"?{HIDDEN}"
     if auto_pool is not None:
-        runtime = [taskbuild.StagedFile(f"{container}/inputs/<md5>/{name}?<read SAS>", name)
+        runtime = [storage.StagedFile(f"{container}/inputs/<md5>/{name}?<read SAS>", name)
                    for name in (f"mpilaunch-{RUNTIME_VERSION}-py3-none-any.whl", INSTALL_SCRIPT.name)]
         job = pools.auto_pool_job(spec.job_id, auto_pool, runtime if auto_pool.install_runtime else ())
         return {"job": spec.job_id, "pool": f"job {spec.job_id}'s own (autoPoolSpecification; deleted with the job)",

@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 
 import psutil
 
-from mpilaunch.client.config import home
+from mpilaunch.client.config import BatchConfig, Settings, StorageConfig, home
 from node_runtime import proc
 from node_runtime.errors import InvalidInput, ServiceError
 
@@ -172,6 +172,14 @@ def _running(state: LocalState) -> bool:
     return _alive(state.emulator_pid, "emulator") and _alive(state.azurite_pid, "azurite")
 
 
+def settings(pool: str | None = None) -> Settings:
+    """Client settings for the emulator and Azurite that :func:`up` started."""
+    state = read_state()
+    return Settings(BatchConfig(state.batch_endpoint, state.batch_account, state.batch_key),
+                    StorageConfig(connection_string=state.storage_connection_string),
+                    pool or LOCAL_POOL, local=True)
+
+
 def read_state() -> LocalState:
     """The running local services, or :class:`InvalidInput` saying how to start them."""
     state = _load()
@@ -306,7 +314,6 @@ def _last_ports(directory: Path) -> dict[str, int]:
 def ensure_local_pool(state: LocalState, nodes: int) -> None:
     """Create pool ``local`` (or resize it) so it has at least ``nodes`` dedicated nodes."""
     from mpilaunch.client import pools
-    from mpilaunch.client.config import BatchConfig
 
     client = BatchConfig(state.batch_endpoint, state.batch_account, state.batch_key).client()
     pools.ensure_pool(client, pools.PoolSpec(LOCAL_POOL, nodes=nodes, vm_size="standard_d2s_v3"))
@@ -387,8 +394,6 @@ FAULT_PATH = "/pools/{pool}/nodes/{node}/mpilaunch-fault"
 
 def batch_client() -> Any:
     """An azure-batch client of the running local emulator."""
-    from mpilaunch.client.config import BatchConfig
-
     state = read_state()
     return BatchConfig(state.batch_endpoint, state.batch_account, state.batch_key).client()
 

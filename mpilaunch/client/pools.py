@@ -18,7 +18,7 @@ from mpilaunch.emulator.defaults import KIND_METADATA
 from node_runtime.errors import InvalidInput
 
 if TYPE_CHECKING:
-    from mpilaunch.client.taskbuild import StagedFile
+    from mpilaunch.client.storage import StagedFile
 
 MIN_PYTHON = (3, 10)  # node_runtime's oldest Python (pyproject requires-python)
 

@@ -2,7 +2,7 @@
 
 :func:`runtime_wheel` takes a wheel given by the user (checking its version) or builds one from the source tree this
 client runs from. The build is reproducible (fixed file times, sorted entries), so the same sources give the same
-bytes and the content-addressed upload (:meth:`~mpilaunch.client.storage.BlobStore.upload`) sends a wheel once.
+bytes and the content-addressed upload (:meth:`~mpilaunch.client.storage.StagingStore.upload`) sends a wheel once.
 :data:`INSTALL_SCRIPT` is the StartTask's script; :func:`start_task_command` its command line.
 """
 

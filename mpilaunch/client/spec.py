@@ -1,4 +1,5 @@
-"""What the user asks for: an MPI run on N nodes, as a frozen, validated dataclass (no I/O, no Azure import).
+"""What the user asks for: an MPI run on N nodes, as a frozen, validated dataclass (no Azure import; validation only
+checks that the inputs exist).
 
 :func:`TaskSpec.validate` applies the Batch *Add Task* rules that we can check before any network call, so a bad
 spec fails fast with a message naming the offending value. Everything else about the wire format lives in

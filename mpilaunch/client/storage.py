@@ -14,14 +14,13 @@ import hashlib
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 from mpilaunch.client.config import StorageConfig, default_credential
-from mpilaunch.client.taskbuild import StagedFile
 from node_runtime.errors import InvalidInput
 
 INPUT_PREFIX = "inputs"
@@ -29,6 +28,15 @@ QUEUE_MARGIN = timedelta(hours=12)
 NO_WALL_TIME_EXPIRY = timedelta(days=7)
 MAX_DELEGATION = timedelta(days=7)  # user delegation keys live at most 7 days
 RUNTIME_SAS_VALIDITY = timedelta(days=365)  # a pool's StartTask downloads the runtime whenever a node (re)starts
+
+
+@dataclass(frozen=True)
+class StagedFile:
+    """A file already in Blob storage: ``url`` (with a read SAS) lands at ``file_path`` in the task directory."""
+
+    url: str = field(repr=False)
+    file_path: str
+    file_mode: str | None = None
 
 
 def runtime_sas_expiry(now: datetime | None = None) -> datetime:
@@ -61,7 +69,7 @@ class LocalFile:
 
 @dataclass(frozen=True)
 class UploadReport:
-    """What :meth:`BlobStore.upload` did: every file, and which were actually sent."""
+    """What :meth:`StagingStore.upload` did: every file, and which were actually sent."""
 
     files: tuple[LocalFile, ...]
     uploaded: tuple[LocalFile, ...]
@@ -94,7 +102,7 @@ def walk_inputs(paths: Sequence[Path]) -> list[LocalFile]:
     return [LocalFile(p, rel, _md5(p), p.stat().st_size, os.access(p, os.X_OK)) for p, rel in found]
 
 
-class BlobStore:
+class StagingStore:
     """One storage account and container, able to upload inputs and mint SAS URLs."""
 
     def __init__(self, config: StorageConfig, credential: Any = None) -> None:
@@ -199,8 +207,8 @@ class BlobStore:
         return bytes(self.container.get_blob_client(name).download_blob().readall())
 
 
-def upload_with_progress(store: BlobStore, files: Sequence[LocalFile], *, show: bool) -> UploadReport:
-    """:meth:`BlobStore.upload` with a rich progress bar on stderr when ``show``."""
+def upload_with_progress(store: StagingStore, files: Sequence[LocalFile], *, show: bool) -> UploadReport:
+    """:meth:`StagingStore.upload` with a rich progress bar on stderr when ``show``."""
     if not show:
         return store.upload(files)
     from rich.console import Console

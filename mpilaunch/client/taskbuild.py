@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from azure.batch import models as bm
 
 from mpilaunch.client.spec import BindMount, ContainerSpec, TaskSpec
+from mpilaunch.client.storage import StagedFile
 from node_runtime.contract import (
     CHECKPOINT_VARIABLE,
     COORDINATION_COMMAND_LINE,
@@ -38,15 +39,6 @@ LOG_PATTERN = "../std*.txt"
 # Common resource files land in AZ_BATCH_TASK_SHARED_DIR, the parent of the working directory "wd" where the ranks
 # run; placing them under "wd/" lets the user's relative paths (``python3 app.py``) work on every node.
 COMMON_FILES_DIR = "wd"
-
-
-@dataclass(frozen=True)
-class StagedFile:
-    """A file already in Blob storage: ``url`` (with a read SAS) lands at ``file_path`` in the task directory."""
-
-    url: str = field(repr=False)
-    file_path: str
-    file_mode: str | None = None
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from mpilaunch.emulator import odata
 from mpilaunch.emulator.api_pools import get_pool
 from mpilaunch.emulator.api_tasks import get_task
 from mpilaunch.emulator.store import Doc
-from mpilaunch.emulator.wire import Context, FileBody, Handler, Request, Response, http_date
+from mpilaunch.emulator.wire import FileBody, Handler, HandlerContext, Request, Response, http_date
 from mpilaunch.emulator.wire_errors import WireError, bad_query, invalid_value, not_found
 
 OCTET = "application/octet-stream"
@@ -41,7 +41,7 @@ def node_root(node: Doc) -> Path | None:
     return Path(root) if root else None
 
 
-def task_dir(ctx: Context, job_id: str, task_id: str) -> tuple[Path | None, str]:
+def task_dir(ctx: HandlerContext, job_id: str, task_id: str) -> tuple[Path | None, str]:
     """Host directory of the task (on its primary node) and the URL prefix of its files."""
     task = get_task(ctx, job_id, task_id)
     prefix = f"jobs/{quote(job_id, safe='')}/tasks/{quote(task_id, safe='')}/files"
@@ -55,7 +55,7 @@ def task_dir(ctx: Context, job_id: str, task_id: str) -> tuple[Path | None, str]
     return root / info["taskRootDirectory"].replace("\\", "/").strip("/"), prefix
 
 
-def node_dir(ctx: Context, pool_id: str, node_id: str) -> tuple[Path | None, str]:
+def node_dir(ctx: HandlerContext, pool_id: str, node_id: str) -> tuple[Path | None, str]:
     node = ctx.store.get("node", (pool_id,), node_id)
     if node is None:
         get_pool(ctx, pool_id)
@@ -217,22 +217,22 @@ def _delete(req: Request, base: Path | None, rel: str) -> Response:
     return Response(200, None, {})
 
 
-_Locate = Callable[[Context, str, str], tuple[Path | None, str]]
+_Locate = Callable[[HandlerContext, str, str], tuple[Path | None, str]]
 """From the URL's first two ids (job and task, or pool and node): the host directory and the files' URL prefix."""
 
 
 def _file_handlers(locate: _Locate) -> tuple[Handler, Handler, Handler]:
     """The list, get (also HEAD) and delete handlers of the files under the directory ``locate`` finds."""
 
-    def list_files(ctx: Context, req: Request, ids: list[str]) -> Response:
+    def list_files(ctx: HandlerContext, req: Request, ids: list[str]) -> Response:
         return _listing(req, *locate(ctx, ids[0], ids[1]))
 
-    def get_file(ctx: Context, req: Request, ids: list[str]) -> Response:
+    def get_file(ctx: HandlerContext, req: Request, ids: list[str]) -> Response:
         base, prefix = locate(ctx, ids[0], ids[1])
         with _fs_errors(ids[2]):
             return _get(req, base, prefix, ids[2], head=req.method == "HEAD")
 
-    def delete_file(ctx: Context, req: Request, ids: list[str]) -> Response:
+    def delete_file(ctx: HandlerContext, req: Request, ids: list[str]) -> Response:
         base = locate(ctx, ids[0], ids[1])[0]
         with _fs_errors(ids[2]):
             return _delete(req, base, ids[2])

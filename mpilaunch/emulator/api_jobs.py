@@ -7,7 +7,7 @@ from typing import Any
 from mpilaunch.emulator import api_pools, validation
 from mpilaunch.emulator.store import Doc, now_iso, transition
 from mpilaunch.emulator.wire import (
-    Context,
+    HandlerContext,
     Request,
     Response,
     accepted,
@@ -27,11 +27,11 @@ _PATCHABLE = ("priority", "allowTaskPreemption", "maxParallelTasks", "constraint
               "metadata", "networkConfiguration")
 
 
-def get_job(ctx: Context, job_id: str) -> Doc:
+def get_job(ctx: HandlerContext, job_id: str) -> Doc:
     return fetch(ctx, "job", (), job_id)
 
 
-def add(ctx: Context, req: Request, _ids: list[str]) -> Response:
+def add(ctx: HandlerContext, req: Request, _ids: list[str]) -> Response:
     """Add Job; with an ``autoPoolSpecification``, its pool is created with it ("If auto Pool creation fails, the
     Batch service moves the Job to a completed state, and the Pool creation error is set in the Job's scheduling
     error property", ``BatchPoolInfo``)."""
@@ -62,15 +62,15 @@ def add(ctx: Context, req: Request, _ids: list[str]) -> Response:
     return response
 
 
-def get(ctx: Context, req: Request, ids: list[str]) -> Response:
+def get(ctx: HandlerContext, req: Request, ids: list[str]) -> Response:
     return entity(req, get_job(ctx, ids[0]), "jobs")
 
 
-def list_(ctx: Context, req: Request, _ids: list[str]) -> Response:
+def list_(ctx: HandlerContext, req: Request, _ids: list[str]) -> Response:
     return listing(req, ctx.store, "job", (), "jobs", cache=ctx.lists)
 
 
-def patch(ctx: Context, req: Request, ids: list[str]) -> Response:
+def patch(ctx: HandlerContext, req: Request, ids: list[str]) -> Response:
     body = validation.check(body_object(req), "BatchJobUpdateOptions", update=True)
     validation.check_priority(body.get("priority"))
     validation.check_constraints(body.get("constraints"))
@@ -93,7 +93,7 @@ _REPLACE_DEFAULTS: dict[str, Any] = {"priority": 0, "allowTaskPreemption": False
                                      "onAllTasksComplete": "noaction"}
 
 
-def replace(ctx: Context, req: Request, ids: list[str]) -> Response:
+def replace(ctx: HandlerContext, req: Request, ids: list[str]) -> Response:
     """Job Update (PUT): "fully replaces all the updatable properties of the Job": what the body leaves out gets
     its default (constraints: no limits; metadata: none); ``poolInfo`` is required."""
     raw = body_object(req)
@@ -119,12 +119,12 @@ def replace(ctx: Context, req: Request, ids: list[str]) -> Response:
     return accepted(mutate(ctx, req, "job", (), ids[0], fn=apply), status=200)
 
 
-def delete(ctx: Context, req: Request, ids: list[str]) -> Response:
+def delete(ctx: HandlerContext, req: Request, ids: list[str]) -> Response:
     remove(ctx, req, "job", (), get_job(ctx, ids[0]), mark=lambda d: transition(d, "deleting"))
     return accepted()
 
 
-def terminate(ctx: Context, req: Request, ids: list[str]) -> Response:
+def terminate(ctx: HandlerContext, req: Request, ids: list[str]) -> Response:
     reason = "UserTerminate"
     if req.body.strip():
         body = validation.check(body_object(req), "BatchJobTerminateOptions")
@@ -142,7 +142,7 @@ def terminate(ctx: Context, req: Request, ids: list[str]) -> Response:
     return accepted(mutate(ctx, req, "job", (), ids[0], fn=apply))
 
 
-def task_counts(ctx: Context, req: Request, ids: list[str]) -> Response:
+def task_counts(ctx: HandlerContext, req: Request, ids: list[str]) -> Response:
     job = get_job(ctx, ids[0])
     counts = dict.fromkeys(("active", "running", "completed", "succeeded", "failed"), 0)
     slots = dict(counts)

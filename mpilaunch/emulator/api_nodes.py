@@ -20,12 +20,12 @@ from typing import Any
 from mpilaunch.emulator import multiinstance as mi
 from mpilaunch.emulator import validation
 from mpilaunch.emulator.api_pools import get_pool
-from mpilaunch.emulator.context import Context as EngineContext
-from mpilaunch.emulator.nodes.base import Node, NodeError, NodeProvider
-from mpilaunch.emulator.nodes.login import KEY_TYPES, AccountTaken, LoginUser, hash_password
+from mpilaunch.emulator.context import EngineContext
+from mpilaunch.emulator.nodes.base import AccountTaken, Node, NodeError, NodeProvider
+from mpilaunch.emulator.nodes.login import KEY_TYPES, LoginUser, hash_password
 from mpilaunch.emulator.pools import DOWNTIME, request_action
 from mpilaunch.emulator.store import Doc, transition
-from mpilaunch.emulator.wire import Context, Request, Response, accepted, body_object, entity_headers, mutate
+from mpilaunch.emulator.wire import HandlerContext, Request, Response, accepted, body_object, entity_headers, mutate
 from mpilaunch.emulator.wire_errors import WireError, invalid_value, not_found
 
 _BUSY = {"rebooting": ("NodeBeingRebooted", "The specified node is being rebooted."),
@@ -52,7 +52,7 @@ def require_ready(doc: Doc, what: str) -> None:
         raise WireError(409, code, message, Reason=f"the node is {state}; {what} needs an idle or running node")
 
 
-def _update(ctx: Context, req: Request, ids: list[str], fn: Callable[[Doc], None]) -> Doc:
+def _update(ctx: HandlerContext, req: Request, ids: list[str], fn: Callable[[Doc], None]) -> Doc:
     """Apply ``fn`` to node ``ids[1]`` of pool ``ids[0]`` (404 PoolNotFound / NodeNotFound)."""
     get_pool(ctx, ids[0])
     return mutate(ctx, req, "node", (ids[0],), ids[1], fn=fn)
@@ -62,7 +62,7 @@ _OPTIONS = {"reboot": ("BatchNodeRebootOptions", "nodeRebootOption"),
             "reimage": ("BatchNodeReimageOptions", "nodeReimageOption")}
 
 
-def _act(ctx: Context, req: Request, ids: list[str], kind: str) -> Response:
+def _act(ctx: HandlerContext, req: Request, ids: list[str], kind: str) -> Response:
     definition, field = _OPTIONS[kind]
     option = str(options(req, definition).get(field) or "requeue").lower()
 
@@ -72,11 +72,11 @@ def _act(ctx: Context, req: Request, ids: list[str], kind: str) -> Response:
     return accepted(_update(ctx, req, ids, apply))
 
 
-def reboot(ctx: Context, req: Request, ids: list[str]) -> Response:
+def reboot(ctx: HandlerContext, req: Request, ids: list[str]) -> Response:
     return _act(ctx, req, ids, "reboot")
 
 
-def reimage(ctx: Context, req: Request, ids: list[str]) -> Response:
+def reimage(ctx: HandlerContext, req: Request, ids: list[str]) -> Response:
     return _act(ctx, req, ids, "reimage")
 
 
@@ -87,7 +87,7 @@ def _scheduling(doc: Doc, wanted: str) -> None:
     doc["schedulingState"] = wanted
 
 
-def disable_scheduling(ctx: Context, req: Request, ids: list[str]) -> Response:
+def disable_scheduling(ctx: HandlerContext, req: Request, ids: list[str]) -> Response:
     option = str(options(req, "BatchNodeDisableSchedulingOptions").get("nodeDisableSchedulingOption")
                  or "requeue").lower()
 
@@ -98,7 +98,7 @@ def disable_scheduling(ctx: Context, req: Request, ids: list[str]) -> Response:
     return accepted(_update(ctx, req, ids, apply), status=200)
 
 
-def enable_scheduling(ctx: Context, req: Request, ids: list[str]) -> Response:
+def enable_scheduling(ctx: HandlerContext, req: Request, ids: list[str]) -> Response:
     def apply(doc: Doc) -> None:
         _scheduling(doc, "enabled")
         if doc.get("_action", {}).get("kind") == "disable":
@@ -108,7 +108,7 @@ def enable_scheduling(ctx: Context, req: Request, ids: list[str]) -> Response:
     return accepted(_update(ctx, req, ids, apply), status=200)
 
 
-def fault(ctx: Context, req: Request, ids: list[str]) -> Response:
+def fault(ctx: HandlerContext, req: Request, ids: list[str]) -> Response:
     """The emulator's fault injection (not a Batch operation): ``{"fault": "preempt" | "kill", "downSeconds": s}``.
 
     ``preempt`` (Spot/low-priority nodes only): the node is ``preempted``, its tasks requeued and its files lost; it
@@ -146,7 +146,7 @@ DEFAULT_EXPIRY = timedelta(days=1)
 MAX_PASSWORD = 256
 
 
-def _provider(ctx: Context) -> NodeProvider:
+def _provider(ctx: HandlerContext) -> NodeProvider:
     from mpilaunch.emulator.engine import Engine
 
     if not isinstance(ctx.engine, Engine):  # --no-execute: there are no nodes to log in to
@@ -155,7 +155,7 @@ def _provider(ctx: Context) -> NodeProvider:
     return ctx.engine.ctx.provider
 
 
-def _login_node(ctx: Context, ids: list[str], what: str) -> tuple[Doc, Node, NodeProvider]:
+def _login_node(ctx: HandlerContext, ids: list[str], what: str) -> tuple[Doc, Node, NodeProvider]:
     """The node doc, its provider node and the provider; 404 for a missing pool or node, 409 unless the node is idle
     or running (Batch's precondition for every node user operation)."""
     get_pool(ctx, ids[0])
@@ -177,7 +177,7 @@ def _unsupported(exc: NodeError) -> WireError:
                      Reason=str(exc))
 
 
-def _edit(ctx: Context, ids: list[str], what: str, edit: Callable[[dict[str, LoginUser]], None]) -> None:
+def _edit(ctx: HandlerContext, ids: list[str], what: str, edit: Callable[[dict[str, LoginUser]], None]) -> None:
     """Apply ``edit`` to the node's live users (expired ones are gone, as Batch removes them)."""
     _doc, node, provider = _login_node(ctx, ids, what)
     now = datetime.now(timezone.utc)
@@ -269,7 +269,7 @@ def _login_user(name: str, body: dict[str, Any], is_admin: bool, now: datetime) 
     return LoginUser(name, is_admin, expiry, key, password)
 
 
-def add_user(ctx: Context, req: Request, ids: list[str]) -> Response:
+def add_user(ctx: HandlerContext, req: Request, ids: list[str]) -> Response:
     """``POST /pools/{pool}/nodes/{node}/users``: 201, or 409 ``NodeUserExists``."""
     body = validation.check(body_object(req), "BatchNodeUserCreateOptions")
     name = check_user_name(body.get("name"))
@@ -284,7 +284,7 @@ def add_user(ctx: Context, req: Request, ids: list[str]) -> Response:
     return Response(201, None, {"DataServiceId": location, "Location": location})
 
 
-def replace_user(ctx: Context, req: Request, ids: list[str]) -> Response:
+def replace_user(ctx: HandlerContext, req: Request, ids: list[str]) -> Response:
     """``PUT /pools/{pool}/nodes/{node}/users/{name}``: every updatable property is replaced (an omitted one is
     reset: no key, no password, expiry one day from now); 404 ``NodeUserNotFound``."""
     body = validation.check(body_object(req), "BatchNodeUserUpdateOptions")
@@ -300,7 +300,7 @@ def replace_user(ctx: Context, req: Request, ids: list[str]) -> Response:
     return Response(200, None, {"DataServiceId": f"{req.base_url}/pools/{ids[0]}/nodes/{ids[1]}/users/{name}"})
 
 
-def delete_user(ctx: Context, req: Request, ids: list[str]) -> Response:
+def delete_user(ctx: HandlerContext, req: Request, ids: list[str]) -> Response:
     """``DELETE /pools/{pool}/nodes/{node}/users/{name}``: 200, or 404 ``NodeUserNotFound``."""
     name = ids[2]
 
@@ -316,7 +316,7 @@ LOGIN_NAME_PROPERTY = "mpilaunchLoginName"
 the OS account every node user logs in as (the emulator's; see :mod:`mpilaunch.emulator.nodes.login`)."""
 
 
-def remote_login_settings(ctx: Context, req: Request, ids: list[str]) -> Response:
+def remote_login_settings(ctx: HandlerContext, req: Request, ids: list[str]) -> Response:
     """``GET /pools/{pool}/nodes/{node}/remoteloginsettings``: the node's sshd (started on first use)."""
     doc, node, provider = _login_node(ctx, ids, "remote login")
     env = mi.node_env(pool_id=ids[0], node_id=node.id, node_root=node.node_root,

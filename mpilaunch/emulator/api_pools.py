@@ -9,7 +9,7 @@ from mpilaunch.emulator.nodes.base import NodeError
 from mpilaunch.emulator.pools import request_action
 from mpilaunch.emulator.store import Doc, now_iso, transition
 from mpilaunch.emulator.wire import (
-    Context,
+    HandlerContext,
     Request,
     Response,
     accepted,
@@ -30,15 +30,15 @@ _PATCHABLE = ("startTask", "metadata", "applicationPackageReferences", "targetNo
               "mountConfiguration", "upgradePolicy")
 
 
-def get_pool(ctx: Context, pool_id: str) -> Doc:
+def get_pool(ctx: HandlerContext, pool_id: str) -> Doc:
     return fetch(ctx, "pool", (), pool_id)
 
 
-def add(ctx: Context, req: Request, _ids: list[str]) -> Response:
+def add(ctx: HandlerContext, req: Request, _ids: list[str]) -> Response:
     return insert_new(ctx, req, "pool", (), new_pool(ctx, req.base_url, validation.pool(body_object(req))))
 
 
-def auto_pool(ctx: Context, base_url: str, spec: Doc) -> Doc:
+def auto_pool(ctx: HandlerContext, base_url: str, spec: Doc) -> Doc:
     """The pool doc of a job's ``autoPoolSpecification``: its ``pool`` under an id Batch makes unique, after the
     prefix (the emulator's form: ``PREFIX_<uuid4>``); raises :class:`WireError` if the pool could not be created."""
     prefix = spec.get("autoPoolIdPrefix")
@@ -46,7 +46,7 @@ def auto_pool(ctx: Context, base_url: str, spec: Doc) -> Doc:
     return new_pool(ctx, base_url, validation.pool({**spec["pool"], "id": pool_id}))
 
 
-def new_pool(ctx: Context, base_url: str, body: Doc) -> Doc:
+def new_pool(ctx: HandlerContext, base_url: str, body: Doc) -> Doc:
     """The stored doc of a new pool from its validated ``body`` (the engine checks that it can provide its nodes)."""
     if ctx.engine is not None:
         try:
@@ -70,20 +70,20 @@ def new_pool(ctx: Context, base_url: str, body: Doc) -> Doc:
     }
 
 
-def get(ctx: Context, req: Request, ids: list[str]) -> Response:
+def get(ctx: HandlerContext, req: Request, ids: list[str]) -> Response:
     return entity(req, get_pool(ctx, ids[0]), "pools")
 
 
-def exists_(ctx: Context, req: Request, ids: list[str]) -> Response:
+def exists_(ctx: HandlerContext, req: Request, ids: list[str]) -> Response:
     doc = ctx.store.get("pool", (), ids[0])
     return Response(404, None, {}) if doc is None else Response(200, None, entity_headers(doc))
 
 
-def list_(ctx: Context, req: Request, _ids: list[str]) -> Response:
+def list_(ctx: HandlerContext, req: Request, _ids: list[str]) -> Response:
     return listing(req, ctx.store, "pool", (), "pools", cache=ctx.lists)
 
 
-def patch(ctx: Context, req: Request, ids: list[str]) -> Response:
+def patch(ctx: HandlerContext, req: Request, ids: list[str]) -> Response:
     body = validation.check(body_object(req), "BatchPoolUpdateOptions", update=True)
 
     def apply(doc: Doc) -> None:
@@ -95,7 +95,7 @@ def patch(ctx: Context, req: Request, ids: list[str]) -> Response:
     return accepted(doc, status=200)
 
 
-def replace(ctx: Context, req: Request, ids: list[str]) -> Response:
+def replace(ctx: HandlerContext, req: Request, ids: list[str]) -> Response:
     """Pool Replace (``POST .../updateproperties``): "fully replaces all the updatable properties of the Pool":
     ``startTask`` left out is removed; ``applicationPackageReferences`` and ``metadata`` are required (may be
     empty lists). 204."""
@@ -114,12 +114,12 @@ def replace(ctx: Context, req: Request, ids: list[str]) -> Response:
     return accepted(status=204)
 
 
-def delete(ctx: Context, req: Request, ids: list[str]) -> Response:
+def delete(ctx: HandlerContext, req: Request, ids: list[str]) -> Response:
     remove(ctx, req, "pool", (), get_pool(ctx, ids[0]), mark=lambda d: transition(d, "deleting"))
     return accepted()
 
 
-def resize(ctx: Context, req: Request, ids: list[str]) -> Response:
+def resize(ctx: HandlerContext, req: Request, ids: list[str]) -> Response:
     body = validation.check(body_object(req), "BatchPoolResizeOptions")
     validation.check_targets(body)
 
@@ -155,7 +155,7 @@ MAX_REMOVE = 100
 """Nodes one remove-nodes request may name (Pools_RemoveNodes)."""
 
 
-def remove_nodes(ctx: Context, req: Request, ids: list[str]) -> Response:
+def remove_nodes(ctx: HandlerContext, req: Request, ids: list[str]) -> Response:
     """Remove the listed nodes (their running tasks per ``nodeDeallocationOption``, default requeue); the pool's
     targets shrink accordingly and it is ``resizing`` until they are gone."""
     body = validation.check(body_object(req), "BatchNodeRemoveOptions")
@@ -189,12 +189,12 @@ def remove_nodes(ctx: Context, req: Request, ids: list[str]) -> Response:
     return accepted(pool)
 
 
-def list_nodes(ctx: Context, req: Request, ids: list[str]) -> Response:
+def list_nodes(ctx: HandlerContext, req: Request, ids: list[str]) -> Response:
     pool = get_pool(ctx, ids[0])
     return listing(req, ctx.store, "node", (pool["id"],), f"pools/{pool['id']}/nodes", cache=ctx.lists)
 
 
-def get_node(ctx: Context, req: Request, ids: list[str]) -> Response:
+def get_node(ctx: HandlerContext, req: Request, ids: list[str]) -> Response:
     node = ctx.store.get("node", (ids[0],), ids[1])
     if node is None:
         get_pool(ctx, ids[0])

@@ -8,7 +8,7 @@ from mpilaunch.emulator import validation
 from mpilaunch.emulator.api_jobs import FOREVER, get_job, require_active
 from mpilaunch.emulator.store import Conflict, Doc, transition
 from mpilaunch.emulator.wire import (
-    Context,
+    HandlerContext,
     Request,
     Response,
     accepted,
@@ -23,7 +23,7 @@ from mpilaunch.emulator.wire import (
 from mpilaunch.emulator.wire_errors import WireError, exists, invalid_value, missing, not_found
 
 
-def get_task(ctx: Context, job_id: str, task_id: str) -> Doc:
+def get_task(ctx: HandlerContext, job_id: str, task_id: str) -> Doc:
     """The task, or 404 JobNotFound/TaskNotFound (tasks being deleted are gone for the API)."""
     doc = ctx.store.get("task", (job_id,), task_id)
     if doc is None or doc.get("_deleting"):
@@ -55,7 +55,7 @@ def _new_task(req: Request, job: Doc, body: dict[str, Any]) -> Doc:
     return doc
 
 
-def add(ctx: Context, req: Request, ids: list[str]) -> Response:
+def add(ctx: HandlerContext, req: Request, ids: list[str]) -> Response:
     body = validation.task(body_object(req))
     with ctx.store.transaction():
         job = get_job(ctx, ids[0])
@@ -63,7 +63,7 @@ def add(ctx: Context, req: Request, ids: list[str]) -> Response:
         return insert_new(ctx, req, "task", (job["id"],), _new_task(req, job, body))
 
 
-def add_collection(ctx: Context, req: Request, ids: list[str]) -> Response:
+def add_collection(ctx: HandlerContext, req: Request, ids: list[str]) -> Response:
     group = body_object(req)
     if not isinstance(group, dict):
         raise invalid_value("body", group, "must be a JSON object with a value array")
@@ -88,7 +88,7 @@ def add_collection(ctx: Context, req: Request, ids: list[str]) -> Response:
     return Response(200, {"odata.metadata": f"{req.base_url}/$metadata#taskaddresult", "value": results})
 
 
-def _add_one(ctx: Context, req: Request, job: Doc, task: dict[str, Any]) -> dict[str, Any]:
+def _add_one(ctx: HandlerContext, req: Request, job: Doc, task: dict[str, Any]) -> dict[str, Any]:
     try:
         body = validation.task(task)
         doc = ctx.store.insert("task", (job["id"],), _new_task(req, job, body))
@@ -106,17 +106,17 @@ def _client_error(task_id: str, exc: WireError, req: Request) -> dict[str, Any]:
     return {"status": "clienterror", "taskId": task_id, "error": body}
 
 
-def get(ctx: Context, req: Request, ids: list[str]) -> Response:
+def get(ctx: HandlerContext, req: Request, ids: list[str]) -> Response:
     return entity(req, get_task(ctx, ids[0], ids[1]), f"jobs/{ids[0]}/tasks")
 
 
-def list_(ctx: Context, req: Request, ids: list[str]) -> Response:
+def list_(ctx: HandlerContext, req: Request, ids: list[str]) -> Response:
     job = get_job(ctx, ids[0])
     return listing(req, ctx.store, "task", (job["id"],), f"jobs/{job['id']}/tasks",
                    keep=lambda d: not d.get("_deleting"), cache=ctx.lists)
 
 
-def replace(ctx: Context, req: Request, ids: list[str]) -> Response:
+def replace(ctx: HandlerContext, req: Request, ids: list[str]) -> Response:
     """Task Update (PUT, a replace): only ``constraints`` can change, and they are replaced whole: what the body
     leaves out gets its default, and a body without ``constraints`` gives the task the default constraints
     ("If omitted, the Task is given the default constraints", TaskUpdateParameter.constraints)."""
@@ -142,12 +142,12 @@ def replace(ctx: Context, req: Request, ids: list[str]) -> Response:
     return accepted(doc, status=200)
 
 
-def delete(ctx: Context, req: Request, ids: list[str]) -> Response:
+def delete(ctx: HandlerContext, req: Request, ids: list[str]) -> Response:
     remove(ctx, req, "task", (ids[0],), get_task(ctx, ids[0], ids[1]), mark=lambda d: d.update(_deleting=True))
     return accepted(status=200)
 
 
-def terminate(ctx: Context, req: Request, ids: list[str]) -> Response:
+def terminate(ctx: HandlerContext, req: Request, ids: list[str]) -> Response:
     def apply(doc: Doc) -> None:
         if doc.get("state") == "completed":
             raise WireError(409, "TaskCompleted", "The specified task is already completed.")
@@ -164,7 +164,7 @@ def terminate(ctx: Context, req: Request, ids: list[str]) -> Response:
     return accepted(mutate(ctx, req, "task", (ids[0],), ids[1], fn=apply), status=204)
 
 
-def reactivate(ctx: Context, req: Request, ids: list[str]) -> Response:
+def reactivate(ctx: HandlerContext, req: Request, ids: list[str]) -> Response:
     """Make a failed completed task active again with ``retryCount`` 0 (Tasks_ReactivateTask)."""
     def apply(doc: Doc) -> None:
         info = doc.setdefault("executionInfo", {})
@@ -187,7 +187,7 @@ def reactivate(ctx: Context, req: Request, ids: list[str]) -> Response:
     return accepted(doc, status=204)
 
 
-def list_subtasks(ctx: Context, req: Request, ids: list[str]) -> Response:
+def list_subtasks(ctx: HandlerContext, req: Request, ids: list[str]) -> Response:
     task = get_task(ctx, ids[0], ids[1])
     subtasks = ctx.store.list("subtask", (ids[0], task["id"]))
     subtasks.sort(key=lambda d: int(d.get("id", 0)))

@@ -17,7 +17,7 @@ log = logging.getLogger("mpilaunch.emulator.engine")
 
 
 @dataclass
-class Context:
+class EngineContext:
     """Shared by :class:`~mpilaunch.emulator.engine.Engine`, its node manager and its task runs."""
 
     store: Store

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from mpilaunch.emulator import defaults, records
 from mpilaunch.emulator import multiinstance as mi
-from mpilaunch.emulator.context import Context, log, wipe
+from mpilaunch.emulator.context import EngineContext, log, wipe
 from mpilaunch.emulator.isolation import DATA_ERRORS, Isolation
 from mpilaunch.emulator.nodes.base import Node, NodeProvider
 from mpilaunch.emulator.pools import START_TAG, NodeManager
@@ -104,7 +104,7 @@ class Engine:
         if provider is None:
             from mpilaunch.emulator.nodes.process import ProcessProvider
             provider = ProcessProvider()
-        self.ctx = Context(store=store, provider=provider, data_dir=Path(data_dir), account=account,
+        self.ctx = EngineContext(store=store, provider=provider, data_dir=Path(data_dir), account=account,
                            account_url=account_url or defaults.endpoint(), wake=self.wake)
         self.store = store
         self.poll = poll
@@ -405,7 +405,7 @@ class Engine:
             if claimed is None:
                 self._free(nodes, 1 if multi else need)
                 return
-            run = TaskRun(self.ctx, job, claimed, nodes, tag=tag, master_port=reserve_port(nodes[0].address),
+            run = TaskRun(self.ctx, job, claimed, nodes, tag=tag, primary_port=reserve_port(nodes[0].address),
                           on_done=self._done, on_started=self._started)
         except DATA_ERRORS:  # the task cannot run: give its nodes back, then it is marked (Isolation)
             if claimed is not None:

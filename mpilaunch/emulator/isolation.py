@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from mpilaunch.emulator import multiinstance as mi
-from mpilaunch.emulator.context import Context, log
+from mpilaunch.emulator.context import EngineContext, log
 from mpilaunch.emulator.store import Doc, now_iso, transition
 
 DATA_ERRORS = (TypeError, ValueError, KeyError, AttributeError, IndexError, LookupError)
@@ -69,7 +69,7 @@ class Isolation:
     :data:`DATA_ERRORS`) is marked (see the module docstring) and skipped until its ``eTag`` changes (a user's
     update or resize), instead of failing the step for every other pool, job and task."""
 
-    def __init__(self, ctx: Context) -> None:
+    def __init__(self, ctx: EngineContext) -> None:
         self.ctx = ctx
         self._bad: dict[tuple[str, str], object] = {}  # (kind, "parent/id") -> eTag it had when it was marked
         self._lock = threading.Lock()

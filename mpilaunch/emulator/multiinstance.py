@@ -93,7 +93,7 @@ def instance_env(
     node_root: str,
     instances: Sequence[Instance],
     index: int,
-    master_port: int,
+    primary_port: int,
     multi_instance: bool,
     job_settings: Iterable[Mapping[str, Any]] | None = None,
     task_settings: Iterable[Mapping[str, Any]] | None = None,
@@ -126,7 +126,7 @@ def instance_env(
         env |= {
             "AZ_BATCH_HOST_LIST": ",".join(addresses),
             "AZ_BATCH_NODE_LIST": ";".join(addresses),
-            "AZ_BATCH_MASTER_NODE": f"{master}:{master_port}",
+            "AZ_BATCH_MASTER_NODE": f"{master}:{primary_port}",
             "AZ_BATCH_IS_CURRENT_NODE_MASTER": "true" if index == 0 else "false",
             "AZ_BATCH_TASK_SHARED_DIR": task_dir,
             "CCP_NODES": " ".join([str(len(addresses)), *(f"{a} {cores}" for a in addresses)]),

@@ -29,7 +29,7 @@ from typing import Any
 
 from mpilaunch.emulator import multiinstance as mi
 from mpilaunch.emulator import resourcefiles
-from mpilaunch.emulator.context import Context, log, wipe
+from mpilaunch.emulator.context import EngineContext, log, wipe
 from mpilaunch.emulator.isolation import Isolation
 from mpilaunch.emulator.nodes.base import ADMIN, NONADMIN, Node
 from mpilaunch.emulator.store import Doc, now_iso, transition
@@ -81,7 +81,7 @@ def _ipv6(address: str) -> str:
 class NodeManager:
     """Keeps every pool's nodes at its target and runs their StartTasks."""
 
-    def __init__(self, ctx: Context, is_busy: Callable[[str], bool], evict: Callable[[str, str], None],
+    def __init__(self, ctx: EngineContext, is_busy: Callable[[str], bool], evict: Callable[[str, str], None],
                  isolation: Isolation | None = None) -> None:
         self.ctx = ctx
         self.isolation = isolation or Isolation(ctx)

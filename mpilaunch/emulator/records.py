@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from mpilaunch.emulator import multiinstance as mi
-from mpilaunch.emulator.context import Context
+from mpilaunch.emulator.context import EngineContext
 from mpilaunch.emulator.nodes.base import Node
 from mpilaunch.emulator.store import Doc, now_iso, transition
 from mpilaunch.emulator.taskrun import Outcome
@@ -37,11 +37,11 @@ ENDED = {
 }
 
 
-def _info(ctx: Context, node: Node, rel: str) -> Doc:
+def _info(ctx: EngineContext, node: Node, rel: str) -> Doc:
     return mi.node_info(account_url=ctx.account_url, pool_id=node.pool_id, node_id=node.id, task_rel=rel)
 
 
-def claim(ctx: Context, job_id: str, task_id: str, nodes: Sequence[Node], tag: str) -> Doc | None:
+def claim(ctx: EngineContext, job_id: str, task_id: str, nodes: Sequence[Node], tag: str) -> Doc | None:
     """Mark the task running on ``nodes`` (primary first); returns the task doc, ``None`` if it vanished."""
     rel = mi.task_rel_dir(job_id, task_id)
     now = now_iso()
@@ -72,7 +72,7 @@ def claim(ctx: Context, job_id: str, task_id: str, nodes: Sequence[Node], tag: s
     return task
 
 
-def instances_started(ctx: Context, job_id: str, task_id: str, starts: dict[int, str]) -> None:
+def instances_started(ctx: EngineContext, job_id: str, task_id: str, starts: dict[int, str]) -> None:
     """The subtasks whose coordination command started (``{index: time}``, index >= 1) are ``running`` since then."""
     def running(doc: Doc, at: str) -> None:
         if doc.get("state") == "preparing":
@@ -92,7 +92,7 @@ def _occupy(doc: Doc) -> None:
         transition(doc, "running")
 
 
-def _release(ctx: Context, node: Node, job_id: str, task_id: str, *, index: int | None, task: Doc | None,
+def _release(ctx: EngineContext, node: Node, job_id: str, task_id: str, *, index: int | None, task: Doc | None,
              ok: bool, ran: bool) -> None:
     def fn(doc: Doc) -> None:
         doc["runningTasksCount"] = max(doc.get("runningTasksCount", 1) - 1, 0)
@@ -110,7 +110,7 @@ def _release(ctx: Context, node: Node, job_id: str, task_id: str, *, index: int 
     ctx.update_node(node.pool_id, node.id, fn)
 
 
-def release_all(ctx: Context, job_id: str, task_id: str, nodes: Sequence[Node]) -> None:
+def release_all(ctx: EngineContext, job_id: str, task_id: str, nodes: Sequence[Node]) -> None:
     """Give ``nodes`` back after an attempt whose task record could not be written (it is marked instead)."""
     for node in nodes:
         _release(ctx, node, job_id, task_id, index=None, task=None, ok=False, ran=False)
@@ -120,7 +120,7 @@ def _public(info: Doc) -> Doc:
     return {k: v for k, v in info.items() if not k.startswith("_")}
 
 
-def finish(ctx: Context, job_id: str, task_id: str, nodes: Sequence[Node], *, multi: bool, outcome: Outcome,
+def finish(ctx: EngineContext, job_id: str, task_id: str, nodes: Sequence[Node], *, multi: bool, outcome: Outcome,
            max_retries: int) -> Doc | None:
     """Record the end of an attempt; returns the task doc (``None`` if deleted). ``shutdown`` writes nothing."""
     if outcome.kind == "shutdown":

@@ -28,9 +28,9 @@ from mpilaunch.emulator.nodes.base import NodeProvider
 from mpilaunch.emulator.store import Store
 from mpilaunch.emulator.validation import MAX_BODY
 from mpilaunch.emulator.wire import (
-    Context,
     FileBody,
     Handler,
+    HandlerContext,
     ListCache,
     Request,
     Response,
@@ -186,7 +186,7 @@ class EmulatorServer:
         self.engine = (Engine(self.store, self.data_dir, provider, account=account, account_url=self.endpoint)
                        if execute else None)
         self.lists = ListCache(self.store.path)
-        self.ctx = Context(self.store, account, self.data_dir, self.engine, self.lists)
+        self.ctx = HandlerContext(self.store, account, self.data_dir, self.engine, self.lists)
         self.httpd.emulator = self  # type: ignore[attr-defined]
         self._thread: threading.Thread | None = None
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from mpilaunch.emulator import multiinstance as mi
 from mpilaunch.emulator import resourcefiles
-from mpilaunch.emulator.context import Context, log, wipe
+from mpilaunch.emulator.context import EngineContext, log, wipe
 from mpilaunch.emulator.nodes.base import Execution, Node
 from mpilaunch.emulator.pools import elevation, is_dedicated
 from mpilaunch.emulator.store import now_iso
@@ -71,11 +71,11 @@ class Stop(Exception):
 class TaskRun:
     """Runs one attempt of ``task`` (of ``job``, on ``nodes``; nodes[0] is the primary) on its own thread."""
 
-    def __init__(self, ctx: Context, job: Mapping[str, Any], task: Mapping[str, Any], nodes: Sequence[Node], *,
-                 tag: str, master_port: int, on_done: Callable[[TaskRun, Outcome], None],
+    def __init__(self, ctx: EngineContext, job: Mapping[str, Any], task: Mapping[str, Any], nodes: Sequence[Node], *,
+                 tag: str, primary_port: int, on_done: Callable[[TaskRun, Outcome], None],
                  on_started: Callable[[TaskRun, dict[int, str]], None] | None = None) -> None:
         self.ctx, self.job, self.task, self.nodes, self.tag = ctx, job, task, list(nodes), tag
-        self.master_port = master_port
+        self.primary_port = primary_port
         self.on_done = on_done
         self.on_started = on_started
         """Called (on the run's thread) once every instance runs, with each one's start time."""
@@ -208,7 +208,7 @@ class TaskRun:
         return mi.instance_env(
             account=self.ctx.account, account_url=self.ctx.account_url, pool_id=node.pool_id,
             job_id=self.job["id"], task_id=self.task["id"], node_root=node.node_root, instances=instances,
-            index=index, master_port=self.master_port, multi_instance=self.multi,
+            index=index, primary_port=self.primary_port, multi_instance=self.multi,
             job_settings=self.job.get("commonEnvironmentSettings"), task_settings=self.task.get("environmentSettings"),
             dedicated=is_dedicated(node.id))
 

@@ -63,7 +63,7 @@ class Response:
 
 
 @dataclass
-class Context:
+class HandlerContext:
     """What handlers need: the store, the engine (``None`` when the emulator runs without execution), and the
     cache of list pages (``None``: every list is computed)."""
 
@@ -78,7 +78,7 @@ class Context:
             self.engine.wake()
 
 
-Handler = Callable[[Context, Request, list[str]], Response]
+Handler = Callable[[HandlerContext, Request, list[str]], Response]
 
 
 def public(doc: Doc) -> Doc:
@@ -194,7 +194,7 @@ def created(req: Request, doc: Doc, location: str) -> Response:
     return Response(201, None, headers)
 
 
-def fetch(ctx: Context, kind: str, parent: Parent, id: str) -> Doc:
+def fetch(ctx: HandlerContext, kind: str, parent: Parent, id: str) -> Doc:
     """The stored doc or 404 ``PoolNotFound``/``JobNotFound``/... naming the id."""
     doc = ctx.store.get(kind, parent, id)
     if doc is None:
@@ -202,7 +202,7 @@ def fetch(ctx: Context, kind: str, parent: Parent, id: str) -> Doc:
     return doc
 
 
-def insert_new(ctx: Context, req: Request, kind: str, parent: Parent, doc: Doc) -> Response:
+def insert_new(ctx: HandlerContext, req: Request, kind: str, parent: Parent, doc: Doc) -> Response:
     """Insert a new resource: 201, or 409 ``PoolExists``/``JobExists``/``TaskExists`` (ids case-insensitive)."""
     try:
         doc = ctx.store.insert(kind, parent, doc)
@@ -212,7 +212,7 @@ def insert_new(ctx: Context, req: Request, kind: str, parent: Parent, doc: Doc) 
     return created(req, doc, doc["url"])
 
 
-def mutate(ctx: Context, req: Request, kind: str, parent: Parent, id: str, *, fn: Callable[[Doc], None]) -> Doc:
+def mutate(ctx: HandlerContext, req: Request, kind: str, parent: Parent, id: str, *, fn: Callable[[Doc], None]) -> Doc:
     """Apply ``fn`` atomically once the request's preconditions hold; 404 if missing (or being deleted)."""
 
     def apply(doc: Doc) -> None:
@@ -228,7 +228,8 @@ def mutate(ctx: Context, req: Request, kind: str, parent: Parent, id: str, *, fn
     return doc
 
 
-def remove(ctx: Context, req: Request, kind: str, parent: Parent, doc: Doc, *, mark: Callable[[Doc], None]) -> None:
+def remove(ctx: HandlerContext, req: Request, kind: str, parent: Parent, doc: Doc, *,
+           mark: Callable[[Doc], None]) -> None:
     """Delete at once without an engine; with one, ``mark`` the doc and let the engine kill and remove it."""
     with ctx.store.transaction():
         precondition(req, doc)

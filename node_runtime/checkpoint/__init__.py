@@ -4,11 +4,14 @@
 - :class:`StepCheckpoints`: all-or-nothing collective step checkpoints for iterative solvers.
 - :func:`open_store`: the store a URL (or ``$MPILAUNCH_CHECKPOINT_URL``) names: a directory or an Azure Blob container.
 
-mpi4py and the Azure SDK are imported only when used.
+mpi4py and the Azure SDK are imported only when used. Programs import this API as :mod:`mpilaunch.checkpoint`;
+this name stays as its alias.
 """
 
+from node_runtime.checkpoint.location import open_store
 from node_runtime.checkpoint.steps import StepCheckpoints
-from node_runtime.checkpoint.stores import ENV_URL, Store, open_store
+from node_runtime.checkpoint.stores import ENV_URL, Store
 from node_runtime.checkpoint.workitems import load_committed, run_items
+from node_runtime.errors import CheckpointError
 
-__all__ = ["ENV_URL", "StepCheckpoints", "Store", "load_committed", "open_store", "run_items"]
+__all__ = ["ENV_URL", "CheckpointError", "StepCheckpoints", "Store", "load_committed", "open_store", "run_items"]

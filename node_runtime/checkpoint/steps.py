@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from node_runtime.checkpoint._mpi import beat, new_run_id, say, world
-from node_runtime.checkpoint.stores import Store, open_store, seal, sha256, unseal
+from node_runtime.checkpoint.location import open_store
+from node_runtime.checkpoint.stores import Store, seal, sha256, unseal
 from node_runtime.errors import CheckpointError, InvalidInput
 
 MARKER = "COMPLETE"

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 from node_runtime.checkpoint._mpi import abort, beat, new_run_id, say, world
-from node_runtime.checkpoint.stores import Store, open_store, seal, unseal
+from node_runtime.checkpoint.location import open_store
+from node_runtime.checkpoint.stores import Store, seal, unseal
 from node_runtime.errors import CheckpointError, InvalidInput
 
 K = TypeVar("K", bound=Hashable)

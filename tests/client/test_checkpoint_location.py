@@ -20,7 +20,7 @@ from azure.storage.blob import BlobClient, ContainerClient
 from mpilaunch.cli import cli
 from mpilaunch.clickutil import run_cli
 from mpilaunch.client.api import Launcher
-from mpilaunch.client.checkpoint import PERMISSION, parse_location, resolve, sas_warnings, store_for
+from mpilaunch.client.checkpoint import PERMISSION, parse_location, sas_warnings, store_for, usable_url
 from mpilaunch.client.config import StorageConfig
 from mpilaunch.client.local import LocalState
 from mpilaunch.client.spec import TaskSpec
@@ -31,7 +31,7 @@ from tests.client.conftest import local_services, new_task_id  # noqa: F401 - mo
 from tests.client.test_storage_entra import FakeEntra, oauth_azurite  # noqa: F401 - HTTPS Azurite with OAuth
 from tests.support.azurite import ACCOUNT, KEY, Azurite
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).usable_url().parents[2]
 SWEEP = REPO / "examples" / "sweep.py"
 SIG = "c2VjcmV0c2lnbmF0dXJl"
 AZ = "https://acct.blob.core.windows.net"
@@ -92,8 +92,8 @@ def test_refused_forms_name_the_value_and_never_the_sas(text: str, fragment: str
 
 def test_a_signed_url_is_passed_unchanged_without_network() -> None:
     url = signed(f"{AZ}/ckpt/p")
-    assert resolve(url, None, datetime.now(UTC)) == url
-    assert resolve("/shared/ckpt", None, datetime.now(UTC)) == "/shared/ckpt"
+    assert usable_url(url, None, datetime.now(UTC)) == url
+    assert usable_url("/shared/ckpt", None, datetime.now(UTC)) == "/shared/ckpt"
 
 
 def test_warnings_for_a_user_sas_with_more_rights_or_an_early_expiry() -> None:
@@ -110,7 +110,7 @@ def test_warnings_for_a_user_sas_with_more_rights_or_an_early_expiry() -> None:
 
 def test_blob_prefix_needs_a_configured_storage_account() -> None:
     with pytest.raises(InvalidInput, match="'blob:x' needs a configured storage account"):
-        resolve("blob:x", None, datetime.now(UTC))
+        usable_url("blob:x", None, datetime.now(UTC))
 
 
 class Token:
@@ -153,7 +153,7 @@ def storage(azurite: Azurite) -> StorageConfig:
 @pytest.mark.azurite
 def test_minted_sas_is_what_the_store_needs(storage: StorageConfig) -> None:
     expiry = sas_expiry(timedelta(hours=1), 1)
-    url = resolve("blob:sweep/run-1", storage, expiry)
+    url = usable_url("blob:sweep/run-1", storage, expiry)
     base, sas = url.split("?")
     assert base.endswith(f"/{storage.container}-checkpoints/sweep/run-1")
     fields = sas_of(url)
@@ -188,7 +188,7 @@ def test_minted_sas_is_what_the_store_needs(storage: StorageConfig) -> None:
 @pytest.mark.azurite
 def test_explicit_azurite_url_gets_its_container_and_a_sas(azurite: Azurite, storage: StorageConfig) -> None:
     container = f"ck{uuid.uuid4().hex[:10]}"
-    url = resolve(f"{azurite.blob_endpoint}/{container}/runs/a", storage, sas_expiry(None, 0))
+    url = usable_url(f"{azurite.blob_endpoint}/{container}/runs/a", storage, sas_expiry(None, 0))
     assert url.startswith(f"{azurite.blob_endpoint}/{container}/runs/a?") and sas_of(url)["sp"] == PERMISSION
     store = open_store(url)
     store.put("x", b"1")
@@ -200,7 +200,7 @@ def test_explicit_azurite_url_gets_its_container_and_a_sas(azurite: Azurite, sto
 def test_entra_user_delegation_sas_for_an_account_without_a_key(oauth_azurite: str) -> None:  # noqa: F811
     entra = FakeEntra()
     container = f"ck{uuid.uuid4().hex[:10]}"
-    url = resolve(f"{oauth_azurite}/{container}/run", None, sas_expiry(timedelta(hours=1), 0), entra)
+    url = usable_url(f"{oauth_azurite}/{container}/run", None, sas_expiry(timedelta(hours=1), 0), entra)
     fields = sas_of(url)
     assert "skoid" in fields and fields["sp"] == PERMISSION  # a user delegation SAS, not an account-key one
     assert entra.scopes
@@ -219,7 +219,7 @@ def test_storage_refusal_is_a_checkpoint_error_without_secrets(azurite: Azurite)
     expected = (f"cannot prepare checkpoint location 'blob:x': container 'mpilaunch-checkpoints' at "
                 f"{azurite.blob_endpoint} answered .*HTTP 403")
     with pytest.raises(CheckpointError, match=expected) as info:
-        resolve("blob:x", storage, sas_expiry(None, 0))
+        usable_url("blob:x", storage, sas_expiry(None, 0))
     assert wrong_key not in str(info.value) and "sig=" not in str(info.value)
 
 

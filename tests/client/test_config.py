@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mpilaunch.client.config import BatchConfig, StorageConfig, resolve
+from mpilaunch.client.config import BatchConfig, StorageConfig, resolve_settings
 from node_runtime.errors import InvalidInput
 
 KEY = "c2VjcmV0LWtleS1ieXRlcy0xMjM0NTY3ODkwMTIzNDU2Nzg5MA=="
@@ -27,34 +27,34 @@ pool = "profpool"
 storage_account = "profstore"
 """)
     env |= {"AZURE_BATCH_ENDPOINT": "https://env.example", "AZURE_BATCH_ACCESS_KEY": KEY}
-    s = resolve({"batch_endpoint": "https://flag.example"}, env)
+    s = resolve_settings({"batch_endpoint": "https://flag.example"}, env)
     assert s.batch.endpoint == "https://flag.example"
     assert s.batch.account == "profacct" and s.batch.key == KEY and s.pool == "profpool"
     assert s.storage is not None and s.storage.account_url == "https://profstore.blob.core.windows.net"
-    s = resolve({}, env)
+    s = resolve_settings({}, env)
     assert s.batch.endpoint == "https://env.example"
 
 
 def test_named_profile_and_errors(tmp_path: Path) -> None:
     env = write_profile(tmp_path, '[prod]\nbatch_endpoint = "https://prod"\n')
-    assert resolve({}, env, profile="prod").batch.endpoint == "https://prod"
-    assert resolve({}, env | {"MPILAUNCH_PROFILE": "prod"}).batch.endpoint == "https://prod"
+    assert resolve_settings({}, env, profile="prod").batch.endpoint == "https://prod"
+    assert resolve_settings({}, env | {"MPILAUNCH_PROFILE": "prod"}).batch.endpoint == "https://prod"
     with pytest.raises(InvalidInput, match=r"profile 'dev' not found .*\(has: prod\)"):
-        resolve({}, env, profile="dev")
+        resolve_settings({}, env, profile="dev")
     with pytest.raises(InvalidInput, match="no Batch endpoint"):
-        resolve({}, env)
+        resolve_settings({}, env)
     bad = write_profile(tmp_path, '[default]\nbatch_endpont = "x"\n')
     with pytest.raises(InvalidInput, match="unknown keys \\['batch_endpont'\\]"):
-        resolve({}, bad)
+        resolve_settings({}, bad)
     broken = write_profile(tmp_path, "[default\n")
     with pytest.raises(InvalidInput, match="cannot read profile file"):
-        resolve({}, broken)
+        resolve_settings({}, broken)
     with pytest.raises(InvalidInput, match="does not exist"):
-        resolve({}, {"MPILAUNCH_CONFIG": str(tmp_path / "none.toml")}, profile="x")
+        resolve_settings({}, {"MPILAUNCH_CONFIG": str(tmp_path / "none.toml")}, profile="x")
 
 
 def test_no_storage_without_storage_settings(tmp_path: Path) -> None:
-    s = resolve({"batch_endpoint": "https://b"}, {"MPILAUNCH_CONFIG": str(tmp_path / "none.toml")})
+    s = resolve_settings({"batch_endpoint": "https://b"}, {"MPILAUNCH_CONFIG": str(tmp_path / "none.toml")})
     assert s.storage is None
 
 

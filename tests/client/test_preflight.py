@@ -11,7 +11,7 @@ from azure.batch import models as bm
 from mpilaunch.client.pools import DEFAULT_IMAGE, PoolSpec, build_pool
 from mpilaunch.client.preflight import check_nodes, check_pool
 from mpilaunch.client.spec import ContainerSpec, TaskSpec
-from mpilaunch.client.taskbuild import StagedFile
+from mpilaunch.client.storage import StagedFile
 from node_runtime.errors import InvalidInput, InvalidRequest, PreflightError
 
 

@@ -15,7 +15,7 @@ from azure.storage.blob import BlobClient, ContainerClient
 from mpilaunch.client.api import Launcher
 from mpilaunch.client.config import BatchConfig, Settings, StorageConfig
 from mpilaunch.client.spec import TaskSpec
-from mpilaunch.client.storage import BlobStore, sas_expiry, walk_inputs
+from mpilaunch.client.storage import StagingStore, sas_expiry, walk_inputs
 from node_runtime.errors import BatchError, InvalidInput
 from tests.support.azurite import Azurite
 
@@ -23,8 +23,8 @@ pytestmark = pytest.mark.azurite
 
 
 @pytest.fixture
-def store(azurite: Azurite) -> BlobStore:
-    return BlobStore(StorageConfig(connection_string=azurite.connection_string, container=f"t{uuid.uuid4().hex}"))
+def store(azurite: Azurite) -> StagingStore:
+    return StagingStore(StorageConfig(connection_string=azurite.connection_string, container=f"t{uuid.uuid4().hex}"))
 
 
 @pytest.fixture
@@ -47,7 +47,7 @@ def test_walk_inputs_keeps_directory_names(tree: Path) -> None:
         walk_inputs([tree / "nowhere"])
 
 
-def test_upload_skips_unchanged_content(store: BlobStore, tree: Path) -> None:
+def test_upload_skips_unchanged_content(store: StagingStore, tree: Path) -> None:
     files = walk_inputs([tree / "app.py", tree / "data"])
     seen: list[int] = []
     first = store.upload(files, on_progress=seen.append)
@@ -61,7 +61,7 @@ def test_upload_skips_unchanged_content(store: BlobStore, tree: Path) -> None:
     assert len(names) == 4  # the old a.txt stays: a queued task may still need it
 
 
-def test_upload_replaces_blob_with_wrong_content(store: BlobStore, tree: Path) -> None:
+def test_upload_replaces_blob_with_wrong_content(store: StagingStore, tree: Path) -> None:
     [f] = walk_inputs([tree / "app.py"])
     store.ensure_container()
     store.container.upload_blob(f.blob_name, b"corrupt", overwrite=True)
@@ -69,7 +69,7 @@ def test_upload_replaces_blob_with_wrong_content(store: BlobStore, tree: Path) -
     assert store.download(f.blob_name) == (tree / "app.py").read_bytes()
 
 
-def test_read_sas_reads_but_cannot_write(store: BlobStore, tree: Path) -> None:
+def test_read_sas_reads_but_cannot_write(store: StagingStore, tree: Path) -> None:
     files = walk_inputs([tree / "data"])
     store.upload(files)
     url = store.container_sas_url("r", datetime.now(UTC) + timedelta(hours=1))
@@ -82,7 +82,7 @@ def test_read_sas_reads_but_cannot_write(store: BlobStore, tree: Path) -> None:
     assert "sp=r&" in staged[0].url or staged[0].url.endswith("sp=r")
 
 
-def test_write_sas_creates_but_cannot_read(store: BlobStore) -> None:
+def test_write_sas_creates_but_cannot_read(store: StagingStore) -> None:
     store.ensure_container()
     url = store.container_sas_url("cw", datetime.now(UTC) + timedelta(hours=1))
     container = ContainerClient.from_container_url(url)
@@ -93,7 +93,7 @@ def test_write_sas_creates_but_cannot_read(store: BlobStore) -> None:
     assert err.value.status_code == 403
 
 
-def test_expired_sas_is_refused(store: BlobStore, tree: Path) -> None:
+def test_expired_sas_is_refused(store: StagingStore, tree: Path) -> None:
     files = walk_inputs([tree / "app.py"])
     store.upload(files)
     [staged] = store.staged(files, store.container_sas_url("r", datetime.now(UTC) - timedelta(minutes=1)))
@@ -104,7 +104,7 @@ def test_expired_sas_is_refused(store: BlobStore, tree: Path) -> None:
 
 
 def test_account_key_configuration(azurite: Azurite, tree: Path) -> None:
-    store = BlobStore(StorageConfig(account=azurite.account, key=azurite.key, endpoint=azurite.blob_endpoint,
+    store = StagingStore(StorageConfig(account=azurite.account, key=azurite.key, endpoint=azurite.blob_endpoint,
                                     container=f"k{uuid.uuid4().hex}"))
     files = walk_inputs([tree / "app.py"])
     assert len(store.upload(files).uploaded) == 1

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from mpilaunch.client.config import StorageConfig
-from mpilaunch.client.storage import BlobStore, walk_inputs
+from mpilaunch.client.storage import StagingStore, walk_inputs
 from tests.support.azurite import ACCOUNT, running_azurite
 
 pytestmark = pytest.mark.azurite
@@ -82,7 +82,7 @@ def oauth_azurite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[s
 
 def test_entra_upload_and_user_delegation_sas(oauth_azurite: str, tmp_path: Path) -> None:
     entra = FakeEntra()
-    store = BlobStore(StorageConfig(account=ACCOUNT, endpoint=oauth_azurite, container="entra"), entra)
+    store = StagingStore(StorageConfig(account=ACCOUNT, endpoint=oauth_azurite, container="entra"), entra)
     (tmp_path / "app.py").write_text("print(1)\n")
     files = walk_inputs([tmp_path / "app.py"])
     assert len(store.upload(files).uploaded) == 1

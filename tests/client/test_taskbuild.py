@@ -24,7 +24,8 @@ from mpilaunch.client.spec import (
     parse_duration,
     parse_env,
 )
-from mpilaunch.client.taskbuild import OutputTarget, StagedFile, build_task
+from mpilaunch.client.storage import StagedFile
+from mpilaunch.client.taskbuild import OutputTarget, build_task
 from node_runtime.contract import launch_command_line
 from node_runtime.errors import InvalidInput, InvalidRequest
 

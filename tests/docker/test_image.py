@@ -45,6 +45,11 @@ def test_image_defaults_and_no_baked_secrets(docker_image: str) -> None:
     assert "Open MPI" in mpirun
     root = docker("run", "--rm", "--user", "root", docker_image, "id", "-u").stdout.strip()
     assert root == "0"
+    api = docker("run", "--rm", docker_image, "python", "-c",
+                 "from mpilaunch.checkpoint import CheckpointError, run_items; print(run_items.__module__)").stdout
+    assert api.strip() == "node_runtime.checkpoint.workitems"  # the programs' import works without the client
+    client = docker("run", "--rm", docker_image, "mpilaunch", "--help", check=False)
+    assert client.returncode == 2 and 'pip install "mpilaunch[client]"' in client.stderr
 
 
 def test_extra_ca_certificates_are_trusted(docker_image: str) -> None:

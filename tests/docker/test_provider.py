@@ -129,7 +129,7 @@ def test_multi_instance_mpi_task_with_the_node_runtime(provider: DockerProvider,
     def start(index: int, argv: list[str]) -> Execution:
         env = mi.instance_env(account="acct", account_url="http://127.0.0.1:1", pool_id="dpool", job_id=JOB,
                               task_id=TASK, node_root=NODE_ROOT, instances=instances, index=index,
-                              master_port=6000, multi_instance=True, task_settings=settings)
+                              primary_port=6000, multi_instance=True, task_settings=settings)
         node = nodes[index]
         return provider.run(node, argv, env=env, cwd=node.node_path(task_dirs[index] / "wd"),
                             stdout=task_dirs[index] / "stdout.txt", stderr=task_dirs[index] / "stderr.txt",

@@ -17,9 +17,8 @@ from azure.batch import models as m
 
 from mpilaunch.client.results import build_results, fetch_first_failure, node_file_path
 from node_runtime.contract import RANKS_LOG_NAME, parse_rank_line
-from tests.emulator.test_exec_mpi import _require_tools
 from tests.support.azurite import free_port
-from tests.support.exec_engine import leftovers
+from tests.support.exec_engine import leftovers, require_mpi
 from tests.support.exec_sdk import Batch, completed, text, uid
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.timeout(240)]
@@ -57,7 +56,7 @@ def addresses(batch: Batch, pool_id: str) -> dict[str, str]:
 ])
 def test_an_uncaught_exception_on_one_rank_ends_the_job_and_is_named(batch: Batch, case: str, rank: int, how: str,
                                                                      last_line: str) -> None:
-    _require_tools()
+    require_mpi()
     task, took, job_id = run_failing(batch, case, rank)
     client = batch.client
     print(f"{case}: submitted -> failed in {took:.1f}s")

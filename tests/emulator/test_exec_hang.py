@@ -18,9 +18,8 @@ import pytest
 from azure.batch import models as m
 
 from node_runtime.errors import HANG_EXIT_CODE
-from tests.emulator.test_exec_mpi import _require_tools
 from tests.support.azurite import free_port
-from tests.support.exec_engine import leftovers, wait_for
+from tests.support.exec_engine import leftovers, require_mpi, wait_for
 from tests.support.exec_sdk import Batch, completed, text
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.timeout(240)]
@@ -90,7 +89,7 @@ def _innermost(report: dict[str, Any]) -> dict[int, dict[str, Any]]:
 
 
 def test_a_hung_job_fails_soon_after_the_timeout_with_identical_stacks_grouped(batch: Batch) -> None:
-    _require_tools()
+    require_mpi()
     report, _, _ = _hung(batch, 2, "--stuck", "sleep")
     where = _innermost(report)
     assert where[1]["code"] == "time.sleep(3600)" and where[1]["file"].endswith("hang_probe.py")
@@ -104,7 +103,7 @@ def test_a_hung_job_fails_soon_after_the_timeout_with_identical_stacks_grouped(b
 
 
 def test_a_hung_job_names_each_rank_blocked_somewhere_else(batch: Batch) -> None:
-    _require_tools()
+    require_mpi()
     report, _, _ = _hung(batch, 1, "--stuck", "recv", "--mixed", rankmain=True)
     where = _innermost(report)
     assert where[0]["code"] == "comm.Barrier()" and where[2]["code"] == "comm.allreduce(comm.rank)"
@@ -120,7 +119,7 @@ def test_a_hung_job_names_each_rank_blocked_somewhere_else(batch: Batch) -> None
 
 
 def test_a_job_that_prints_regularly_is_not_ended(batch: Batch) -> None:
-    _require_tools()
+    require_mpi()
     client, _pool_id, job_id, task_id = _task(batch, 3, 1, "--chatty", str(HANG_TIMEOUT * 2 + 2))
     task = completed(client, job_id, task_id, timeout=120)
     stdout = text(client.download_task_file(job_id, task_id, "stdout.txt"))
@@ -132,7 +131,7 @@ def test_a_job_that_prints_regularly_is_not_ended(batch: Batch) -> None:
 
 
 def test_a_silent_job_that_checkpoints_regularly_is_not_ended(batch: Batch, tmp_path: Path) -> None:
-    _require_tools()
+    require_mpi()
     store = tmp_path / "checkpoints"
     store.mkdir(mode=0o777)
     store.chmod(0o777)  # the nodes' task user may not be us

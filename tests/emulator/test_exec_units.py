@@ -40,7 +40,7 @@ def _env(index: int, **kw: object) -> dict[str, str]:
     instances = [mi.Instance(0, "n0", "10.0.0.4"), mi.Instance(1, "n1", "10.0.0.5"), mi.Instance(2, "n2", "10.0.0.6")]
     args: dict[str, object] = dict(
         account="acct", account_url="https://acct.batch", pool_id="p", job_id="j", task_id="t",
-        node_root="/mnt/batch/tasks", instances=instances, index=index, master_port=6000, multi_instance=True,
+        node_root="/mnt/batch/tasks", instances=instances, index=index, primary_port=6000, multi_instance=True,
         job_settings=[{"name": "A", "value": "job"}, {"name": "B", "value": "job"}],
         task_settings=[{"name": "B", "value": "task"}, {"name": "AZ_BATCH_NODE_ID", "value": "spoof"},
                        {"name": "EMPTY"}])

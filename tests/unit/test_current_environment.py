@@ -30,7 +30,7 @@ def test_the_primary_is_found_without_enumerating_interfaces(tmp_path: Path, mon
     monkeypatch.setattr(coordinate, "local_addresses", fail)
     env = current_environment(batch_environment(tmp_path, ["127.0.0.1", NOT_LOCAL], 0, cores=1,
                                                 secret=secrets.token_urlsafe(32)))
-    assert env.is_master and env.current_address == "127.0.0.1"
+    assert env.is_primary and env.current_address == "127.0.0.1"
 
 
 def test_a_primary_whose_master_address_is_not_local_is_refused(tmp_path: Path) -> None:
@@ -43,7 +43,7 @@ def test_a_secondary_is_found_among_the_interfaces(tmp_path: Path, monkeypatch: 
     monkeypatch.setattr(coordinate, "local_addresses", lambda: ["127.0.0.1", "10.9.8.7"])
     env = current_environment(batch_environment(tmp_path, [NOT_LOCAL, "10.9.8.7"], 1, cores=1,
                                                 secret=secrets.token_urlsafe(32)))
-    assert not env.is_master and env.current_address == "10.9.8.7"
+    assert not env.is_primary and env.current_address == "10.9.8.7"
 
 
 def test_a_secondary_is_found_by_binding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -53,7 +53,7 @@ def test_a_secondary_is_found_by_binding(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(coordinate, "local_addresses", fail)
     env = current_environment(batch_environment(tmp_path, [NOT_LOCAL, "127.0.0.1", "192.0.2.8"], 1, cores=1,
                                                 secret=secrets.token_urlsafe(32)))
-    assert not env.is_master and env.current_address == "127.0.0.1"
+    assert not env.is_primary and env.current_address == "127.0.0.1"
 
 
 def test_a_secondary_with_no_local_address_is_refused(tmp_path: Path) -> None:

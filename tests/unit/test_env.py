@@ -55,8 +55,8 @@ def valid_cases(draw: st.DrawFn) -> tuple[dict[str, str], list[str], dict[str, A
         "AZ_BATCH_TASK_DIR": task, "AZ_BATCH_TASK_SHARED_DIR": task, "AZ_BATCH_TASK_WORKING_DIR": f"{task}/wd",
         "AZ_BATCH_NODE_ROOT_DIR": root,
     }
-    expected: dict[str, Any] = {"hosts": tuple(hosts), "master_address": master, "master_port": port,
-                                "is_master": current == master, "current_address": current,
+    expected: dict[str, Any] = {"hosts": tuple(hosts), "primary_address": master, "primary_port": port,
+                                "is_primary": current == master, "current_address": current,
                                 "node_count": len(hosts), "cores": None, "ssh_port": 2222, "task_secret": None,
                                 "export_names": ()}
     if draw(st.booleans()):
@@ -97,7 +97,7 @@ def test_valid_environments_round_trip(case: tuple[dict[str, str], list[str], di
     env = NodeEnvironment.from_environ(environ, local_addresses=local)
     for name, value in expected.items():
         assert getattr(env, name) == value, name
-    assert env.hosts_primary_first[0] == env.master_address
+    assert env.hosts_primary_first[0] == env.primary_address
     assert sorted(env.hosts_primary_first) == sorted(env.hosts)
     assert env.task_dir == Path("/mnt/batch/tasks/workitems/j1/job-1/t1")
     text = json.dumps(env.to_dict())
@@ -135,9 +135,9 @@ def _endpoint(host: str, port: Any) -> str:
 CORRUPTIONS: dict[str, list[Corruption]] = {
     "AZ_BATCH_NODE_LIST": [_set("AZ_BATCH_NODE_LIST", lambda e: ";".join([*e["hosts"], "192.168.77.1"])),
                            _set("AZ_BATCH_NODE_LIST", lambda e: ";".join(e["hosts"]) + ";")],
-    "AZ_BATCH_MASTER_NODE": [_set("AZ_BATCH_MASTER_NODE", lambda e: _endpoint("192.168.77.1", e["master_port"])),
-                             _set("AZ_BATCH_MASTER_NODE", lambda e: e["master_address"]),
-                             _set("AZ_BATCH_MASTER_NODE", lambda e: _endpoint(e["master_address"], 0)),
+    "AZ_BATCH_MASTER_NODE": [_set("AZ_BATCH_MASTER_NODE", lambda e: _endpoint("192.168.77.1", e["primary_port"])),
+                             _set("AZ_BATCH_MASTER_NODE", lambda e: e["primary_address"]),
+                             _set("AZ_BATCH_MASTER_NODE", lambda e: _endpoint(e["primary_address"], 0)),
                              _unset("AZ_BATCH_MASTER_NODE")],
     "AZ_BATCH_IS_CURRENT_NODE_MASTER": [_set("AZ_BATCH_IS_CURRENT_NODE_MASTER", lambda e: "yes"),
                                         _unset("AZ_BATCH_IS_CURRENT_NODE_MASTER")],
@@ -229,7 +229,7 @@ def problems_of(environ: dict[str, str], local: list[str]) -> tuple[str, ...]:
 
 def test_current_address_from_local_interfaces() -> None:
     env = NodeEnvironment.from_environ(base_environ(), local_addresses=["127.0.0.1", "10.1.0.5"])
-    assert env.current_address == "10.1.0.5" and not env.is_master
+    assert env.current_address == "10.1.0.5" and not env.is_primary
     # a non-primary node that also holds the primary's address is still told apart
     env = NodeEnvironment.from_environ(base_environ(), local_addresses=["10.1.0.4", "10.1.0.6"])
     assert env.current_address == "10.1.0.6"
@@ -271,7 +271,7 @@ def test_ipv6_master_endpoint_and_canonical_forms() -> None:
     environ = base_environ(AZ_BATCH_HOST_LIST="FD00:0::1,fd00::2", AZ_BATCH_MASTER_NODE="[fd00::1]:6000",
                            AZ_BATCH_NODE_LIST="fd00::2;fd00:0:0::1")
     env = NodeEnvironment.from_environ(environ, local_addresses=["fd00:0::2"])
-    assert env.hosts == ("fd00::1", "fd00::2") and env.master_address == "fd00::1"
+    assert env.hosts == ("fd00::1", "fd00::2") and env.primary_address == "fd00::1"
     assert env.current_address == "fd00::2"
     (problem,) = problems_of(dict(environ, AZ_BATCH_MASTER_NODE="fd00::1:6000"), ["fd00::2"])
     assert "[address]:port" in problem
@@ -416,4 +416,4 @@ def test_arbitrary_values_never_crash(case: Any, overrides: dict[str, str], nois
         assert all(p.startswith(tuple(v.name for v in VARIABLES)) for p in err.problems), err.problems
     else:
         json.dumps(env.to_dict())
-        assert env.current_address in env.hosts and env.master_address in env.hosts
+        assert env.current_address in env.hosts and env.primary_address in env.hosts

@@ -34,7 +34,7 @@ def test_mpiruns_ssh_waits_at_the_gate_until_it_opens(tmp_path: Path) -> None:
     """The real ``flock`` of :func:`ssh_command` (with ``true`` standing in for ssh) waits while launch holds the
     gate, and goes on as soon as it opens."""
     gate = _Gate(tmp_path / "gate.lock")
-    gate.close()
+    gate.hold()
     try:
         argv = [*ssh_command(gate.path)[:-1], "true"]
         waiting = subprocess.Popen(argv)
@@ -59,7 +59,7 @@ def dead(process: psutil.Process) -> bool:
 def test_killing_a_gated_mpirun_kills_what_waits_at_the_gate(tmp_path: Path) -> None:
     """An "mpirun" whose children wait at the gate: killed with them, none of them ever runs its command."""
     gate = _Gate(tmp_path / "gate.lock")
-    gate.close()
+    gate.hold()
     ran = tmp_path / "ran"
     waiter = " ".join([*ssh_command(gate.path)[:-1], "touch", str(ran)])
     child = proc.spawn(["sh", "-c", f"{waiter} & {waiter} & wait"])

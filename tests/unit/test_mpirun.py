@@ -23,14 +23,13 @@ from hypothesis import strategies as st
 from node_runtime.contract import SECRET_VARIABLE
 from node_runtime.env import NodeEnvironment
 from node_runtime.errors import InvalidInput
-from node_runtime.fabric import FabricChoice
+from node_runtime.fabric import FabricChoice, detect_flavor
 from node_runtime.mpirun import (
     RANKMAIN,
     LaunchSpec,
     MpiFlavor,
     aborts_on_exception,
     build_mpirun_argv,
-    detect_flavor,
     hostfile_text,
     is_python,
     python_rank_command,

@@ -55,6 +55,14 @@ class NodeError(MpilaunchError):
     """A node could not be created, restored or used; the message names the node and the cause."""
 
 
+class LoginUnsupported(NodeError):
+    """This node cannot be logged in to (its kind, or its image has no sshd); the message says why."""
+
+
+class AccountTaken(NodeError):
+    """The user name is an account (or group) the node's OS has already."""
+
+
 @dataclass(frozen=True)
 class Node:
     """A compute node as the engine knows it (JSON round-trippable; stored in the node doc's ``_node``)."""
@@ -184,15 +192,11 @@ class NodeProvider(ABC):
     # Remote login (Batch's Add/Update/Delete Node User, Get Remote Login Settings): see :mod:`.login`.
     def edit_users(self, node: Node, edit: Callable[[dict[str, LoginUser]], None]) -> None:
         """Apply ``edit`` to the node's user accounts (by name) atomically, then make the node's OS match them;
-        :class:`~.login.AccountTaken` if a new name is an account the node has already. A reimaged or preempted
-        node loses them, a rebooted one keeps them. Default: :class:`~.login.LoginUnsupported`."""
-        from mpilaunch.emulator.nodes.login import LoginUnsupported
-
+        :class:`AccountTaken` if a new name is an account the node has already. A reimaged or preempted
+        node loses them, a rebooted one keeps them. Default: :class:`LoginUnsupported`."""
         raise LoginUnsupported(f"remote login is not supported on {self.name} nodes")
 
     def remote_login(self, node: Node, env: Mapping[str, str]) -> RemoteLogin:
         """Start the node's sshd unless it runs (its sessions get ``env``); where it listens. Default:
-        :class:`~.login.LoginUnsupported`."""
-        from mpilaunch.emulator.nodes.login import LoginUnsupported
-
+        :class:`LoginUnsupported`."""
         raise LoginUnsupported(f"remote login is not supported on {self.name} nodes")

@@ -8,7 +8,7 @@ same container (they stay). The users the API made are listed in :data:`STATE` (
 
 The sshd is the image's own (``/usr/sbin/sshd``; VM-like nodes get it from the StartTask that installs the runtime),
 started on first use on port 22 of the node's address with the config of :func:`~.login.render_sshd_config`; a node
-without one refuses remote login (:class:`~.login.LoginUnsupported`) saying so.
+without one refuses remote login (:class:`~.base.LoginUnsupported`) saying so.
 """
 
 from __future__ import annotations
@@ -22,13 +22,11 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 
-from mpilaunch.emulator.nodes.base import Node, NodeError
+from mpilaunch.emulator.nodes.base import AccountTaken, LoginUnsupported, Node, NodeError
 from mpilaunch.emulator.nodes.login import (
     ADMIN_GROUP,
     LOGIN_GROUP,
-    AccountTaken,
     Edit,
-    LoginUnsupported,
     LoginUser,
     RemoteLogin,
     Users,

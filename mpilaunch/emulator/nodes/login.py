@@ -41,7 +41,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mpilaunch.emulator.nodes.base import ADMIN, Execution, Node, NodeError
+from mpilaunch.emulator.nodes.base import ADMIN, AccountTaken, Execution, LoginUnsupported, Node, NodeError
 from node_runtime import proc, sshd
 from node_runtime.errors import CommandFailed, ServiceError
 
@@ -58,14 +58,6 @@ START_TIMEOUT = 10.0
 KEY_TYPES = ("ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521",
              "sk-ssh-ed25519@openssh.com", "sk-ecdsa-sha2-nistp256@openssh.com")
 """The OpenSSH public key types a node user's ``sshPublicKey`` may have."""
-
-
-class LoginUnsupported(NodeError):
-    """This node cannot be logged in to (its kind, or its image has no sshd); the message says why."""
-
-
-class AccountTaken(NodeError):
-    """The user name is an account (or group) the node's OS has already."""
 
 
 @dataclass(frozen=True)
