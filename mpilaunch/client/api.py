@@ -41,6 +41,7 @@ from node_runtime.errors import BatchError, InvalidInput, MpilaunchError
 
 if TYPE_CHECKING:
     from mpilaunch.client.pools import PoolSpec
+    from mpilaunch.client.storage import UploadMonitor
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ class Launcher:
         with self.errors():
             return preflight(self.batch, pool_id, spec)
 
-    def build(self, spec: TaskSpec, *, progress: bool = False, secret: str | None = None) -> Any:
+    def build(self, spec: TaskSpec, *, monitor: UploadMonitor | None = None, secret: str | None = None) -> Any:
         """Upload inputs (skipping unchanged ones) and return the ``BatchTaskCreateOptions`` for ``spec``."""
         from mpilaunch.client import storage, taskbuild
 
@@ -157,7 +158,11 @@ class Launcher:
         expiry = storage.sas_expiry(spec.wall_time, spec.retries)
         common, primary = storage.walk_inputs(spec.inputs), storage.walk_inputs(spec.primary_inputs)
         with self.storage_errors():
-            storage.upload_with_progress(store, common + primary, show=progress)  # also creates the container
+            if monitor is None:
+                store.upload(common + primary)  # also creates the container
+            else:
+                with monitor(sum(f.size for f in common + primary)) as advance:
+                    store.upload(common + primary, on_progress=advance)
             read_url = store.container_sas_url("r", expiry)
             write_url = store.container_sas_url("cw", expiry)
         outputs = taskbuild.OutputTarget(write_url, f"outputs/{spec.job_id}/{spec.task_id}")
@@ -207,7 +212,7 @@ class Launcher:
         with self.errors(), contextlib.suppress(ResourceExistsError):
             self.batch.create_job(bm.BatchJobCreateOptions(id=job_id, pool_info=bm.BatchPoolInfo(pool_id=pool_id)))
 
-    def submit(self, spec: TaskSpec, *, pool: str | None = None, progress: bool = False,
+    def submit(self, spec: TaskSpec, *, pool: str | None = None, monitor: UploadMonitor | None = None,
                warn: Callable[[str], None] | None = None) -> TaskRef:
         """Pre-flight, upload, create the job if needed, add the task."""
         spec.validate()
@@ -215,13 +220,13 @@ class Launcher:
         for warning in self._preflight(spec, pool_id) + self.checkpoint_warnings(spec):
             if warn:
                 warn(warning)
-        task = self.build(spec, progress=progress)
+        task = self.build(spec, monitor=monitor)
         self.ensure_job(spec.job_id, pool_id)
         with self.errors():
             self.batch.create_task(spec.job_id, task)
         return TaskRef(spec.job_id, spec.task_id)
 
-    def submit_auto_pool(self, spec: TaskSpec, pool: PoolSpec, *, progress: bool = False,
+    def submit_auto_pool(self, spec: TaskSpec, pool: PoolSpec, *, monitor: UploadMonitor | None = None,
                          warn: Callable[[str], None] | None = None, runtime_wheel: Path | None = None) -> TaskRef:
         """Pre-flight against the pool ``pool`` describes, upload, create job ``spec.job_id`` with that pool of its
         own (Batch deletes it when the job completes), add the task, then let the job complete with the task."""
@@ -236,7 +241,7 @@ class Launcher:
             if warn:
                 warn(warning)
         runtime = self.stage_runtime(runtime_wheel) if pool.install_runtime else []
-        task = self.build(spec, progress=progress)
+        task = self.build(spec, monitor=monitor)
         with self.errors():
             try:
                 self.batch.create_job(pools.auto_pool_job(spec.job_id, pool, runtime))

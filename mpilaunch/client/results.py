@@ -280,7 +280,7 @@ class TaskResults:
         notes = []
         if self.requeue_count:
             times = "" if self.requeue_count == 1 else f" {self.requeue_count} times"
-            when = f", last at {_time(self.last_requeue_time)}" if self.last_requeue_time else ""
+            when = f", last at {clock(self.last_requeue_time)}" if self.last_requeue_time else ""
             cause = "; ".join(said) or "Batch took a node of the task away (lost, preempted, rebooted or removed)"
             notes.append(f"{cause}; the task was requeued{times} (attempt {self.attempt}{when}); "
                          f"{self.retries_used}")
@@ -391,33 +391,9 @@ def results_json(results: TaskResults) -> str:
     return json.dumps(results.to_json(), indent=2)
 
 
-def _time(value: datetime | None) -> str:
+def clock(value: datetime | None) -> str:
+    """``HH:MM:SS`` of ``value`` (``-`` if unknown)."""
     return value.strftime("%H:%M:%S") if value else "-"
-
-
-def render_table(results: TaskResults) -> Any:
-    """A rich ``Table`` of the instances."""
-    from rich.table import Table
-
-    again = f"  attempt={results.attempt} (requeued {results.requeue_count}, " \
-        f"{results.retries_used})" if results.attempt > 1 else ""
-    first = results.first_failure
-    table = Table(title=f"{results.job_id}/{results.task_id}  state={results.state}  "
-                        f"result={results.outcome or results.result or '-'}{again}", title_justify="left",
-                  caption=f"first failure: {first.summary}" if first is not None and not results.ended else None,
-                  caption_justify="left")
-    for col in ("instance", "node", "state", "exit code", "result", "start", "end", "duration", "failure"):
-        table.add_column(col, justify="right" if col in ("instance", "exit code", "duration") else "left",
-                         no_wrap=col != "failure", min_width=30 if col == "failure" else None)
-    for r in results.instances:
-        outcome = results.instance_outcome(r)
-        style = "red" if r.failed or outcome not in (None, "success") else None
-        table.add_row(
-            f"{r.instance}{' (primary)' if r.instance == 0 else ''}", r.node or "-", r.state or "-",
-            "-" if r.exit_code is None else str(r.exit_code), outcome or r.result or "-", _time(r.start),
-            _time(r.end), "-" if r.duration is None else f"{r.duration:.1f}s", str(r.failure) if r.failure else "",
-            style=style)
-    return table
 
 
 def node_file_path(task_root: str, name: str) -> str:

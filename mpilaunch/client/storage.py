@@ -14,6 +14,7 @@ import hashlib
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -24,6 +25,9 @@ from mpilaunch.client.config import StorageConfig, default_credential
 from node_runtime.errors import InvalidInput
 
 INPUT_PREFIX = "inputs"
+UploadMonitor = Callable[[int], AbstractContextManager[Callable[[int], None]]]
+"""Given the bytes an upload sends, a context in which the function it yields hears of every file sent (the
+CLI's progress bar: :func:`mpilaunch.cli.progress.upload_bar`)."""
 QUEUE_MARGIN = timedelta(hours=12)
 NO_WALL_TIME_EXPIRY = timedelta(days=7)
 MAX_DELEGATION = timedelta(days=7)  # user delegation keys live at most 7 days
@@ -205,17 +209,3 @@ class StagingStore:
 
     def download(self, name: str) -> bytes:
         return bytes(self.container.get_blob_client(name).download_blob().readall())
-
-
-def upload_with_progress(store: StagingStore, files: Sequence[LocalFile], *, show: bool) -> UploadReport:
-    """:meth:`StagingStore.upload` with a rich progress bar on stderr when ``show``."""
-    if not show:
-        return store.upload(files)
-    from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
-
-    with Progress(TextColumn("uploading inputs"), BarColumn(), DownloadColumn(),
-                  console=Console(stderr=True), transient=True) as progress:
-        bar = progress.add_task("upload", total=sum(f.size for f in files))
-        return store.upload(files, on_progress=lambda n: progress.advance(bar, n))
-

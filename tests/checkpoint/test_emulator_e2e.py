@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mpilaunch.cli import cli
-from mpilaunch.clickutil import run_cli
+from mpilaunch.cli.clickutil import run_cli
 from mpilaunch.client.api import Launcher
 from mpilaunch.client.local import LocalState
 from tests.checkpoint.mpirun import PROGRAMS

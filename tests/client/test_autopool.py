@@ -11,7 +11,7 @@ from azure.batch import models as bm
 from azure.batch.models._models import BatchJobTerminateOptions
 
 from mpilaunch.cli import cli
-from mpilaunch.clickutil import run_cli
+from mpilaunch.cli.clickutil import run_cli
 from mpilaunch.client.api import Launcher
 from mpilaunch.client.local import LocalState
 from tests.client.conftest import new_task_id

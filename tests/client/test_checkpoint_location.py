@@ -18,7 +18,7 @@ from azure.core.exceptions import HttpResponseError
 from azure.storage.blob import BlobClient, ContainerClient
 
 from mpilaunch.cli import cli
-from mpilaunch.clickutil import run_cli
+from mpilaunch.cli.clickutil import run_cli
 from mpilaunch.client.api import Launcher
 from mpilaunch.client.checkpoint import PERMISSION, parse_location, sas_warnings, store_for, usable_url
 from mpilaunch.client.config import StorageConfig
@@ -31,7 +31,7 @@ from tests.client.conftest import local_services, new_task_id  # noqa: F401 - mo
 from tests.client.test_storage_entra import FakeEntra, oauth_azurite  # noqa: F401 - HTTPS Azurite with OAuth
 from tests.support.azurite import ACCOUNT, KEY, Azurite
 
-REPO = Path(__file__).usable_url().parents[2]
+REPO = Path(__file__).resolve().parents[2]
 SWEEP = REPO / "examples" / "sweep.py"
 SIG = "c2VjcmV0c2lnbmF0dXJl"
 AZ = "https://acct.blob.core.windows.net"

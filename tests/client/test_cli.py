@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from mpilaunch.cli import cli
-from mpilaunch.clickutil import run_cli
+from mpilaunch.cli.clickutil import run_cli
 
 KEY = "c2VjcmV0LWtleS1ieXRlcy0xMjM0NTY3ODkwMTIzNDU2Nzg5MA=="
 CLIENT_COMMANDS = ["submit", "run", "status", "wait", "results", "logs", "terminate", "reactivate", "pool", "local",
@@ -18,7 +18,7 @@ CLIENT_COMMANDS = ["submit", "run", "status", "wait", "results", "logs", "termin
 PROBE = """
 import sys
 from mpilaunch.cli import cli
-from mpilaunch.clickutil import run_cli
+from mpilaunch.cli.clickutil import run_cli
 for args in {args!r}:
     run_cli(cli, "mpilaunch", args)
 print("AZURE:" + ",".join(sorted(m for m in sys.modules if m.startswith("azure"))))

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from mpilaunch.cli import cli
-from mpilaunch.clickutil import run_cli
+from mpilaunch.cli.clickutil import run_cli
+from mpilaunch.cli.cliopts import task_command
 from mpilaunch.client.api import TaskRef
-from mpilaunch.client.cliopts import task_command
 
 CLOSED = "http://127.0.0.1:9"  # nothing listens: a request would fail the command
 OFFLINE = ["--endpoint", CLOSED, "--account", "acct"]

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from mpilaunch.cli import cli
-from mpilaunch.clickutil import run_cli
+from mpilaunch.cli.clickutil import run_cli
 from mpilaunch.client.api import Launcher
 from mpilaunch.client.local import LocalState
 from node_runtime.doctor import CHECKS, SCHEMA_ID

@@ -16,7 +16,7 @@ import jsonschema
 import pytest
 
 from mpilaunch.cli import cli
-from mpilaunch.clickutil import run_cli
+from mpilaunch.cli.clickutil import run_cli
 from mpilaunch.client.api import Launcher, TaskRef
 from mpilaunch.client.local import LocalState
 from mpilaunch.client.results import SCHEMA_PATH

@@ -17,16 +17,15 @@ from azure.batch import models as bm
 from azure.core.exceptions import ResourceNotFoundError
 from rich.console import Console
 
-from mpilaunch.cli import cli
-from mpilaunch.clickutil import run_cli
-from mpilaunch.client import cliopts
+from mpilaunch.cli import cli, cliopts
+from mpilaunch.cli.clickutil import run_cli
+from mpilaunch.cli.tabulate import render_table
 from mpilaunch.client.results import (
     SCHEMA_PATH,
     FirstFailure,
     build_results,
     fetch_first_failure,
     program_lines,
-    render_table,
     wants_launch_report,
 )
 from node_runtime.contract import launch_command_line

@@ -210,7 +210,7 @@ def test_wait_ticks_every_interval_while_its_polls_back_off(monkeypatch: pytest.
 
 def test_progress_prints_output_lines_as_written(capsys: pytest.CaptureFixture[str]) -> None:
     """Above rich's live line, a program's line is not taken for rich markup ("[0]", "[bold]") and keeps its text."""
-    from mpilaunch.client.progress import Progress
+    from mpilaunch.cli.progress import Progress
 
     with Progress(enabled=True) as progress:
         progress.update(results())
@@ -226,7 +226,7 @@ def test_progress_prints_output_lines_as_written(capsys: pytest.CaptureFixture[s
 ])
 def test_bad_live_output_options_are_refused(args: list[str], says: str, capsys: pytest.CaptureFixture[str]) -> None:
     from mpilaunch.cli import cli
-    from mpilaunch.clickutil import run_cli
+    from mpilaunch.cli.clickutil import run_cli
 
     assert run_cli(cli, "mpilaunch", args) == 2
     assert says in capsys.readouterr().err

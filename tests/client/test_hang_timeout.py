@@ -9,7 +9,7 @@ from datetime import timedelta
 import pytest
 
 from mpilaunch.cli import cli
-from mpilaunch.clickutil import run_cli
+from mpilaunch.cli.clickutil import run_cli
 from mpilaunch.client.spec import TaskSpec
 from mpilaunch.client.taskbuild import build_task
 from node_runtime.cmd_launch import configure

@@ -12,8 +12,9 @@ import pytest
 from azure.batch import models as bm
 from rich.console import Console
 
-from mpilaunch.client.progress import Progress
-from mpilaunch.client.results import SCHEMA_PATH, build_results, node_file_path, render_table
+from mpilaunch.cli.progress import Progress
+from mpilaunch.cli.tabulate import render_table
+from mpilaunch.client.results import SCHEMA_PATH, build_results, node_file_path
 
 T0 = "2030-01-01T10:00:00Z"
 T1 = "2030-01-01T10:00:05.5Z"

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from mpilaunch.cli import cli
-from mpilaunch.clickutil import run_cli
+from mpilaunch.cli.clickutil import run_cli
 from mpilaunch.client.api import Launcher, TaskRef
 from mpilaunch.client.local import LOCAL_POOL, LocalState, local_dir
 from mpilaunch.emulator.nodes.process import isolation_available

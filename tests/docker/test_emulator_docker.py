@@ -230,7 +230,7 @@ def test_mpilaunch_cli_runs_a_container_task_on_docker_nodes(
         capsys: pytest.CaptureFixture[str]) -> None:
     """`mpilaunch pool create --container-image` + `mpilaunch run --image`: inputs via Azurite, ranks in containers."""
     from mpilaunch.cli import cli
-    from mpilaunch.clickutil import run_cli
+    from mpilaunch.cli.clickutil import run_cli
 
     for name, value in {"AZURE_BATCH_ENDPOINT": docker_emulator.server.endpoint,
                         "AZURE_BATCH_ACCOUNT": defaults.ACCOUNT, "AZURE_BATCH_ACCESS_KEY": defaults.KEY,

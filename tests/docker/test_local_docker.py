@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from mpilaunch.cli import cli
-from mpilaunch.clickutil import run_cli
+from mpilaunch.cli.clickutil import run_cli
 from mpilaunch.client import local
 from mpilaunch.client.api import Launcher
 from tests.support.docker import docker

@@ -18,7 +18,7 @@ import pytest
 
 import mpilaunch as package
 from mpilaunch.cli import cli
-from mpilaunch.clickutil import run_cli
+from mpilaunch.cli.clickutil import run_cli
 from mpilaunch.client import local
 from mpilaunch.client.api import Launcher
 from mpilaunch.emulator.nodes.vm import TASK_USER

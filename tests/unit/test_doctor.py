@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from mpilaunch.cmd_doctor import node_argv, render_tables
+from mpilaunch.cli.doctor import node_argv, render_tables
 from node_runtime import doctor
 from node_runtime.doctor import (
     CHECKS,
@@ -339,13 +339,13 @@ def test_the_client_command_refuses_bad_options_before_any_network_call(capsys: 
     import subprocess
 
     from mpilaunch.cli import cli
-    from mpilaunch.clickutil import run_cli
+    from mpilaunch.cli.clickutil import run_cli
 
     code = run_cli(cli, "mpilaunch", ["doctor", "--endpoint", "http://127.0.0.1:9", "--min-free-disk", "lots"])
     assert code == 2 and "invalid size 'lots'" in capsys.readouterr().err
     code = run_cli(cli, "mpilaunch", ["doctor", "--endpoint", "http://127.0.0.1:9", "-n", "0"])
     assert code == 2 and "-n" in capsys.readouterr().err
-    probe = ("import sys\nfrom mpilaunch.cli import cli\nfrom mpilaunch.clickutil import run_cli\n"
+    probe = ("import sys\nfrom mpilaunch.cli import cli\nfrom mpilaunch.cli.clickutil import run_cli\n"
              "run_cli(cli, 'mpilaunch', ['doctor', '--help'])\n"
              "print('AZURE:' + ','.join(m for m in sys.modules if m.startswith('azure')))\n")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 import pytest
 
-from mpilaunch.clickutil import LazyGroup, run_cli
+from mpilaunch.cli.clickutil import LazyGroup, run_cli
 from node_runtime import proc
 from node_runtime.errors import CommandFailed, InvalidEnvironment, InvalidInput, ServiceError
 
@@ -80,7 +80,7 @@ def _lazy_command() -> None:
     raise ServiceError("sshd did not answer on 10.0.0.2:2222")
 
 
-HELP = {"mpilaunch.cli": "from mpilaunch.cli import cli; from mpilaunch.clickutil import run_cli; "
+HELP = {"mpilaunch.cli": "from mpilaunch.cli import cli; from mpilaunch.cli.clickutil import run_cli; "
                          "code = run_cli(cli, 'prog', ['--help'])",
         "node_runtime.cli": "from node_runtime.cli import main; code = main(['--help'])"}
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from mpilaunch.client import cliopts
+from mpilaunch.cli import cliopts
 
 if TYPE_CHECKING:
     from mpilaunch.client.api import Launcher, TaskRef

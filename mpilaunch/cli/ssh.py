@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from mpilaunch.client import cliopts
+from mpilaunch.cli import cliopts
 
 MAX_EXPIRY = timedelta(days=365)
 

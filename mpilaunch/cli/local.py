@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from mpilaunch.client.cliopts import emit_json
+from mpilaunch.cli.cliopts import emit_json
 
 output_option = click.option("--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
 

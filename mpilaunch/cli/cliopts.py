@@ -93,7 +93,8 @@ def note(message: str) -> None:
 
 
 def show_results(results: TaskResults, output: str) -> None:
-    from mpilaunch.client.results import render_table, results_json
+    from mpilaunch.cli.tabulate import render_table
+    from mpilaunch.client.results import results_json
 
     if output == "json":
         click.echo(results_json(results))
@@ -152,7 +153,7 @@ def wait_and_report(launch: Launcher, task: TaskRef, opts: dict[str, Any]) -> in
     exit status follows the result."""
     from pathlib import Path
 
-    from mpilaunch.client.progress import Progress
+    from mpilaunch.cli.progress import Progress
 
     progress = Progress(enabled=sys.stderr.isatty())
     timeout, interval = opts.get("timeout"), opts.get("interval") or 1.0

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from mpilaunch.client import cliopts
+from mpilaunch.cli import cliopts
 from mpilaunch.client.pools import DEFAULT_VM_SIZE, PoolSpec
 from mpilaunch.client.spec import (
     BindMount,
@@ -143,14 +143,21 @@ def _specs(opts: dict[str, Any]) -> tuple[TaskSpec, PoolSpec | None]:
     return spec, pool
 
 
+def _monitor() -> Any:
+    """The upload's progress bar, on a terminal only."""
+    from mpilaunch.cli.progress import upload_bar
+
+    return upload_bar if sys.stderr.isatty() else None
+
+
 def _submit(opts: dict[str, Any]) -> tuple[Any, Any]:
     spec, pool = _specs(opts)
     warn = lambda w: cliopts.note(f"warning: {w}")  # noqa: E731
     if pool is None:
         launch = cliopts.launcher(opts, local_nodes=spec.nodes)
-        return launch, launch.submit(spec, pool=opts["pool"], progress=sys.stderr.isatty(), warn=warn)
+        return launch, launch.submit(spec, pool=opts["pool"], monitor=_monitor(), warn=warn)
     launch = cliopts.launcher(opts, local_nodes=1 if opts["local"] else None)  # local: start the services if needed
-    return launch, launch.submit_auto_pool(spec, pool, progress=sys.stderr.isatty(), warn=warn)
+    return launch, launch.submit_auto_pool(spec, pool, monitor=_monitor(), warn=warn)
 
 
 @click.command(context_settings=PROGRAM_FIRST, short_help="Submit a program as a multi-instance task and return.")

@@ -7,10 +7,10 @@ from typing import Any
 
 import click
 
-from mpilaunch.client import cliopts
-from mpilaunch.client.confirm import confirm
+from mpilaunch.cli import cliopts
+from mpilaunch.cli.confirm import confirm
+from mpilaunch.cli.tabulate import Column, show_rows
 from mpilaunch.client.pools import DEFAULT_CONTAINER_IMAGE, DEFAULT_IMAGE, DEFAULT_VM_SIZE, PoolSpec
-from mpilaunch.client.tabulate import Column, show_rows
 from mpilaunch.emulator.defaults import KIND_VM
 from node_runtime.errors import InvalidInput
 

@@ -6,10 +6,10 @@ from typing import Any
 
 import click
 
-from mpilaunch.client import cliopts
-from mpilaunch.client.confirm import confirm
+from mpilaunch.cli import cliopts
+from mpilaunch.cli.confirm import confirm
+from mpilaunch.cli.tabulate import Column, show_rows
 from mpilaunch.client.inventory import TASK_STATES
-from mpilaunch.client.tabulate import Column, show_rows
 
 TASK_COLUMNS: list[Column] = [
     ("task", lambda r: r.id), ("state", lambda r: r.state), ("instances", lambda r: r.instances),

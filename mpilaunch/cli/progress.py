@@ -3,8 +3,10 @@ each requeue saying which node caused it, and the task's live output above the l
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any
 
@@ -80,3 +82,16 @@ class Progress:
             self._live.console.print(Text.from_ansi(line), highlight=False, soft_wrap=True)
         else:
             click.echo(line, err=True)
+
+
+@contextlib.contextmanager
+def upload_bar(total: int) -> Iterator[Callable[[int], None]]:
+    """A progress bar on stderr for an upload of ``total`` bytes; yields the function that advances it."""
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, TextColumn
+    from rich.progress import Progress as Bar
+
+    with Bar(TextColumn("uploading inputs"), BarColumn(), DownloadColumn(), console=Console(stderr=True),
+             transient=True) as bar:
+        task = bar.add_task("upload", total=total)
+        yield lambda n: bar.advance(task, n)

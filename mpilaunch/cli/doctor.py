@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from mpilaunch.client import cliopts
+from mpilaunch.cli import cliopts
 from node_runtime.contract import DEFAULT_SSH_PORT, PROGRAM
 from node_runtime.fabric import SHM_MOUNT
 
@@ -47,8 +47,8 @@ def node_argv(opts: dict[str, Any]) -> list[str]:
 
 def spec_for(opts: dict[str, Any]) -> Any:
     """The validated :class:`TaskSpec` of the doctor task (its ``argv`` is the primary's command)."""
+    from mpilaunch.cli.submit import container_from
     from mpilaunch.client.spec import TaskSpec
-    from mpilaunch.cmd_submit import container_from
 
     container = container_from(opts)
     return TaskSpec(job_id=opts["job"], task_id=opts["task_id"] or new_task_id(), nodes=opts["nodes"],
@@ -130,7 +130,7 @@ def submit(launch: Any, spec: Any, pool: str | None) -> Any:
 
 def wait(launch: Any, ref: Any, opts: dict[str, Any]) -> Any:
     """The task's results once it completed (live progress on a terminal); Ctrl-C terminates it."""
-    from mpilaunch.client.progress import Progress
+    from mpilaunch.cli.progress import Progress
     from node_runtime.errors import INTERRUPTED
 
     progress = Progress(enabled=sys.stderr.isatty())
