@@ -345,7 +345,7 @@ def history_markdown(results: dict[str, Any], idle: float) -> str:
         f"The whole process (both emulators, server and engine threads) used {results['process_idle'] * 100:.2f}% "
         f"of a core while idle; its RSS was {results['rss_mb']:.0f} MB at the end.",
         "",
-        "Why it is flat: each engine step reads only live work through indexes (`Store.work`: tasks that are "
+        "Why it is flat: each engine step reads only live work through indexes (`StateStore.work`: tasks that are "
         "active, preparing or running, or carry a delete/terminate request through a partial index; jobs in "
         "non-final states; a job's completion by two `LIMIT 1` counts), pages read their rows through "
         "`(kind, parent, seq)`, gets through `(kind, parent, lid)`. Before, every step parsed every task of every "

@@ -17,7 +17,7 @@ latency percentiles and errors. The readers speak raw HTTP: the SDK's own deseri
 CPU than the server, and 50 of them in one client process would measure the client.
 
 Where an uncached list's time goes is measured in-process on the same data: the store's page query
-(``Store.page``: SQLite read and ``json.loads`` of every doc), shaping the docs, and serializing the answer.
+(``StateStore.page``: SQLite read and ``json.loads`` of every doc), shaping the docs, and serializing the answer.
 
 Usage: .venv/bin/python benchmarks/emulator_wire.py [--gets N] [--seconds S] [--no-write]
 """
@@ -203,10 +203,10 @@ def signed_with_length(method: str, path: str, query: str, length: int) -> dict[
 def split_costs(data: Path, job: str, rounds: int = 20) -> dict[str, float]:
     """Milliseconds per uncached list of the job's 1,000 tasks: the store's page query, shaping, serializing."""
     from mpilaunch.emulator import odata
-    from mpilaunch.emulator.store import Store
+    from mpilaunch.emulator.store import StateStore
     from mpilaunch.emulator.wire import public, to_json
 
-    store = Store(data / "state.sqlite3")
+    store = StateStore(data / "state.sqlite3")
     try:
         t0 = time.perf_counter()
         for _ in range(rounds):

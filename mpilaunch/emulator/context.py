@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from mpilaunch.emulator.nodes.base import Node, NodeProvider
-from mpilaunch.emulator.store import Doc, Store
+from mpilaunch.emulator.store import Doc, StateStore
 
 log = logging.getLogger("mpilaunch.emulator.engine")
 
@@ -20,7 +20,7 @@ log = logging.getLogger("mpilaunch.emulator.engine")
 class EngineContext:
     """Shared by :class:`~mpilaunch.emulator.engine.Engine`, its node manager and its task runs."""
 
-    store: Store
+    store: StateStore
     provider: NodeProvider
     data_dir: Path
     account: str

@@ -12,7 +12,7 @@ previous run left), :meth:`Engine.wake` after every mutation, and :meth:`Engine.
 * jobs with ``onAllTasksComplete = terminatejob`` complete when all their tasks have.
 
 Each step reads only live work, through the store's indexes: jobs in non-final states and the tasks that are active,
-preparing or running or carry a delete/terminate request (:meth:`~mpilaunch.emulator.store.Store.work`); completed
+preparing or running or carry a delete/terminate request (:meth:`~mpilaunch.emulator.store.StateStore.work`); completed
 history costs nothing per step. Each pool, job and task is handled on its own
 (:class:`~mpilaunch.emulator.isolation.Isolation`): one the engine cannot act on is marked with a Batch error and
 skipped, and everything else keeps running.
@@ -39,7 +39,7 @@ from mpilaunch.emulator.context import EngineContext, log, wipe
 from mpilaunch.emulator.isolation import DATA_ERRORS, Isolation
 from mpilaunch.emulator.nodes.base import Node, NodeProvider
 from mpilaunch.emulator.pools import START_TAG, NodeManager
-from mpilaunch.emulator.store import Doc, Store, now_iso, transition
+from mpilaunch.emulator.store import Doc, StateStore, now_iso, transition
 from mpilaunch.emulator.taskrun import Outcome, TaskRun
 from node_runtime.errors import MpilaunchError
 
@@ -97,9 +97,9 @@ def _expire(job: Doc) -> None:
 
 
 class Engine:
-    """Runs pools, nodes and tasks of a :class:`~mpilaunch.emulator.store.Store`; see the module docstring."""
+    """Runs pools, nodes and tasks of a :class:`~mpilaunch.emulator.store.StateStore`; see the module docstring."""
 
-    def __init__(self, store: Store, data_dir: Path | str, provider: NodeProvider | None = None, *,
+    def __init__(self, store: StateStore, data_dir: Path | str, provider: NodeProvider | None = None, *,
                  account: str = defaults.ACCOUNT, account_url: str | None = None, poll: float = 0.5) -> None:
         if provider is None:
             from mpilaunch.emulator.nodes.process import ProcessProvider

@@ -25,7 +25,7 @@ from mpilaunch.emulator import api_files, api_jobs, api_nodes, api_pools, api_ta
 from mpilaunch.emulator.auth import Authenticator
 from mpilaunch.emulator.engine import Engine
 from mpilaunch.emulator.nodes.base import NodeProvider
-from mpilaunch.emulator.store import Store
+from mpilaunch.emulator.store import StateStore
 from mpilaunch.emulator.validation import MAX_BODY
 from mpilaunch.emulator.wire import (
     FileBody,
@@ -182,7 +182,7 @@ class EmulatorServer:
         except OSError:
             self._lock_file.close()
             raise
-        self.store = Store(self.data_dir / "state.sqlite3")
+        self.store = StateStore(self.data_dir / "state.sqlite3")
         self.engine = (Engine(self.store, self.data_dir, provider, account=account, account_url=self.endpoint)
                        if execute else None)
         self.lists = ListCache(self.store.path)

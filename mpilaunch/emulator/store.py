@@ -53,8 +53,8 @@ Internal fields the API reads (for file operations):
 
 API
 ---
-``Store(path)``; ``get(kind, parent, id)``; ``insert(kind, parent, doc)`` (raises :class:`Conflict` if the id exists,
-case-insensitively); ``put(kind, parent, doc)`` (upsert); ``update(kind, parent, id, fn, touch=False)`` (``fn``
+``StateStore(path)``; ``get(kind, parent, id)``; ``insert(kind, parent, doc)`` (raises :class:`Conflict` if the id
+exists, case-insensitively); ``put(kind, parent, doc)`` (upsert); ``update(kind, parent, id, fn, touch=False)`` (``fn``
 mutates the doc in place, runs inside the write transaction; returns the stored doc or ``None`` if missing);
 ``delete(kind, parent, id)`` (cascades to children; returns whether it existed); ``list(kind, parent=None,
 states=None)`` (``parent=None``: every parent); ``count(...)`` (as ``list``, counted); ``work(kind, states)`` (docs in
@@ -65,9 +65,9 @@ from any thread. Returned docs are copies: mutate them freely.
 Costs
 -----
 Every query the engine and the API make goes through an index, so their cost does not grow with history (completed
-tasks): ``(kind, state)`` for the engine's work (:meth:`Store.work`: docs in non-final states, plus the flagged ones
-through a partial index), ``(kind, parent, seq)`` for lists, pages (``LIMIT``-like: a page reads only its rows and the
-next one) and cascading deletes, ``(kind, parent, lid)`` for gets.
+tasks): ``(kind, state)`` for the engine's work (:meth:`StateStore.work`: docs in non-final states, plus the flagged
+ones through a partial index), ``(kind, parent, seq)`` for lists, pages (``LIMIT``-like: a page reads only its rows
+and the next one) and cascading deletes, ``(kind, parent, lid)`` for gets.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ CREATE TABLE IF NOT EXISTS docs (
     UNIQUE (kind, parent, lid)
 );
 """
-# After the table (an older store gets its flag column first, see Store._migrate).
+# After the table (an older store gets its flag column first, see StateStore._migrate).
 _INDEXES = """
 CREATE INDEX IF NOT EXISTS docs_state ON docs (kind, state);
 CREATE INDEX IF NOT EXISTS docs_parent_seq ON docs (kind, parent, seq);
@@ -108,7 +108,7 @@ CREATE INDEX IF NOT EXISTS docs_flagged ON docs (kind) WHERE flag = 1;
 """
 FLAGS = ("_deleting", "_terminating")
 """Internal request flags (set by the API, carried out by the engine): a doc with one is *flagged*, which an index
-finds without reading the others (:meth:`Store.work`)."""
+finds without reading the others (:meth:`StateStore.work`)."""
 
 
 def _load(lid: str, state: str | None, text: str) -> Doc:
@@ -169,7 +169,7 @@ def _parent_key(parent: Iterable[str]) -> str:
     return "/".join(p.lower() for p in parent)
 
 
-class Store:
+class StateStore:
     """Thread-safe document store in one SQLite file (created if missing); see the module docstring."""
 
     def __init__(self, path: Path | str) -> None:

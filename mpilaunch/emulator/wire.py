@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from urllib.parse import quote
 
 from mpilaunch.emulator import odata
-from mpilaunch.emulator.store import Conflict, Doc, Parent, Store
+from mpilaunch.emulator.store import Conflict, Doc, Parent, StateStore
 from mpilaunch.emulator.wire_errors import WireError, exists, not_found
 
 JSON_TYPE = "application/json;odata=minimalmetadata"
@@ -67,7 +67,7 @@ class HandlerContext:
     """What handlers need: the store, the engine (``None`` when the emulator runs without execution), and the
     cache of list pages (``None``: every list is computed)."""
 
-    store: Store
+    store: StateStore
     account: str
     data_dir: Path
     engine: EngineLike | None = None
@@ -245,7 +245,7 @@ def accepted(doc: Doc | None = None, status: int = 202) -> Response:
     return Response(status, None, {**entity_headers(doc), "DataServiceId": doc["url"]} if doc else {})
 
 
-def listing(req: Request, store: Store, kind: str, parent: Parent, metadata: str, *,
+def listing(req: Request, store: StateStore, kind: str, parent: Parent, metadata: str, *,
             shape: Callable[[Doc], Doc] = public, keep: Callable[[Doc], bool] = lambda _d: True,
             cache: ListCache | None = None) -> Response:
     """A paged list: ``maxresults``, ``$skiptoken`` in ``odata.nextLink``, ``$filter``, ``$select``; the body is

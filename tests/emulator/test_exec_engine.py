@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from mpilaunch.emulator.nodes.process import ProcessProvider, isolation_available
-from mpilaunch.emulator.store import Store
+from mpilaunch.emulator.store import StateStore
 from tests.support.exec_engine import PY, hang_first_attempt, leftovers, py, rig, wait_for
 
 ENV_DUMP = ("import json, os, socket; print(json.dumps({'host': socket.gethostname(), 'cwd': os.getcwd(), "
@@ -230,9 +230,9 @@ RUNNER = """
 import sys, time
 from pathlib import Path
 from mpilaunch.emulator.engine import Engine
-from mpilaunch.emulator.store import Store
+from mpilaunch.emulator.store import StateStore
 data = Path(sys.argv[1])
-store = Store(data / "state.sqlite3")
+store = StateStore(data / "state.sqlite3")
 engine = Engine(store, data, poll=0.1)
 engine.start()
 store.insert("pool", (), {"id": "pool", "state": "active", "allocationState": "resizing", "targetDedicatedNodes": 2,
@@ -313,7 +313,7 @@ def test_graceful_stop_kills_everything_and_the_next_start_requeues(tmp_path: Pa
         wait_for(marker.exists, 60, "first attempt running")
         nodes = first.node_ids()
     # the rig stopped the engine and asserted that no process of its nodes is left; the documents stay as they were
-    kept = Store(data / "state.sqlite3")
+    kept = StateStore(data / "state.sqlite3")
     assert (kept.get("task", ("job",), "t") or {}).get("state") == "running"
     kept.close()
     with rig(data) as second:

@@ -171,9 +171,9 @@ def test_teardown_scans_the_process_table_the_same_number_of_times_at_any_size(
 
 
 def test_the_engine_reads_live_work_only_and_every_query_uses_an_index(tmp_path: Path) -> None:
-    from mpilaunch.emulator.store import Store
+    from mpilaunch.emulator.store import StateStore
 
-    store = Store(tmp_path / "s.sqlite3")
+    store = StateStore(tmp_path / "s.sqlite3")
     store.insert("job", (), {"id": "J", "state": "active"})
     for i in range(50):
         store.insert("task", ("J",), {"id": f"old{i}", "state": "completed"})
@@ -200,7 +200,7 @@ def test_the_engine_reads_live_work_only_and_every_query_uses_an_index(tmp_path:
 
 
 def test_a_store_from_before_the_flag_column_is_migrated(tmp_path: Path) -> None:
-    from mpilaunch.emulator.store import Store
+    from mpilaunch.emulator.store import StateStore
 
     path = tmp_path / "old.sqlite3"
     with sqlite3.connect(path) as db:
@@ -213,7 +213,7 @@ def test_a_store_from_before_the_flag_column_is_migrated(tmp_path: Path) -> None
             db.execute("INSERT INTO docs (kind, parent, lid, state, doc) VALUES ('task', 'j', ?, ?, ?)",
                        (lid, doc["state"], json.dumps(doc)))
         db.execute("INSERT INTO docs (kind, parent, lid, state, doc) VALUES ('task', 'j', 'd', 'active', '[1')")
-    store = Store(path)
+    store = StateStore(path)
     assert [d["id"] for _p, d in store.work("task", ["active"])] == ["a", "c", "d"]
     assert store.get("task", ("j",), "d") == {"id": "d", "state": "active", "_corrupt": True}
     store.close()

@@ -7,13 +7,13 @@ import threading
 import pytest
 
 from mpilaunch.emulator.odata import parse_filter
-from mpilaunch.emulator.store import Conflict, Store, transition
+from mpilaunch.emulator.store import Conflict, StateStore, transition
 from mpilaunch.emulator.wire_errors import WireError
 
 
 @pytest.fixture
 def store(tmp_path):
-    s = Store(tmp_path / "s.sqlite3")
+    s = StateStore(tmp_path / "s.sqlite3")
     yield s
     s.close()
 
@@ -66,11 +66,11 @@ def test_delete_cascades_by_kind(store):
 
 def test_paging_and_persistence(tmp_path):
     path = tmp_path / "p.sqlite3"
-    store = Store(path)
+    store = StateStore(path)
     for i in range(7):
         store.insert("task", ("j",), {"id": f"t{i}", "odd": i % 2})
     store.close()
-    store = Store(path)
+    store = StateStore(path)
     seen, token = [], 0
     while True:
         docs, nxt = store.page("task", ("j",), token, 2, keep=lambda d: d["odd"] == 1)

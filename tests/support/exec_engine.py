@@ -17,7 +17,7 @@ import psutil
 from mpilaunch.emulator.engine import Engine
 from mpilaunch.emulator.nodes.base import NodeProvider
 from mpilaunch.emulator.nodes.process import TAG_VAR
-from mpilaunch.emulator.store import Store
+from mpilaunch.emulator.store import StateStore
 
 PY = sys.executable
 
@@ -89,7 +89,7 @@ class Rig:
 
     def __init__(self, data: Path, provider: NodeProvider | None = None) -> None:
         self.data = data
-        self.store = Store(data / "state.sqlite3")
+        self.store = StateStore(data / "state.sqlite3")
         self.engine = Engine(self.store, data, provider, poll=0.1, account_url="http://127.0.0.1:1")
 
     def pool(self, pool_id: str = "pool", nodes: int = 3, **extra: Any) -> None:
