@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -21,11 +22,17 @@ def local_services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSt
     """Emulator + Azurite started by :func:`mpilaunch.client.local.up` on free ports, pool 'local' of 3 nodes."""
     if not AZURITE_BIN.exists():
         pytest.skip("Azurite is not installed (run scripts/setup)")
-    home: Path = tmp_path_factory.mktemp("mpilaunch-home")
+    with private_home(tmp_path_factory.mktemp("mpilaunch-home")):
+        yield local.up(NODES, default_ports=False)
+
+
+@contextlib.contextmanager
+def private_home(home: Path) -> Iterator[Path]:
+    """MPILAUNCH_HOME set to ``home`` (restored after); ``mpilaunch local down`` of it on the way out."""
     previous = os.environ.get("MPILAUNCH_HOME")
     os.environ["MPILAUNCH_HOME"] = str(home)
     try:
-        yield local.up(NODES, default_ports=False)
+        yield home
     finally:
         local.down()
         if previous is None:

@@ -15,6 +15,7 @@ import pytest
 
 from mpilaunch.client import local
 from node_runtime.errors import InvalidInput
+from tests.client.conftest import private_home
 from tests.support.exec_engine import leftovers, wait_for
 
 DAEMON = ("import os, sys\n"
@@ -57,16 +58,8 @@ def test_the_local_pool_refuses_more_nodes_than_this_machine_holds(tmp_path: Pat
 
 @pytest.fixture
 def home(tmp_path: Path) -> Iterator[Path]:
-    previous = os.environ.get("MPILAUNCH_HOME")
-    os.environ["MPILAUNCH_HOME"] = str(tmp_path / "home")
-    try:
-        yield tmp_path / "home"
-    finally:
-        local.down()
-        if previous is None:
-            os.environ.pop("MPILAUNCH_HOME", None)
-        else:
-            os.environ["MPILAUNCH_HOME"] = previous
+    with private_home(tmp_path / "home") as path:
+        yield path
 
 
 @pytest.mark.slow
